@@ -1,0 +1,146 @@
+"""Base models: where they come from (hub, directory, s3://, tiny:) and how they are loaded.
+
+    path = resolve_model_dir(recipe.model, storage)   # on any node; cached per node
+    tokenizer = load_tokenizer(path)
+    model = load_model(recipe.model, path, device="cuda:0")
+
+Design decisions:
+- `tiny:<arch>` models are built once, offline, and published to `<storage>/models/tiny-<arch>-v<N>/`
+  with a completion marker, so every node, the evaluator and the server load the very same
+  weights through the same `from_pretrained` path as a real model.
+- `s3://` bases are downloaded once per node into `MEDTUNE_CACHE` (default ~/.cache/medtune),
+  guarded by a file lock so several workers on a node fetch it once.
+- Hub ids pass straight to `from_pretrained` (its own cache); tests and the quickstart never
+  use them, and `HF_HUB_OFFLINE=1` keeps a cluster without egress honest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ray_jobs.config import ModelConfig
+from ray_jobs.storage import Storage, model_prefix
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def cache_root() -> Path:
+    root = Path(os.environ.get("MEDTUNE_CACHE", Path.home() / ".cache" / "medtune"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextmanager
+def node_lock(name: str) -> Iterator[None]:
+    """An exclusive lock shared by every process on this node."""
+    path = cache_root() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def tiny_model_name(arch: str) -> str:
+    from ray_jobs.tiny_model import TINY_VERSION
+
+    return f"tiny-{arch}-v{TINY_VERSION}"
+
+
+def resolve_model_dir(model: ModelConfig | str, storage: Storage) -> str:
+    """A local directory (or hub id) holding the base model, fetching or building it once."""
+    base = model.base if isinstance(model, ModelConfig) else model
+    if base.startswith("tiny:"):
+        arch = base.removeprefix("tiny:")
+        rel = model_prefix(tiny_model_name(arch))
+        with node_lock(f"tiny-{arch}"):
+            if not storage.is_complete(rel):
+                from ray_jobs.tiny_model import build_tiny_model
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    build_tiny_model(Path(tmp) / "model", arch)
+                    storage.upload_dir(Path(tmp) / "model", rel, info={"base": base})
+            return str(storage.local_view(rel, cache_root() / "models" / tiny_model_name(arch)))
+    if base.startswith("s3://"):
+        digest = hashlib.sha256(base.encode()).hexdigest()[:16]
+        target = cache_root() / "models" / digest
+        with node_lock(f"model-{digest}"):
+            if not (target / "config.json").exists():
+                remote = Storage.from_uri(base)
+                remote.download_dir("", target)
+        return str(target)
+    if os.path.isdir(os.path.expanduser(base)):
+        return str(Path(base).expanduser().resolve())
+    return base  # a hub id
+
+
+def load_tokenizer(model_dir: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Many base models ship without a pad token; eos is the usual stand-in and is only
+        # ever used where labels are -100 or attention is masked.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(model: ModelConfig, on_gpu: bool):
+    import torch
+
+    name = model.dtype if model.dtype != "auto" else ("bf16" if on_gpu else "fp32")
+    return getattr(torch, DTYPES[name])
+
+
+def quantization_config(model: ModelConfig, *, zero3: bool):
+    """bitsandbytes config for the recipe, or None.
+
+    Under ZeRO-3 the packed 4-bit weights must be stored in the compute dtype, or DeepSpeed
+    cannot shard them (the QLoRA + ZeRO-3 recipe of the bitsandbytes/PEFT docs).
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if model.quantization == "none":
+        return None
+    if model.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = getattr(torch, DTYPES[model.quant.compute_dtype])
+    storage_name = model.quant.storage_dtype or (model.quant.compute_dtype if zero3 else "uint8")
+    storage = torch.uint8 if storage_name == "uint8" else getattr(torch, DTYPES[storage_name])
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=model.quant.type, bnb_4bit_use_double_quant=model.quant.double_quant,
+        bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage,
+    )
+
+
+def load_model(model: ModelConfig, model_dir: str, *, device: Any = None, zero3: bool = False):
+    """Load the causal LM for training or inference, quantised as the recipe asks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    kwargs: dict[str, Any] = dict(
+        revision=model.revision, trust_remote_code=model.trust_remote_code,
+        dtype=torch_dtype(model, on_gpu), attn_implementation=model.attn_implementation,
+    )
+    quant = quantization_config(model, zero3=zero3)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if zero3 and model.quantization == "4bit":
+            kwargs["dtype"] = quant.bnb_4bit_quant_storage
+        elif device is not None:
+            # No device_map under ZeRO-3: DeepSpeed places the shards itself.
+            kwargs["device_map"] = {"": torch.device(device)}
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if quant is None and device is not None:
+        loaded = loaded.to(device)
+    return loaded

@@ -1,0 +1,199 @@
+"""Text cleaning and de-duplication keys: what the preprocess stage applies to every text field.
+
+    text = clean_text(raw, strip_html=True, normalize_whitespace=True)
+    key = content_key([user_text, assistant_text])        # exact duplicates share a key
+    signature = minhash_signature(user_text + "\n" + assistant_text)  # on Ray workers
+    index = NearDuplicateIndex(threshold=0.85)            # one pass on the driver
+    kept = index.add(row_id, signature)
+
+Design decisions:
+- HTML goes through the stdlib `html.parser`, not regexes over tags: it copes with
+  attributes holding `>`, comments and unclosed tags, and it decodes entities (`&amp;`,
+  `&#39;`, `&nbsp;`) exactly as `html.unescape` does. Text without `<` or `&` is returned
+  untouched without parsing, which is most medical text.
+- Whitespace normalisation keeps line structure (paragraphs and list items matter to a chat
+  model) but not indentation: runs of spaces collapse to one, so lines are stripped on both
+  ends; a lone leading space left over from indentation is noise.
+- Zero-width and control characters are deleted, not turned into spaces: they sit inside
+  words (`dia\u200bbetes`) in text copied from web pages and PDFs.
+- Near-duplicates use character 5-grams of the casefolded, whitespace-collapsed text, not
+  word shingles: instructions and answers are often one or two sentences, where one changed
+  word alters every word 5-gram around it (two 14-word sentences differing in one word have
+  a Jaccard similarity of 0.33 over word 5-grams, 0.83 over character 5-grams).
+- Signatures are plain `uint64` arrays (datasketch's 64-bit affine scheme, fixed seed), so
+  they pickle cheaply and every Ray worker computes identical permutations. The index
+  confirms each LSH candidate by its estimated Jaccard similarity, because banding alone lets
+  pairs below the threshold through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from html.parser import HTMLParser
+
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+
+_SKIPPED_TAGS = {"script", "style"}
+_BREAK_BEFORE = {"br", "hr"}
+_BREAK_AFTER = {"p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "table", "blockquote", "pre"}
+# Cc controls (tab, newline and carriage return are whitespace, handled later) and the Cf
+# format characters found in scraped text: soft hyphen, zero-width space/joiners, bidi
+# marks, word joiner, BOM.
+_INVISIBLE = re.compile(
+    "[\x00-\x08\x0e-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]"
+)
+_SPACES = re.compile(r"[^\S\n]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_SIGNATURE_SCHEME = "affine64"
+_SIGNATURE_SEED = 1
+
+
+class _TextExtractor(HTMLParser):
+    """Collects text nodes, turning block ends into line breaks and dropping script/style."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.chunks: list[str] = []
+        self._skip_depth = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _SKIPPED_TAGS:
+            self._skip_depth += 1
+        elif tag in _BREAK_BEFORE:
+            self.chunks.append("\n")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _BREAK_BEFORE:  # <br/>; a self-closed <script/> has no content to skip
+            self.chunks.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIPPED_TAGS:
+            self._skip_depth = max(0, self._skip_depth - 1)
+        elif tag in _BREAK_AFTER:
+            self.chunks.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip_depth:
+            self.chunks.append(data)
+
+
+def strip_html(text: str) -> str:
+    """Remove tags and decode entities; block ends (`</p>`, `</li>`, `</div>`, `<br>`) become
+    line breaks and `<script>`/`<style>` lose their content. Whitespace is left as it is
+    (see `normalize_whitespace`).
+
+    As in a browser, `<` followed by a letter opens a tag (`x<y and z>w` becomes `xw`), while
+    `HR<60` or `a < b` stay; turn `data.clean.strip_html` off for data that is not HTML.
+    """
+    if "<" not in text and "&" not in text:
+        return text
+    parser = _TextExtractor()
+    parser.feed(text)
+    parser.close()  # flushes a trailing unclosed construct as text
+    return "".join(parser.chunks)
+
+
+def normalize_whitespace(text: str) -> str:
+    """NFC-normalise, drop invisible characters, collapse spaces and tabs, strip every line,
+    keep at most one blank line in a row and strip both ends."""
+    text = unicodedata.normalize("NFC", _INVISIBLE.sub("", text))
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _SPACES.sub(" ", text)
+    text = "\n".join(line.strip(" ") for line in text.split("\n"))
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+# clean_text's flags are named after CleanConfig's fields and so shadow the functions.
+_strip_html, _normalize_whitespace = strip_html, normalize_whitespace
+
+
+def clean_text(text: str, *, strip_html: bool, normalize_whitespace: bool) -> str:
+    """Apply the cleaning steps `data.clean` switches on, HTML first (its line breaks are
+    what whitespace normalisation then tidies)."""
+    if strip_html:
+        text = _strip_html(text)
+    if normalize_whitespace:
+        text = _normalize_whitespace(text)
+    return text
+
+
+def _canonical(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def content_key(parts: list[str]) -> str:
+    """Exact-duplicate key: sha1 hex of the parts, casefolded and whitespace-collapsed.
+
+    The parts are joined with NUL, so `["ab", "c"]` and `["a", "bc"]` get different keys.
+    """
+    joined = "\x00".join(_canonical(part) for part in parts)
+    return hashlib.sha1(joined.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def minhash_signature(text: str, num_perm: int = 64, shingle_chars: int = 5) -> np.ndarray:
+    """MinHash signature of the text's character shingles, as a `uint64` array of `num_perm`.
+
+    The text is casefolded and whitespace-collapsed first; a text shorter than one shingle
+    is a single shingle. Signatures only compare when `num_perm` and `shingle_chars` match.
+    """
+    canonical = _canonical(text)
+    last_start = max(len(canonical) - shingle_chars, 0)
+    shingles = {canonical[i : i + shingle_chars] for i in range(last_start + 1)}
+    minhash = MinHash(num_perm=num_perm, seed=_SIGNATURE_SEED, scheme=_SIGNATURE_SCHEME)
+    minhash.update_batch([shingle.encode("utf-8") for shingle in shingles])
+    return minhash.hashvalues
+
+
+class NearDuplicateIndex:
+    """Keeps the first of every group of near-duplicate signatures (MinHash LSH).
+
+    Feed it every row's signature once, in a stable order, on one process: the first row of a
+    near-duplicate group is kept and later ones are reported as duplicates.
+
+    Args:
+        threshold: estimated Jaccard similarity at or above which two texts are duplicates
+            (`data.clean.near_dedupe_threshold`).
+        num_perm: signature length; must equal `minhash_signature`'s `num_perm`.
+    """
+
+    def __init__(self, threshold: float, num_perm: int = 64):
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # Every signature shares one set of permutations; building it per row is wasted work.
+        self._permutations = MinHash(num_perm=num_perm, seed=_SIGNATURE_SEED, scheme=_SIGNATURE_SCHEME).permutations
+        self._kept: dict[object, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        """Number of signatures kept so far."""
+        return len(self._kept)
+
+    def add(self, key: object, signature: np.ndarray) -> bool:
+        """Add one row's signature.
+
+        Args:
+            key: unique, hashable row id.
+            signature: from `minhash_signature` with this index's `num_perm`.
+
+        Returns:
+            True when the row is kept, False when it near-duplicates a row kept before.
+
+        Raises:
+            ValueError: the signature has the wrong length.
+        """
+        if len(signature) != self.num_perm:
+            raise ValueError(
+                f"signature has {len(signature)} values, the index expects num_perm={self.num_perm}"
+            )
+        minhash = MinHash(
+            seed=_SIGNATURE_SEED, hashvalues=signature, permutations=self._permutations, scheme=_SIGNATURE_SCHEME
+        )
+        for candidate in self._lsh.query(minhash):
+            if np.mean(self._kept[candidate] == minhash.hashvalues) >= self.threshold:
+                return False
+        self._lsh.insert(key, minhash)
+        self._kept[key] = minhash.hashvalues
+        return True

@@ -1,0 +1,388 @@
+"""The preprocessing stage on Ray Data: raw files -> tokenised, packed Parquet shards.
+
+    python -m ray_jobs.preprocess configs/quickstart/tiny-llama-lora.yaml
+    medtune preprocess RECIPE [--set data.packing=false]
+    ray job submit --working-dir . -- python -m ray_jobs.preprocess RECIPE
+
+Steps, all inside Ray tasks (nothing but small aggregates reaches the driver):
+read (row by row, bad rows quarantined) -> format adapter -> clean -> PHI scrub -> split
+-> exact / near de-duplication across all files -> chat template + masking -> pack -> write.
+
+Output, under `<storage>/datasets/<name>/<fingerprint>/`:
+`train/*.parquet` (packed rows: input_ids, labels, position_ids, seq_lens),
+`eval/*.parquet` (one conversation per row, with messages and meta for generation metrics),
+`stats.json`, `rejects.jsonl` (row id + reason, never the row's text) and `manifest.json`,
+then the completion marker. The fingerprint covers the input files (path, size, mtime), the
+data section of the recipe, the base model and the tokenizer, so an unchanged dataset is
+reused, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ray_jobs.config import DataConfig, Recipe
+from ray_jobs.models import load_tokenizer, resolve_model_dir
+from ray_jobs.preprocess.formats import RowRejected, to_conversation
+from ray_jobs.preprocess.readers import expand_inputs, file_identity, parse_file
+from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversation, unpacked_row
+from ray_jobs.storage import Storage, dataset_prefix
+
+log = logging.getLogger("medtune.preprocess")
+
+PIPELINE_VERSION = "1"
+"""Bump when the output of the same inputs changes, to invalidate old fingerprints."""
+LENGTH_BUCKETS = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 30]
+
+
+class PreprocessError(RuntimeError):
+    """The stage cannot produce a dataset (too many rejects, no rows left, bad inputs)."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Where a preprocessed dataset lives and what it holds."""
+
+    prefix: str
+    uri: str
+    fingerprint: str
+    stats: dict[str, Any]
+    reused: bool
+
+    @property
+    def train_path(self) -> str:
+        return posixpath.join(self.prefix, "train")
+
+    @property
+    def eval_path(self) -> str:
+        return posixpath.join(self.prefix, "eval")
+
+
+# ---------------------------------------------------------------------------- reading
+def _read_split(files: list[tuple[str, Any, str]], split: str):
+    """Raw rows of the given files; each file is parsed row by row inside a Ray task."""
+    import ray.data
+
+    def explode(row: dict[str, Any], remote: bool) -> list[dict[str, Any]]:
+        uri = f"s3://{row['path']}" if remote else row["path"]
+        return [{**parsed, "split": split} for parsed in parse_file(uri, row["bytes"])]
+
+    datasets = []
+    for remote in (False, True):  # local and S3 files need different filesystems
+        group = [f for f in files if f[0].startswith("s3://") == remote]
+        if group:
+            binary = ray.data.read_binary_files([f[2] for f in group], include_paths=True, filesystem=group[0][1])
+            datasets.append(binary.flat_map(explode, fn_kwargs={"remote": remote}))
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+# ---------------------------------------------------------------------------- per-row work
+def _in_eval(row_id: str, seed: int, fraction: float) -> bool:
+    digest = zlib.crc32(f"{seed}:{row_id}".encode()) / 0xFFFFFFFF
+    return digest < fraction
+
+
+_WORKER_CACHE: dict[str, Any] = {}
+
+
+def _cached(key: str, build):
+    """One instance per worker process (Ray reuses task workers), so a tokenizer or
+    compiled scrubber is built once per process without pinning CPUs to an actor pool."""
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE[key] = build()
+    return _WORKER_CACHE[key]
+
+
+def convert_batch(batch: pd.DataFrame, data: dict[str, Any]) -> pd.DataFrame:
+    converter = _cached("convert:" + json.dumps(data, sort_keys=True), lambda: ConvertBatch(data))
+    return converter(batch)
+
+
+def tokenize_batch(batch: pd.DataFrame, **kwargs: Any) -> pd.DataFrame:
+    tokenizer = _cached("tokenize:" + json.dumps(kwargs, sort_keys=True), lambda: TokenizeBatch(**kwargs))
+    return tokenizer(batch)
+
+
+class ConvertBatch:
+    """Format adapter + cleaning + PHI scrub + split + de-duplication key, per batch."""
+
+    def __init__(self, data: dict[str, Any]):
+        from ray_jobs.preprocess.clean import clean_text, content_key
+        from ray_jobs.preprocess.phi import PhiScrubber
+
+        self.data = DataConfig.model_validate(data)
+        self.clean_text = clean_text
+        self.content_key = content_key
+        self.scrubber = PhiScrubber(self.data.phi.types) if self.data.phi.enabled else None
+
+    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
+        data, clean = self.data, self.data.clean
+        out = {"row_id": row["row_id"], "split": row["split"], "messages": None, "meta": None,
+               "phi": None, "dedupe_key": row["row_id"], "reject_reason": row["reject_reason"]}
+        if out["reject_reason"]:
+            return out
+        try:
+            record = json.loads(row["record"])
+            messages, meta = to_conversation(record, data)
+            phi: Counter = Counter()
+            for message in messages:
+                text = self.clean_text(message["content"], strip_html=clean.strip_html,
+                                       normalize_whitespace=clean.normalize_whitespace)
+                if len(text) > clean.max_chars:
+                    raise RowRejected("too_long_chars")
+                if len(text.strip()) < clean.min_chars and message["role"] != "system":
+                    raise RowRejected("too_short")
+                if self.scrubber is not None:
+                    text, counts = self.scrubber.scrub(text)
+                    phi.update(counts)
+                message["content"] = text
+            if self.scrubber is not None and "entities" in meta:
+                # Gold entities must match the scrubbed text, or evaluation would punish a
+                # model for not reproducing PHI it never saw.
+                for entity in meta["entities"]:
+                    entity["text"] = self.scrubber.scrub(entity["text"])[0]
+            if "reference" in meta and meta["reference"] is not None:
+                meta["reference"] = messages[-1]["content"]
+        except RowRejected as rejected:
+            out["reject_reason"] = rejected.reason
+            return out
+        if out["split"] == "auto":
+            out["split"] = "eval" if _in_eval(row["row_id"], data.split_seed, data.eval_fraction) else "train"
+        out.update(messages=json.dumps(messages, ensure_ascii=False), meta=json.dumps(meta, ensure_ascii=False),
+                   phi=json.dumps(dict(phi)))
+        if clean.dedupe:
+            out["dedupe_key"] = self.content_key([m["content"] for m in messages if m["role"] != "system"])
+        return out
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame([self._one(row) for row in batch.to_dict("records")])
+
+
+def _keep_first(group: pd.DataFrame) -> pd.DataFrame:
+    """Within one de-duplication key, keep the lowest row id (deterministic across runs)."""
+    group = group.sort_values("row_id", kind="stable")
+    ok = group["reject_reason"].isna()
+    first_ok = ok.idxmax() if ok.any() else None
+    for index in group.index:
+        if ok[index] and index != first_ok:
+            group.at[index, "reject_reason"] = "duplicate"
+    return group
+
+
+class NearDedupe:
+    """Single-actor MinHash LSH pass: near-duplicate rows after the first are rejected."""
+
+    def __init__(self, threshold: float):
+        from ray_jobs.preprocess.clean import NearDuplicateIndex, minhash_signature
+
+        self.index = NearDuplicateIndex(threshold=threshold)
+        self.signature = minhash_signature
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.sort_values("row_id", kind="stable").copy()
+        for index, row in batch.iterrows():
+            if row["reject_reason"] is None or (isinstance(row["reject_reason"], float)):
+                text = " ".join(m["content"] for m in json.loads(row["messages"]) if m["role"] != "system")
+                if not self.index.add(row["row_id"], self.signature(text)):
+                    batch.at[index, "reject_reason"] = "near_duplicate"
+        return batch
+
+
+class TokenizeBatch:
+    """Chat template + prompt masking with the base model's own tokenizer."""
+
+    def __init__(self, model_dir: str, data: dict[str, Any], revision: str | None, trust_remote_code: bool):
+        self.data = DataConfig.model_validate(data)
+        self.tokenizer = load_tokenizer(model_dir, revision, trust_remote_code)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ids_col, labels_col, reasons = [], [], []
+        for messages, reason in zip(batch["messages"], batch["reject_reason"]):
+            ids = labels = None
+            if not isinstance(reason, str):
+                try:
+                    ids, labels = tokenize_conversation(
+                        self.tokenizer, json.loads(messages), max_seq_len=self.data.max_seq_len,
+                        truncation=self.data.truncation, train_on_inputs=self.data.train_on_inputs)
+                    reason = None
+                except RowRejected as rejected:
+                    reason = rejected.reason
+            ids_col.append(np.asarray(ids or [], dtype=np.int32))
+            labels_col.append(np.asarray(labels or [], dtype=np.int32))
+            reasons.append(reason)
+        batch = batch.copy()
+        batch["input_ids"], batch["labels"], batch["reject_reason"] = ids_col, labels_col, reasons
+        batch["num_tokens"] = [len(x) for x in ids_col]
+        batch["num_target_tokens"] = [int((x != -100).sum()) for x in labels_col]
+        return batch
+
+
+def _pack_batch(batch: pd.DataFrame, max_seq_len: int, packing: bool) -> pd.DataFrame:
+    docs = [(list(i), list(l)) for i, l in zip(batch["input_ids"], batch["labels"])]
+    rows = pack_documents(docs, max_seq_len) if packing else [unpacked_row(i, l) for i, l in docs]
+    return pd.DataFrame(rows, columns=["input_ids", "labels", "position_ids", "seq_lens"])
+
+
+def _partial_stats(batch: pd.DataFrame) -> pd.DataFrame:
+    """Per-batch statistics, summed on the driver (a few numbers per batch)."""
+    ok = batch["reject_reason"].isna() if "reject_reason" in batch else pd.Series(True, index=batch.index)
+    stats: dict[str, Any] = {"rows_in": len(batch), "rejects": Counter(batch.loc[~ok, "reject_reason"]),
+                             "splits": Counter(batch.loc[ok, "split"]), "phi": Counter(),
+                             "tokens": {}, "target_tokens": {}, "histogram": [0] * (len(LENGTH_BUCKETS) - 1),
+                             "meta": Counter()}
+    for split in ("train", "eval"):
+        mask = ok & (batch["split"] == split)
+        stats["tokens"][split] = int(batch.loc[mask, "num_tokens"].sum())
+        stats["target_tokens"][split] = int(batch.loc[mask, "num_target_tokens"].sum())
+    counts, _ = np.histogram(batch.loc[ok, "num_tokens"].to_numpy(), bins=LENGTH_BUCKETS)
+    stats["histogram"] = counts.tolist()
+    for phi in batch.loc[ok, "phi"]:
+        stats["phi"].update(json.loads(phi))
+    for meta in batch.loc[ok, "meta"]:
+        parsed = json.loads(meta)
+        for key in ("step", "domain", "pattern", "category", "audience"):
+            if key in parsed:
+                stats["meta"][f"{key}={parsed[key]}"] += 1
+    return pd.DataFrame([{"partial": json.dumps(stats)}])
+
+
+def _merge_stats(partials: list[str]) -> dict[str, Any]:
+    total: dict[str, Any] = {"rows_in": 0, "rejects": Counter(), "splits": Counter(), "phi": Counter(),
+                             "tokens": Counter(), "target_tokens": Counter(),
+                             "histogram": np.zeros(len(LENGTH_BUCKETS) - 1, dtype=np.int64), "meta": Counter()}
+    for blob in partials:
+        part = json.loads(blob)
+        total["rows_in"] += part["rows_in"]
+        for key in ("rejects", "splits", "phi", "tokens", "target_tokens", "meta"):
+            total[key].update(part[key])
+        total["histogram"] += np.asarray(part["histogram"])
+    return total
+
+
+# ---------------------------------------------------------------------------- the stage
+def fingerprint(recipe: Recipe, files: list[tuple[str, Any, str]], model_dir: str) -> str:
+    tokenizer_files = sorted(Path(model_dir).glob("tokenizer*")) if Path(model_dir).is_dir() else []
+    payload = {
+        "version": PIPELINE_VERSION,
+        "recipe": recipe.fingerprint_fields(),
+        "files": [file_identity(fs, path) for _, fs, path in files],
+        "tokenizer": [hashlib.sha256(f.read_bytes()).hexdigest() for f in tokenizer_files],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(recipe: Recipe, *, force: bool = False) -> DatasetInfo:
+    """Preprocess the recipe's data (or reuse an identical earlier result)."""
+    import ray
+
+    storage = Storage.from_uri(recipe.storage.root)
+    data = recipe.data
+    try:
+        train_files = expand_inputs(data.train)
+        eval_files = expand_inputs(data.eval) if data.eval else []
+    except ValueError as exc:
+        raise PreprocessError(f"data: {exc}") from None
+    model_dir = resolve_model_dir(recipe.model, storage)
+    fp = fingerprint(recipe, train_files + eval_files, model_dir)
+    prefix = dataset_prefix(recipe.name, fp)
+    if storage.is_complete(prefix) and not force:
+        log.info("dataset %s is up to date; reusing it", storage.uri(prefix))
+        return DatasetInfo(prefix, storage.uri(prefix), fp, storage.read_json(posixpath.join(prefix, "stats.json")), True)
+    storage.delete_dir(prefix)
+
+    if not ray.is_initialized():
+        ray.init()
+    raw = _read_split(train_files, "auto" if not eval_files else "train")
+    if eval_files:
+        raw = raw.union(_read_split(eval_files, "eval"))
+    data_dict = data.model_dump(mode="json")
+    converted = raw.map_batches(convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=256)
+    if data.clean.dedupe:
+        # Sort-based shuffle: hash-shuffle aggregators reserve CPUs and can starve small clusters.
+        ray.data.DataContext.get_current().shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        converted = converted.groupby("dedupe_key").map_groups(_keep_first, batch_format="pandas")
+    if data.clean.near_dedupe:
+        converted = converted.sort("row_id").map_batches(
+            NearDedupe, fn_constructor_kwargs={"threshold": data.clean.near_dedupe_threshold},
+            batch_format="pandas", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=1))
+    tokenized = converted.map_batches(
+        tokenize_batch, batch_format="pandas", batch_size=256,
+        fn_kwargs={"model_dir": model_dir, "data": data_dict, "revision": recipe.model.revision,
+                   "trust_remote_code": recipe.model.trust_remote_code},
+    ).materialize()
+
+    totals = _merge_stats([r["partial"] for r in tokenized.map_batches(
+        _partial_stats, batch_format="pandas", batch_size=4096).take_all()])
+    rows_in = totals["rows_in"]
+    rejected = sum(totals["rejects"].values())
+    write_rejects(storage, prefix, tokenized)
+    if rows_in == 0:
+        raise PreprocessError("data.train: the input files hold no rows")
+    # Duplicates are removed, not bad: only bad rows count against the threshold.
+    bad = sum(n for reason, n in totals["rejects"].items() if reason not in ("duplicate", "near_duplicate"))
+    fraction = bad / rows_in
+    if fraction > data.max_reject_fraction:
+        worst = ", ".join(f"{r} {n}" for r, n in totals["rejects"].most_common(4))
+        raise PreprocessError(
+            f"{bad} of {rows_in} rows rejected ({fraction:.1%} > data.max_reject_fraction "
+            f"{data.max_reject_fraction:.0%}): {worst}; see {storage.uri(prefix, 'rejects.jsonl')}")
+    if totals["splits"].get("train", 0) == 0:
+        raise PreprocessError("data.train: no training rows survived cleaning")
+
+    ok = tokenized.filter(lambda row: row["reject_reason"] is None)
+    train_rows = ok.filter(lambda row: row["split"] == "train")
+    packed = train_rows.map_batches(_pack_batch, fn_kwargs={"max_seq_len": data.max_seq_len, "packing": data.packing},
+                                    batch_format="pandas", batch_size=2048)
+    packed.write_parquet(storage.path(prefix, "train"), filesystem=storage.filesystem)
+    eval_rows = ok.filter(lambda row: row["split"] == "eval").select_columns(
+        ["row_id", "messages", "meta", "input_ids", "labels", "num_tokens"])
+    if totals["splits"].get("eval", 0):
+        eval_rows.write_parquet(storage.path(prefix, "eval"), filesystem=storage.filesystem)
+
+    packed_stats = packed.map_batches(
+        lambda b: pd.DataFrame([{"rows": len(b), "tokens": int(sum(len(x) for x in b["input_ids"]))}]),
+        batch_format="pandas").take_all()
+    packed_rows = sum(p["rows"] for p in packed_stats)
+    stats = {
+        "rows_in": rows_in, "rows_out": dict(totals["splits"]), "rejected": rejected,
+        "rejects_by_reason": dict(totals["rejects"].most_common()),
+        "tokens": dict(totals["tokens"]), "target_tokens": dict(totals["target_tokens"]),
+        "length_histogram": {"bucket_edges": LENGTH_BUCKETS[:-1], "counts": totals["histogram"].tolist()},
+        "phi_replacements": dict(totals["phi"]), "metadata_counts": dict(totals["meta"]),
+        "packing": {"enabled": data.packing, "max_seq_len": data.max_seq_len, "rows": packed_rows,
+                    "efficiency": round(totals["tokens"].get("train", 0) / max(1, packed_rows * data.max_seq_len), 4)},
+    }
+    storage.write_json(posixpath.join(prefix, "stats.json"), stats)
+    manifest = {"name": recipe.name, "fingerprint": fp, "format": data.format, "base_model": recipe.model.base,
+                "inputs": [uri for uri, _, _ in train_files + eval_files], "pipeline_version": PIPELINE_VERSION,
+                "train": "train/", "eval": "eval/" if totals["splits"].get("eval") else None}
+    storage.write_json(posixpath.join(prefix, "manifest.json"), manifest)
+    storage.mark_complete(prefix, {"fingerprint": fp})
+    log.info("dataset written to %s: %s", storage.uri(prefix), json.dumps(stats["rows_out"]))
+    return DatasetInfo(prefix, storage.uri(prefix), fp, stats, False)
+
+
+def write_rejects(storage: Storage, prefix: str, tokenized) -> None:
+    """rejects.jsonl: row id and reason only; rejected rows' text may hold PHI."""
+    lines = [json.dumps({"row_id": r["row_id"], "reason": r["reject_reason"]})
+             for r in tokenized.filter(lambda row: row["reject_reason"] is not None)
+             .select_columns(["row_id", "reject_reason"]).iter_rows()]
+    storage.write_text(posixpath.join(prefix, "rejects.jsonl"), "\n".join(sorted(lines)) + ("\n" if lines else ""))
+
+
+def main(recipe: Recipe) -> DatasetInfo:
+    info = run(recipe)
+    state = "reused" if info.reused else "written"
+    print(f"dataset {state}: {info.uri}  rows {info.stats['rows_out']}  rejected {info.stats['rejected']}")
+    return info

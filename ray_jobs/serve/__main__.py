@@ -1,0 +1,5 @@
+"""`python -m ray_jobs.serve RECIPE [--set key.path=value ...]`."""
+
+from ray_jobs.cli import run_stage
+
+raise SystemExit(run_stage("serve"))

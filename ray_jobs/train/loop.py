@@ -1,0 +1,403 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Everything the loop needs arrives in `config` (the recipe as a dict, the resolved model
+directory, the DeepSpeed profile as a dict, step counts): no module-level state is read
+inside a worker, so the same function runs on a laptop, a GPU node or a KubeRay pod.
+
+Design decisions:
+- Loss is the token-weighted mean over target tokens of a whole optimizer step (summed
+  cross-entropy / target-token count), so packing and padding never reweight documents.
+- Packed rows go to the model with `position_ids` restarting per document and no
+  attention mask: transformers then builds a block-diagonal (document) mask.
+- A checkpoint holds the trainable weights (the LoRA adapter in PEFT format, or the full
+  model), optimizer, scheduler, RNG states and the data position (epoch, micro-batches
+  consumed). On restart the loop skips exactly the consumed micro-batches of that epoch,
+  so a resumed run continues the same data order.
+- `import deepspeed` happens only inside the worker when the recipe asks for it: importing
+  it on a CPU-only driver can fail.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+LORA_TARGETS = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+}
+STATE_FILE = "training_state.pt"
+ADAPTER_DIR = "adapter"
+FAULT_ENV = "MEDTUNE_FAIL_AT_STEP"
+"""Test hook: a worker exits hard at this optimizer step once, to exercise resume."""
+
+
+def collate(rows: dict[str, Any], pad_id: int):
+    """Right-pad a micro-batch of variable-length rows into tensors."""
+    import torch
+
+    lengths = [len(x) for x in rows["input_ids"]]
+    width = max(lengths)
+    size = len(lengths)
+    input_ids = torch.full((size, width), pad_id, dtype=torch.long)
+    labels = torch.full((size, width), IGNORE_INDEX, dtype=torch.long)
+    # Padding continues as its own "document" (positions from 0), so it never joins a real one.
+    position_ids = torch.zeros((size, width), dtype=torch.long)
+    for i, length in enumerate(lengths):
+        input_ids[i, :length] = torch.as_tensor(np.asarray(rows["input_ids"][i], dtype=np.int64))
+        labels[i, :length] = torch.as_tensor(np.asarray(rows["labels"][i], dtype=np.int64))
+        if "position_ids" in rows:
+            position_ids[i, :length] = torch.as_tensor(np.asarray(rows["position_ids"][i], dtype=np.int64))
+        else:  # unpacked rows (the eval split)
+            position_ids[i, :length] = torch.arange(length)
+        position_ids[i, length:] = torch.arange(width - length)
+    return input_ids, labels, position_ids
+
+
+def summed_loss(model, input_ids, labels, position_ids):
+    """(sum of token cross-entropies, number of target tokens) for one micro-batch."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def lora_targets(targets: str | list[str]) -> str | list[str]:
+    if isinstance(targets, list):
+        return targets
+    if targets == "all-linear":
+        return "all-linear"
+    return list(LORA_TARGETS[targets])
+
+
+def build_model(cfg: dict[str, Any], device, zero3: bool):
+    """Load the base (quantised as asked), wrap it with LoRA unless full fine-tuning."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from ray_jobs.config import ModelConfig
+    from ray_jobs.models import load_model
+
+    recipe = cfg["recipe"]
+    model_cfg = ModelConfig.model_validate(recipe["model"])
+    train = recipe["train"]
+    model = load_model(model_cfg, cfg["model_dir"], device=device, zero3=zero3)
+    model.config.use_cache = False
+    checkpointing = train["gradient_checkpointing"]
+    if model_cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            # Non-reentrant checkpointing clashes with QLoRA under ZeRO-3; reentrant needs
+            # input grads, which prepare_model_for_kbit_training enables.
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+        )
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train["method"] == "lora":
+        lora = recipe["lora"]
+        model = get_peft_model(model, LoraConfig(
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias=lora["bias"],
+            target_modules=lora_targets(lora["targets"]), modules_to_save=lora["modules_to_save"] or None,
+            use_rslora=lora["use_rslora"], use_dora=lora["use_dora"], task_type="CAUSAL_LM",
+        ))
+        if checkpointing and model_cfg.quantization == "none":
+            model.enable_input_require_grads()
+    if device is not None and torch.device(device).type == "cpu":
+        model = model.float() if model_cfg.quantization == "none" else model
+    return model
+
+
+def trainable_state(model) -> dict[str, Any]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Position:
+    """Where training stands: optimizer steps, epoch and micro-batches consumed in it."""
+
+    def __init__(self, step: int = 0, epoch: int = 0, micro_batches: int = 0):
+        self.step, self.epoch, self.micro_batches = step, epoch, micro_batches
+
+    def as_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "micro_batches": self.micro_batches}
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+    import ray.train
+    from ray.train import Checkpoint
+    from transformers import get_scheduler
+
+    recipe, train = cfg["recipe"], cfg["recipe"]["train"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    use_gpu = train["gpus_per_worker"] > 0
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    ds_config = cfg.get("deepspeed_config")
+    zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
+    seed = train["seed"]
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+    model = build_model(cfg, device, zero3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+    scheduler = get_scheduler(train["scheduler"], optimizer, num_warmup_steps=train["warmup_steps"],
+                              num_training_steps=cfg["total_steps"])
+    engine = None
+    if ds_config:
+        import deepspeed
+
+        dtype = next(p.dtype for p in model.parameters())
+        ds_config = {**ds_config, "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
+                     "train_micro_batch_size_per_gpu": train["micro_batch_size"],
+                     "gradient_accumulation_steps": train["grad_accum"], "gradient_clipping": train["max_grad_norm"]}
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        forward_model = engine
+    elif world > 1:
+        forward_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    else:
+        forward_model = model
+
+    position = Position()
+    best_eval, stale_evals = math.inf, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+            if engine is not None:
+                engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), load_module_strict=False)
+            else:
+                missing = load_trainable(model, state["trainable"])
+                assert not missing, f"checkpoint lacks trainable weights: {missing[:3]}"
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            position = Position(**state["position"])
+            best_eval, stale_evals = state["best_eval"], state["stale_evals"]
+            random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
+            torch.set_rng_state(state["rng"]["torch"])
+        if rank == 0:
+            print(f"[medtune] resumed from step {position.step} (epoch {position.epoch}, "
+                  f"micro-batch {position.micro_batches})", flush=True)
+
+    pad_id = cfg["pad_id"]
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if cfg["has_eval"] else None
+    total_steps, accum = cfg["total_steps"], train["grad_accum"]
+    fail_at = int(os.environ.get(FAULT_ENV, "0"))
+    writer = _tensorboard(cfg, rank)
+
+    def evaluate() -> float | None:
+        if eval_shard is None:
+            return None
+        forward_model.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for rows in eval_shard.iter_batches(batch_size=train["micro_batch_size"], batch_format="numpy"):
+                ids, labels, pos = (t.to(device) for t in collate(rows, pad_id))
+                loss_sum, count = summed_loss(forward_model, ids, labels, pos)
+                totals += torch.tensor([float(loss_sum), count], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(totals)
+        forward_model.train()
+        return float(totals[0] / max(totals[1], 1))
+
+    def save_and_report(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp), model, engine, optimizer, scheduler, position, best_eval, stale_evals, rank)
+            written = any(Path(tmp).iterdir())
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if written else None)
+        if writer:
+            writer.flush()
+            if rank == 0:
+                sync_tensorboard(cfg)
+
+    forward_model.train()
+    window_loss = torch.zeros(2, dtype=torch.float64)
+    tokens_seen, started = 0, time.perf_counter()
+    done = position.step >= total_steps
+    # With max_steps the data is cycled as often as needed; otherwise `epochs` passes.
+    max_epochs = train["epochs"] if train["max_steps"] is None else 10**9
+    while not done and position.epoch < max_epochs:
+        batches = train_shard.iter_batches(batch_size=train["micro_batch_size"], batch_format="numpy")
+        skip = position.micro_batches
+        micro_in_step, step_tokens, step_loss = 0, 0, None
+        for index, rows in enumerate(batches):
+            if index < skip:
+                continue  # consumed before the restart
+            ids, labels, pos = (t.to(device) for t in collate(rows, pad_id))
+            loss_sum, count = summed_loss(forward_model, ids, labels, pos)
+            # Normalise by this worker's target tokens in the step so far; exact per step
+            # on one worker, and the DDP mean across workers keeps the scale right.
+            scaled = loss_sum / max(count, 1) / accum
+            if engine is not None:
+                engine.backward(scaled)
+                engine.step()
+            else:
+                scaled.backward()
+            window_loss += torch.tensor([float(loss_sum), count], dtype=torch.float64)
+            tokens_seen += int((ids != pad_id).sum())
+            position.micro_batches = index + 1
+            micro_in_step += 1
+            if micro_in_step < accum:
+                continue
+            micro_in_step = 0
+            grad_norm = None
+            if engine is None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train["max_grad_norm"]))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            position.step += 1
+            if fail_at and position.step == fail_at and rank == 0:
+                marker = Path(cfg["fault_marker"])
+                if not marker.exists():
+                    marker.write_text("failed once")
+                    os._exit(1)  # a hard crash, as a killed pod or OOM would be
+            is_last = position.step >= total_steps
+            at_checkpoint = position.step % train["checkpoint_every"] == 0 or is_last
+            at_eval = at_checkpoint or (train["eval_every"] and position.step % train["eval_every"] == 0)
+            at_log = position.step % train["log_every"] == 0 or at_checkpoint
+            if not (at_log or at_eval):
+                continue
+            if world > 1:
+                dist.all_reduce(window_loss)
+            elapsed = time.perf_counter() - started
+            metrics: dict[str, Any] = {
+                "step": position.step, "epoch": position.epoch,
+                "loss": float(window_loss[0] / max(window_loss[1], 1)),
+                "lr": float(scheduler.get_last_lr()[0]), "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
+            }
+            if grad_norm is not None:
+                metrics["grad_norm"] = grad_norm
+            if use_gpu:
+                metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            window_loss.zero_()
+            if at_eval:
+                eval_loss = evaluate()
+                if eval_loss is not None:
+                    metrics["eval_loss"] = eval_loss
+                    metrics["eval_perplexity"] = math.exp(min(eval_loss, 50))
+                    if eval_loss < best_eval - 1e-6:
+                        best_eval, stale_evals = eval_loss, 0
+                    else:
+                        stale_evals += 1
+            patience = train["early_stopping_patience"]
+            stop_early = bool(patience and stale_evals >= patience)
+            metrics["final"] = is_last or stop_early
+            if writer:
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and key not in ("step", "final"):
+                        writer.add_scalar(f"train/{key}", value, position.step)
+            if rank == 0:
+                extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+                print(f"[medtune] step {position.step}/{total_steps} loss {metrics['loss']:.4f}"
+                      f"{extra} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
+            if at_checkpoint or stop_early:
+                save_and_report(metrics)
+            else:
+                ray.train.report(metrics)
+            if is_last or stop_early:
+                done = True
+                break
+        else:
+            position.epoch += 1
+            position.micro_batches = 0
+            done = position.epoch >= max_epochs
+    if writer:
+        writer.close()
+        sync_tensorboard(cfg)
+
+
+def sync_tensorboard(cfg: dict[str, Any]) -> None:
+    """Copy the TensorBoard event files to <storage>/runs/<run>/tensorboard/."""
+    from ray_jobs.storage import Storage
+
+    Storage.from_uri(cfg["storage_root"]).upload_dir(cfg["tensorboard_dir"], cfg["tensorboard_rel"], complete=False)
+
+
+def load_trainable(model, state: dict[str, Any]) -> list[str]:
+    """Copy saved trainable tensors into the model; returns the names it could not find."""
+    import torch
+
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+    return missing
+
+
+def save_checkpoint(directory: Path, model, engine, optimizer, scheduler, position: Position,
+                    best_eval: float, stale_evals: int, rank: int) -> None:
+    """Write this worker's part of a checkpoint (rank 0 only, except DeepSpeed shards)."""
+    import torch
+
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    base = {"position": position.as_dict(), "best_eval": best_eval, "stale_evals": stale_evals, "rng": rng}
+    if engine is not None:
+        # Every rank writes its ZeRO shards; Ray merges the workers' directories.
+        engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
+        export_adapter(model, directory / ADAPTER_DIR, zero3=engine.zero_optimization_stage() == 3, rank=rank)
+        if rank == 0:
+            torch.save(base, directory / STATE_FILE)
+        return
+    if rank != 0:
+        return
+    torch.save({**base, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, directory / STATE_FILE)
+    export_adapter(model, directory / ADAPTER_DIR, zero3=False, rank=rank)
+
+
+def export_adapter(model, directory: Path, *, zero3: bool, rank: int) -> None:
+    """Save the adapter (or full model) in standard format, gathering ZeRO-3 shards first.
+
+    Under ZeRO-3 each rank holds a slice of every parameter; saving without gathering
+    writes empty ([0]-shaped) tensors. All ranks must enter the gather; rank 0 writes.
+    """
+    from peft import PeftModel
+
+    if zero3:
+        import deepspeed
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            if rank == 0:
+                _save_pretrained(model, directory)
+    elif rank == 0:
+        _save_pretrained(model, directory)
+    if rank == 0 and isinstance(model, PeftModel):
+        weights = directory / "adapter_model.safetensors"
+        from safetensors.torch import load_file
+
+        empty = [k for k, v in load_file(weights).items() if v.numel() == 0]
+        if empty:
+            raise RuntimeError(f"saved adapter has empty tensors (ZeRO-3 gather failed): {empty[:3]}")
+
+
+def _save_pretrained(model, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def _tensorboard(cfg: dict[str, Any], rank: int):
+    if rank != 0 or not cfg.get("tensorboard_dir"):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; stay alive if an image lacks it
+        return None
+    Path(cfg["tensorboard_dir"]).mkdir(parents=True, exist_ok=True)
+    return SummaryWriter(cfg["tensorboard_dir"])

@@ -1,0 +1,222 @@
+"""The training stage's driver: checks, Ray Train `TorchTrainer`, final adapter export.
+
+    python -m ray_jobs.train RECIPE [--set train.max_steps=50]
+    medtune train RECIPE
+    ray job submit --working-dir . -- python -m ray_jobs.train RECIPE
+
+What it does, in order:
+1. Fails fast, before any worker starts, on what cannot work: a missing DeepSpeed profile,
+   more GPUs than the cluster has, a dataset with too few rows for one optimizer step.
+2. Runs preprocessing when the dataset is missing (or reuses it by fingerprint).
+3. Trains with `TorchTrainer` (the loop in `ray_jobs.train.loop`), checkpoints under
+   `<storage>/runs/<run>/`, and recovers from worker failures via `FailureConfig`.
+4. Publishes the best checkpoint's adapter to `<storage>/adapters/<name>/<version>/` in
+   PEFT format, with the tokenizer and `lineage.json`, and marks it complete last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray_jobs.config import Recipe
+from ray_jobs.storage import Storage, adapter_prefix, run_prefix
+
+log = logging.getLogger("medtune.train")
+DEEPSPEED_PROFILES = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+
+
+class TrainError(RuntimeError):
+    """The run cannot start or did not produce an adapter; the message names the cause."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run: str
+    adapter_name: str
+    adapter_version: str
+    adapter_uri: str
+    metrics: dict[str, Any]
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:
+    """The DeepSpeed profile as a dict: a built-in name or a user JSON file."""
+    name = recipe.train.deepspeed
+    if name == "none":
+        return None
+    path = DEEPSPEED_PROFILES / f"{name}.json" if name in ("zero2", "zero3") else Path(name)
+    if not path.is_file():
+        raise TrainError(f"train.deepspeed: profile file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TrainError(f"train.deepspeed: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def check_resources(recipe: Recipe) -> None:
+    import ray
+
+    wanted_gpus = recipe.train.workers * recipe.train.gpus_per_worker
+    available = ray.cluster_resources()
+    have_gpus = available.get("GPU", 0)
+    autoscaling = os.environ.get("MEDTUNE_CLUSTER_AUTOSCALES") == "1"
+    if wanted_gpus > have_gpus and not autoscaling:
+        raise TrainError(
+            f"train.workers x train.gpus_per_worker asks for {wanted_gpus} GPUs but the Ray cluster has "
+            f"{have_gpus:g}; lower them (gpus_per_worker: 0 trains on CPU) or set MEDTUNE_CLUSTER_AUTOSCALES=1")
+    wanted_cpus = recipe.train.workers * recipe.train.cpus_per_worker
+    if wanted_cpus > available.get("CPU", 0) and not autoscaling:
+        raise TrainError(f"train.workers x train.cpus_per_worker asks for {wanted_cpus} CPUs but the Ray "
+                         f"cluster has {available.get('CPU', 0):g}")
+
+
+def steps_per_epoch(train_rows: int, recipe: Recipe) -> int:
+    t = recipe.train
+    rows_per_worker = train_rows // t.workers
+    micro_batches = math.ceil(rows_per_worker / t.micro_batch_size)
+    return micro_batches // t.grad_accum
+
+
+def run(recipe: Recipe, *, run_name: str | None = None, fault_at_step: int | None = None) -> TrainResult:
+    import ray
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_jobs.models import load_tokenizer, resolve_model_dir
+    from ray_jobs.preprocess.pipeline import run as preprocess
+
+    ds_config = deepspeed_config(recipe)
+    if not ray.is_initialized():
+        ray.init()
+    check_resources(recipe)
+    storage = Storage.from_uri(recipe.storage.root)
+    dataset = preprocess(recipe)
+    packed_rows = dataset.stats["packing"]["rows"]
+    per_epoch = steps_per_epoch(packed_rows, recipe)
+    if per_epoch == 0:
+        t = recipe.train
+        raise TrainError(f"data: {packed_rows} training rows are too few for one optimizer step with "
+                         f"train.workers={t.workers} x micro_batch_size={t.micro_batch_size} x grad_accum={t.grad_accum}")
+    total_steps = recipe.train.max_steps or per_epoch * recipe.train.epochs
+    model_dir = resolve_model_dir(recipe.model, storage)
+    tokenizer = load_tokenizer(model_dir, recipe.model.revision, recipe.model.trust_remote_code)
+
+    run_name = run_name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    has_eval = bool(dataset.stats["rows_out"].get("eval"))
+    datasets = {"train": ray.data.read_parquet(storage.path(dataset.train_path), filesystem=storage.filesystem)}
+    if has_eval:
+        datasets["eval"] = ray.data.read_parquet(storage.path(dataset.eval_path), filesystem=storage.filesystem,
+                                                 columns=["input_ids", "labels"])
+    scratch = Path(tempfile.mkdtemp(prefix="medtune-train-"))
+    config = {
+        "recipe": recipe.model_dump(mode="json"), "model_dir": model_dir, "deepspeed_config": ds_config,
+        "total_steps": total_steps, "pad_id": tokenizer.pad_token_id, "has_eval": has_eval,
+        "storage_root": recipe.storage.root, "tensorboard_dir": str(scratch / "tensorboard"),
+        "tensorboard_rel": posixpath.join(run_prefix(run_name), "tensorboard"),
+        "fault_marker": str(scratch / "fault-injected"),
+    }
+    worker_env = {}
+    if fault_at_step:
+        worker_env["MEDTUNE_FAIL_AT_STEP"] = str(fault_at_step)
+    use_gpu = recipe.train.gpus_per_worker > 0
+    resources = {"CPU": recipe.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = recipe.train.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=recipe.train.dist_timeout_s),
+        scaling_config=ScalingConfig(num_workers=recipe.train.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        datasets=datasets,
+        # Ordered, equal shards: a resumed worker skips exactly the rows it already trained on.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage.path("runs"),
+            storage_filesystem=storage.filesystem,
+            failure_config=FailureConfig(max_failures=recipe.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=recipe.train.keep_checkpoints,
+                checkpoint_score_attribute="eval_loss" if has_eval else "step",
+                checkpoint_score_order="min" if has_eval else "max",
+            ),
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+        ),
+    )
+    print(f"[medtune] training {recipe.name}: {recipe.train.workers} worker(s), {total_steps} steps, "
+          f"{packed_rows} packed rows, run {storage.uri(run_prefix(run_name))}", flush=True)
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; keep the cause, drop the trace
+        raise TrainError(f"training failed after {recipe.train.max_failures} restart(s): {exc}") from exc
+    best = _best_checkpoint(result, has_eval)
+    if best is None:
+        raise TrainError("training finished without a checkpoint; see the Ray logs of the run")
+    checkpoint, metrics = best
+    version = run_name.removeprefix(f"{recipe.name}-")
+    lineage = {
+        "adapter": recipe.name, "version": version, "run": storage.uri(run_prefix(run_name)),
+        "base_model": recipe.model.base, "resolved_base_model": model_dir if recipe.model.base.startswith("tiny:") else recipe.model.base,
+        "dataset": dataset.uri, "dataset_fingerprint": dataset.fingerprint, "recipe_hash": recipe.recipe_hash(),
+        "method": recipe.train.method, "quantization": recipe.model.quantization,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+    }
+    uri = publish_adapter(storage, checkpoint, recipe, version, tokenizer, lineage)
+    print(f"[medtune] adapter published: {uri}", flush=True)
+    return TrainResult(run_name, recipe.name, version, uri, lineage["metrics"])
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    from ray_jobs.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+def _best_checkpoint(result, has_eval: bool):
+    candidates = list(result.best_checkpoints or [])
+    if not candidates:
+        return (result.checkpoint, result.metrics or {}) if result.checkpoint else None
+    if has_eval:
+        scored = [c for c in candidates if "eval_loss" in c[1]]
+        if scored:
+            return min(scored, key=lambda c: c[1]["eval_loss"])
+    return max(candidates, key=lambda c: c[1].get("step", 0))
+
+
+def publish_adapter(storage: Storage, checkpoint, recipe: Recipe, version: str, tokenizer, lineage: dict[str, Any]) -> str:
+    """Copy the checkpoint's adapter + tokenizer + lineage to adapters/<name>/<version>/."""
+    from ray_jobs.train.loop import ADAPTER_DIR
+
+    with tempfile.TemporaryDirectory() as tmp, checkpoint.as_directory() as ckpt_dir:
+        out = Path(tmp) / "adapter"
+        source = Path(ckpt_dir) / ADAPTER_DIR
+        if not source.is_dir():
+            raise TrainError(f"checkpoint {checkpoint.path} has no {ADAPTER_DIR}/ directory")
+        import shutil
+
+        shutil.copytree(source, out)
+        config_path = out / "adapter_config.json"
+        if config_path.exists():
+            # vLLM and Ray Serve LLM read the base model's name from here; a local tiny path
+            # would mean nothing to them, so record the recipe's base.
+            adapter_config = json.loads(config_path.read_text())
+            adapter_config["base_model_name_or_path"] = recipe.model.base
+            config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        tokenizer.save_pretrained(out)
+        (out / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str) + "\n")
+        return storage.upload_dir(out, adapter_prefix(recipe.name, version), info={"base_model": recipe.model.base})
+
+
+def main(recipe: Recipe) -> TrainResult:
+    return run(recipe)

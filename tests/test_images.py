@@ -1,0 +1,161 @@
+"""The image recipes in images/: pins inside pyproject's ranges, Dockerfiles in step with them.
+
+Docker cannot build here (no engine), so these tests read the Dockerfiles as text: the pins
+in images/versions.env must satisfy pyproject.toml's dependency ranges, every Dockerfile
+ARG default must equal its pin, and the install order the images rely on (torch, then
+DeepSpeed without build isolation, then the package) must hold.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO / "images"
+DOCKERFILES = {"gpu": IMAGES / "gpu.Dockerfile", "cpu": IMAGES / "cpu.Dockerfile"}
+
+# versions.env key -> distribution in pyproject.toml's dependencies
+PACKAGE_PINS = {
+    "RAY_VERSION": "ray",
+    "TORCH_VERSION": "torch",
+    "TRANSFORMERS_VERSION": "transformers",
+    "PEFT_VERSION": "peft",
+    "DEEPSPEED_VERSION": "deepspeed",
+    "BITSANDBYTES_VERSION": "bitsandbytes",
+    "ACCELERATE_VERSION": "accelerate",
+    "DATASETS_VERSION": "datasets",
+    "TOKENIZERS_VERSION": "tokenizers",
+}
+
+
+def read_env(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep and re.fullmatch(r"[A-Z_]+", key), f"{path.name}: bad line {line!r}"
+            assert key not in pins, f"{path.name}: {key} twice"
+            pins[key] = value
+    return pins
+
+
+def dockerfile_args(path: Path) -> dict[str, set[str]]:
+    args: dict[str, set[str]] = {}
+    for name, default in re.findall(r"^ARG\s+([A-Z_]+)(?:=(\S*))?\s*$", path.read_text(), re.M):
+        args.setdefault(name, set()).add(default)
+    return args
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in (raw.strip() for raw in text.splitlines())
+        if line and not line.startswith("#")
+    ]
+
+
+@pytest.fixture(scope="module")
+def pins() -> dict[str, str]:
+    return read_env(IMAGES / "versions.env")
+
+
+@pytest.fixture(scope="module")
+def ranges() -> dict[str, SpecifierSet]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return {Requirement(dep).name: Requirement(dep).specifier for dep in project["dependencies"]}
+
+
+def test_pins_sit_inside_pyproject_ranges(pins: dict[str, str], ranges: dict[str, SpecifierSet]) -> None:
+    assert set(PACKAGE_PINS) <= set(pins), "versions.env misses a pin"
+    for key, package in PACKAGE_PINS.items():
+        version = Version(pins[key])
+        assert package in ranges, f"{package} is pinned but not a dependency in pyproject.toml"
+        assert ranges[package].contains(version, prereleases=False), f"{key}={version} is outside {package}{ranges[package]}"
+    assert pins["RAY_VERSION"] == "2.60.0"
+
+
+def test_python_and_cuda_tags_match_the_project(pins: dict[str, str]) -> None:
+    requires = SpecifierSet(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"])
+    python = pins["PYTHON_VERSION"]
+    assert re.fullmatch(r"3\d{2}", python), "PYTHON_VERSION is the tag form, e.g. 311"
+    assert requires.contains(Version(f"{python[0]}.{python[1:]}"))
+    assert re.fullmatch(r"cu\d{3}", pins["CUDA_TAG"])
+
+
+@pytest.mark.parametrize("variant", sorted(DOCKERFILES))
+def test_dockerfile_defaults_equal_the_pins(variant: str, pins: dict[str, str]) -> None:
+    args = dockerfile_args(DOCKERFILES[variant])
+    for key in ["RAY_VERSION", "PYTHON_VERSION", *PACKAGE_PINS]:
+        assert args.get(key) == {pins[key]}, f"{variant}.Dockerfile ARG {key}: {args.get(key)} != {pins[key]}"
+    for key, defaults in args.items():
+        assert key in pins, f"{variant}.Dockerfile ARG {key} has no pin in versions.env"
+        assert defaults == {pins[key]}, f"{variant}.Dockerfile ARG {key}"
+
+
+@pytest.mark.parametrize("variant", sorted(DOCKERFILES))
+def test_dockerfile_base_image(variant: str, pins: dict[str, str]) -> None:
+    steps = instructions(DOCKERFILES[variant])
+    (base,) = [arguments for name, arguments in steps if name == "FROM"]
+    resolved = re.sub(r"\$\{([A-Z_]+)\}", lambda m: pins[m.group(1)], base)
+    expected = {"gpu": "rayproject/ray:2.60.0-py311-cu128", "cpu": "rayproject/ray:2.60.0-py311-cpu"}[variant]
+    assert resolved == expected
+
+
+@pytest.mark.parametrize("variant", sorted(DOCKERFILES))
+def test_dockerfile_install_steps(variant: str) -> None:
+    steps = instructions(DOCKERFILES[variant])
+    runs = [arguments for name, arguments in steps if name == "RUN"]
+    pip_runs = [r for r in runs if "pip install" in r]
+    assert pip_runs and all("--no-cache-dir" in r for r in pip_runs)
+
+    torch_at = next(i for i, r in enumerate(pip_runs) if '"torch==${TORCH_VERSION}" --index-url' in r)
+    deepspeed_at = next(i for i, r in enumerate(pip_runs) if "deepspeed==" in r and "--no-build-isolation" in r)
+    package_at = next(i for i, r in enumerate(pip_runs) if re.search(r"pip install --no-cache-dir \. ", r))
+    assert torch_at < deepspeed_at < package_at
+    index = {"gpu": "https://download.pytorch.org/whl/${CUDA_TAG}", "cpu": "https://download.pytorch.org/whl/cpu"}[variant]
+    assert index in pip_runs[torch_at]
+    for key, package in PACKAGE_PINS.items():
+        assert re.search(rf'"{re.escape(package)}(\[[^\]]*\])?==\$\{{{key}\}}"', pip_runs[package_at]), f"{package} not pinned"
+
+    copied = " ".join(arguments for name, arguments in steps if name == "COPY")
+    for path in ("pyproject.toml", "README.md", "ray_jobs/", "configs/"):
+        assert path in copied, f"{variant}.Dockerfile does not copy {path}"
+    users = [arguments for name, arguments in steps if name == "USER"]
+    assert users and users[-1] in ("ray", "1000"), "the image must run as the non-root ray user"
+    first_user = next(i for i, (name, _) in enumerate(steps) if name == "USER")
+    first_run = next(i for i, (name, _) in enumerate(steps) if name == "RUN")
+    assert first_user < first_run, "installs run as the ray user, not root"
+
+
+def test_pyproject_readme_is_in_the_build_context() -> None:
+    # setuptools refuses to build when `readme` names a missing file.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert (REPO / project["readme"]).is_file()
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert project["readme"] not in ignored and "ray_jobs" not in ignored and "pyproject.toml" not in ignored
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert {".venv", ".git", "medtune-output", "benchmarks/results", ".pytest_cache"} <= ignored
+    assert "configs" not in ignored
+
+
+def test_chart_and_images_agree(pins: dict[str, str]) -> None:
+    chart = yaml.safe_load((REPO / "charts" / "medtune" / "Chart.yaml").read_text())
+    values = yaml.safe_load((REPO / "charts" / "medtune" / "values.yaml").read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    # Image tags come from appVersion, so it must be the package version the image holds.
+    assert chart["appVersion"] == project["version"]
+    assert values["rayVersion"] == pins["RAY_VERSION"] == chart["annotations"]["medtune.io/ray-version"]

@@ -1,0 +1,210 @@
+"""PHI scrubbing, text cleaning and de-duplication keys: the behaviour the preprocess stage
+relies on, one case per line so the tests read as a specification."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from ray_jobs.config import PHI_TYPES
+from ray_jobs.preprocess.clean import (
+    NearDuplicateIndex,
+    clean_text,
+    content_key,
+    minhash_signature,
+    normalize_whitespace,
+    strip_html,
+)
+from ray_jobs.preprocess.phi import PhiScrubber
+
+
+@pytest.fixture(scope="module")
+def scrubber() -> PhiScrubber:
+    return PhiScrubber(PHI_TYPES)
+
+
+# --------------------------------------------------------------------------- PHI positives
+POSITIVES = [
+    ("email", "Write to john.doe@example.com today", "Write to [EMAIL] today"),
+    ("email", "cc: JANE_D+notes@mail.hospital.org.", "cc: [EMAIL]."),
+    ("phone", "Call (555) 123-4567 now", "Call [PHONE] now"),
+    ("phone", "Call 555-123-4567 now", "Call [PHONE] now"),
+    ("phone", "Call 555.123.4567 now", "Call [PHONE] now"),
+    ("phone", "Call +1 555 123 4567 now", "Call [PHONE] now"),
+    ("phone", "Call +44 20 7946 0958 now", "Call [PHONE] now"),
+    ("phone", "Call +33 1 23 45 67 89 now", "Call [PHONE] now"),
+    ("ssn", "SSN 123-45-6789 on file", "SSN [SSN] on file"),
+    ("ssn", "his number is 123-45-6789.", "his number is [SSN]."),
+    ("ssn", "SSN: 123456789", "SSN: [SSN]"),
+    ("ssn", "Social Security Number 987654321", "Social Security Number [SSN]"),
+    ("mrn", "MRN: 12345678", "MRN: [MRN]"),
+    ("mrn", "MRN#1234567 admitted", "MRN#[MRN] admitted"),
+    ("mrn", "Medical Record Number 00123456", "Medical Record Number [MRN]"),
+    ("mrn", "patient ID: A1234567", "patient ID: [MRN]"),
+    ("date", "seen 2023-01-15", "seen [DATE]"),
+    ("date", "seen 01/15/2023", "seen [DATE]"),
+    ("date", "seen 1/5/23", "seen [DATE]"),
+    ("date", "seen 15.01.2023", "seen [DATE]"),
+    ("date", "seen January 15, 2023", "seen [DATE]"),
+    ("date", "seen 15 Jan 2023", "seen [DATE]"),
+    ("date", "seen 15-JAN-2023", "seen [DATE]"),
+    ("date", "seen Jan 2023", "seen [DATE]"),  # month + year is finer than a year: PHI
+    ("date", "seen on March 3rd", "seen on [DATE]"),
+    ("date", "at 2023-01-15T08:30:00", "at [DATE]T08:30:00"),
+    ("url", "see https://example.org/a?b=1.", "see [URL]."),
+    ("url", "see (http://portal.example.com/p/42)", "see ([URL])"),
+    ("url", "see www.hospital.org/records", "see [URL]"),
+    ("url", "see https://en.wikipedia.org/wiki/Foo_(bar)", "see [URL]"),
+    ("ip", "from 192.168.1.10 today", "from [IP] today"),
+    ("ip", "from 10.0.0.255", "from [IP]"),
+    ("ip", "from 10.10.10.10", "from [IP]"),  # not a date 10.10.10 followed by .10
+    ("ip", "from 2001:db8::1", "from [IP]"),
+    ("ip", "from 2001:0db8:85a3:0000:0000:8a2e:0370:7334", "from [IP]"),
+]
+
+
+@pytest.mark.parametrize(("phi_type", "text", "expected"), POSITIVES)
+def test_each_phi_format_becomes_its_placeholder(scrubber, phi_type, text, expected):
+    scrubbed, counts = scrubber.scrub(text)
+    assert scrubbed == expected
+    assert counts == {phi_type: 1}
+
+
+# --------------------------------------------------------------------------- clinical negatives
+NEGATIVES = [
+    "metformin 500mg twice daily",
+    "salbutamol 2.5 mg nebulised",
+    "BP 140/90, HR 72, RR 16",
+    "HbA1c 7.2%, creatinine 1.4 mg/dL",
+    "Type 2 diabetes (ICD-10 E11.9)",
+    "insulin given at 08:30, repeat at 08:30:15",
+    "diagnosed in 2019",  # a bare year is not PHI under Safe Harbor
+    "take 1/2 tablet, 3/4 strength, power 5/5",
+    "10-20 mg q4-6h, 0.5-1.0 mg/kg",
+    "+2 pitting edema, Gleason 3+4=7",
+    "symptoms may 2019 worsen",  # lower-case "may" is a verb, not a month
+    "OCT 3 months ago, MAR 2 reviewed",  # all-caps acronyms without a year are not months
+    "256.1.1.1 is not an address",
+    "WBC 12.5 x10^9/L, platelets 150 000",
+]
+
+
+@pytest.mark.parametrize("text", NEGATIVES)
+def test_clinical_text_is_left_alone(scrubber, text):
+    assert scrubber.scrub(text) == (text, {})
+
+
+def test_counts_are_per_type_and_values_never_survive(scrubber):
+    values = ["jane@clinic.org", "555-123-4567", "123-45-6789", "A1234567", "01/15/2023",
+              "January 2, 2023", "https://clinic.org/jane", "10.1.2.3"]
+    note = (f"Jane ({values[0]}, {values[1]}), SSN {values[2]}, patient ID: {values[3]}, "
+            f"admitted {values[4]}, discharged {values[5]}; chart at {values[6]} from {values[7]}. "
+            "Given metformin 500 mg; BP 140/90.")
+    scrubbed, counts = scrubber.scrub(note)
+    assert counts == {"email": 1, "phone": 1, "ssn": 1, "mrn": 1, "date": 2, "url": 1, "ip": 1}
+    for value in values:
+        assert value not in scrubbed
+    assert scrubbed.endswith("Given metformin 500 mg; BP 140/90.")
+
+
+def test_only_the_selected_types_are_scrubbed():
+    scrubbed, counts = PhiScrubber(["email"]).scrub("a@b.org on 01/15/2023")
+    assert (scrubbed, counts) == ("[EMAIL] on 01/15/2023", {"email": 1})
+    assert PhiScrubber([]).scrub("a@b.org") == ("a@b.org", {})
+
+
+def test_an_unknown_type_names_the_config_key():
+    with pytest.raises(ValueError, match=r"data\.phi\.types.*'passport'"):
+        PhiScrubber(["email", "passport"])
+
+
+def test_a_url_holding_an_email_is_one_url(scrubber):
+    assert scrubber.scrub("https://x.org/?to=a@b.org") == ("[URL]", {"url": 1})
+
+
+# --------------------------------------------------------------------------- HTML
+def test_html_tags_go_and_nested_text_stays():
+    assert strip_html("<div><p>Take <b>two <i>tablets</i></b> daily</p></div>") == "Take two tablets daily\n\n"
+
+
+def test_html_entities_are_decoded():
+    assert strip_html("A &amp; B &lt;5&gt; it&#39;s&nbsp;ok") == "A & B <5> it's\xa0ok"
+
+
+def test_script_and_style_content_is_removed():
+    html = "<style>p {color: red}</style>before<script>alert('<p>x</p>')</script>after"
+    assert strip_html(html) == "beforeafter"
+
+
+def test_block_ends_and_br_become_line_breaks():
+    html = "<p>one</p><p>two<br>three<br/>four</p><ul><li>a</li><li>b</li></ul>"
+    assert clean_text(html, strip_html=True, normalize_whitespace=True) == "one\ntwo\nthree\nfour\na\nb"
+
+
+def test_text_that_only_looks_like_markup_stays():
+    assert strip_html("HR<60 bpm and a < b") == "HR<60 bpm and a < b"
+
+
+# --------------------------------------------------------------------------- whitespace
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("  a \t  b  ", "a b"),
+        ("line one   \nline two", "line one\nline two"),
+        ("a\r\nb\rc", "a\nb\nc"),
+        ("para one\n\n\n\n\npara two", "para one\n\npara two"),
+        ("dia\u200bbetes\ufeff mel\u00adlitus\x07", "diabetes mellitus"),
+        ("non\u00a0breaking", "non breaking"),
+        ("cafe\u0301", "caf\u00e9"),  # NFC: e + combining acute -> é
+    ],
+)
+def test_normalize_whitespace(raw, expected):
+    assert normalize_whitespace(raw) == expected
+
+
+def test_clean_text_applies_only_the_requested_steps():
+    html = "<p>a  &amp;  b</p>"
+    assert clean_text(html, strip_html=False, normalize_whitespace=False) == html
+    assert clean_text(html, strip_html=True, normalize_whitespace=False) == "a  &  b\n"
+    assert clean_text(html, strip_html=False, normalize_whitespace=True) == "<p>a &amp; b</p>"
+
+
+# --------------------------------------------------------------------------- de-duplication
+def test_content_key_ignores_case_and_whitespace():
+    assert content_key(["What is  HbA1c?", "A marker\nof glucose."]) == content_key(
+        ["what is hba1c?", "  a marker of GLUCOSE. "]
+    )
+    assert content_key(["What is HbA1c?"]) != content_key(["What is LDL?"])
+
+
+def test_content_key_keeps_part_boundaries():
+    assert content_key(["ab", "c"]) != content_key(["a", "bc"])
+
+
+SENTENCE = "The patient was started on metformin 500 mg twice daily for type 2 diabetes."
+ONE_WORD_CHANGED = "The patient was started on metformin 500 mg once daily for type 2 diabetes."
+UNRELATED = "Chest radiograph shows no acute cardiopulmonary process or pleural effusion."
+
+
+def test_signatures_are_small_picklable_uint64_arrays():
+    signature = minhash_signature(SENTENCE)
+    assert signature.dtype == np.uint64 and signature.shape == (64,)
+    assert np.array_equal(pickle.loads(pickle.dumps(signature)), signature)
+    # Deterministic, so signatures computed on different Ray workers compare.
+    assert np.array_equal(minhash_signature(SENTENCE.upper()), signature)
+
+
+def test_one_changed_word_is_a_near_duplicate_and_unrelated_text_is_not():
+    index = NearDuplicateIndex(threshold=0.7, num_perm=64)
+    assert index.add("first", minhash_signature(SENTENCE)) is True
+    assert index.add("variant", minhash_signature(ONE_WORD_CHANGED)) is False
+    assert index.add("unrelated", minhash_signature(UNRELATED)) is True
+    assert len(index) == 2
+
+
+def test_a_signature_of_the_wrong_length_is_refused():
+    index = NearDuplicateIndex(threshold=0.7, num_perm=64)
+    with pytest.raises(ValueError, match="num_perm=64"):
+        index.add("row", minhash_signature(SENTENCE, num_perm=32))
