@@ -426,7 +426,7 @@ def _describe_error(error: dict[str, Any]) -> list[str]:
     kind = error["type"]
     value = error.get("input")
     if kind == "extra_forbidden":
-        return [f"{path}: unknown key (check the spelling; see `medtune validate --schema`)"]
+        return [f"{path}: unknown key (check the spelling; see `medtune schema`)"]
     if kind == "missing":
         return [f"{path}: required key is missing"]
     message = str(error["msg"]).removeprefix("Value error, ")

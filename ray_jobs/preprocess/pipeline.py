@@ -41,7 +41,7 @@ from ray_jobs.storage import Storage, dataset_prefix
 
 log = logging.getLogger("medtune.preprocess")
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 """Bump when the output of the same inputs changes, to invalidate old fingerprints."""
 LENGTH_BUCKETS = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 30]
 
@@ -222,7 +222,11 @@ class TokenizeBatch:
             labels_col.append(np.asarray(labels or [], dtype=np.int32))
             reasons.append(reason)
         batch = batch.copy()
-        batch["input_ids"], batch["labels"], batch["reject_reason"] = ids_col, labels_col, reasons
+        # Plain lists, not numpy arrays: Ray would store arrays as its tensor extension type,
+        # which other Parquet readers (pyarrow, pandas, Spark) do not understand.
+        batch["input_ids"] = [x.tolist() for x in ids_col]
+        batch["labels"] = [x.tolist() for x in labels_col]
+        batch["reject_reason"] = reasons
         batch["num_tokens"] = [len(x) for x in ids_col]
         batch["num_target_tokens"] = [int((x != -100).sum()) for x in labels_col]
         return batch
@@ -231,7 +235,8 @@ class TokenizeBatch:
 def _pack_batch(batch: pd.DataFrame, max_seq_len: int, packing: bool) -> pd.DataFrame:
     docs = [(list(i), list(l)) for i, l in zip(batch["input_ids"], batch["labels"])]
     rows = pack_documents(docs, max_seq_len) if packing else [unpacked_row(i, l) for i, l in docs]
-    return pd.DataFrame(rows, columns=["input_ids", "labels", "position_ids", "seq_lens"])
+    plain = [{k: v.tolist() for k, v in row.items()} for row in rows]
+    return pd.DataFrame(plain, columns=["input_ids", "labels", "position_ids", "seq_lens"])
 
 
 def _partial_stats(batch: pd.DataFrame) -> pd.DataFrame:

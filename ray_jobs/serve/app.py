@@ -14,7 +14,8 @@ is served without a restart. Names are validated against a strict pattern before
 touch storage, so a request can never reach outside the adapters prefix.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Serve pickles the ingress class by value, and
+# FastAPI must resolve route annotations (Request) from real objects, not strings.
 
 import asyncio
 import json
@@ -84,6 +85,32 @@ class APIError(Exception):
 def error_response(error: APIError) -> JSONResponse:
     body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}}
     return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _parse(request: Request, schema: type[BaseModel]):
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise APIError(422, f"{param}: {first['msg']}", code="invalid_field", param=param) from None
+
+
+def _read_keys(path: str | None) -> set[str]:
+    if not path:
+        return set()
+    keys = {line.strip() for line in Path(path).read_text().splitlines() if line.strip() and not line.startswith("#")}
+    if not keys:
+        raise ValueError(f"serve.api_keys_file {path} holds no keys")
+    return keys
 
 
 # ---------------------------------------------------------------------- the app
@@ -273,32 +300,6 @@ class MedtuneServer:
         self._check_auth(request)
         body = await _parse(request, CompletionRequest)
         return await self._run(body, None, body.prompt, chat=False)
-
-
-def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-async def _parse(request: Request, schema: type[BaseModel]):
-    try:
-        raw = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise APIError(422, f"{param}: {first['msg']}", code="invalid_field", param=param) from None
-
-
-def _read_keys(path: str | None) -> set[str]:
-    if not path:
-        return set()
-    keys = {line.strip() for line in Path(path).read_text().splitlines() if line.strip() and not line.startswith("#")}
-    if not keys:
-        raise ValueError(f"serve.api_keys_file {path} holds no keys")
-    return keys
 
 
 def build_app(recipe: Recipe):

@@ -1,0 +1,38 @@
+# medtune: the two commands of the README, and what they need.
+#   make quickstart   set up .venv, then run the whole pipeline on CPU, end to end
+#   make test         set up .venv, then run the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+# CPU torch by default (these machines hold torch 2.13.0 on disk). GPU users: see README.
+TORCH      ?= torch==2.13.0
+TORCH_ARGS ?=
+PIP := $(VENV)/bin/python -m pip
+export RAY_DATA_DISABLE_PROGRESS_BARS := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup quickstart test test-fast clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# torch first, so nothing below pulls a multi-GB CUDA build
+	$(PIP) install -q "$(TORCH)" $(TORCH_ARGS)
+	# DeepSpeed ships only an sdist whose build imports torch: build it against the torch above
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.18,<0.20"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+quickstart: setup
+	$(VENV)/bin/medtune quickstart
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not slow and not integration"
+
+clean:
+	rm -rf medtune-output .pytest_cache

@@ -1,0 +1,232 @@
+"""The evaluation stage: the base model vs the adapter on the eval split, per task.
+
+    python -m ray_jobs.evaluate RECIPE
+    medtune evaluate RECIPE [--set eval.max_samples=50]
+    MEDTUNE_ADAPTER=name@version medtune evaluate RECIPE    # a specific adapter version
+
+Writes `report.json`, `report.md` and plots under `<storage>/reports/<run>/`:
+- every format: eval loss and perplexity, before (base) vs after (adapter);
+- entities: P/R/F1 exact / relaxed / overlap, per label, JSON validity, plus the
+  entity-extraction seed's `true_pred_entities.json` and `performance.json`;
+- reasoning: format compliance, reasoning length, final-answer exact match;
+- sdtm: accuracy per step; qa_safety: refusal / escalation rates.
+Generation is greedy by default, so metrics are reproducible. A model output that is not
+valid JSON counts as a miss, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray_jobs.config import Recipe
+from ray_jobs.storage import Storage, adapter_prefix, report_prefix
+
+
+class EvaluateError(RuntimeError):
+    """Nothing to evaluate (no eval split, no adapter); the message says what exists."""
+
+
+def resolve_adapter(storage: Storage, spec: str) -> tuple[str, str]:
+    """`name` or `name@version` -> (name, version) of a complete adapter, or EvaluateError."""
+    name, _, version = spec.partition("@")
+    versions = sorted(v for v in storage.listdir(adapter_prefix(name)) if storage.is_complete(adapter_prefix(name, v)))
+    if not versions:
+        existing = [n for n in storage.listdir("adapters")]
+        raise EvaluateError(f"adapter {name!r} not found under {storage.uri('adapters')}; existing: {existing or 'none'}")
+    if version and version not in versions:
+        raise EvaluateError(f"adapter {name} has no complete version {version!r}; versions: {versions}")
+    return name, version or versions[-1]
+
+
+def _eval_rows(storage: Storage, prefix: str, limit: int | None) -> list[dict[str, Any]]:
+    import pyarrow.dataset as pads
+
+    dataset = pads.dataset(storage.path(prefix), filesystem=storage.filesystem, format="parquet")
+    rows = sorted(dataset.to_table().to_pylist(), key=lambda r: r["row_id"])
+    return rows[:limit] if limit else rows
+
+
+def mean_loss(model, rows: list[dict[str, Any]], device, batch_size: int) -> float:
+    import torch
+
+    from ray_jobs.train.loop import collate, summed_loss
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            batch = {"input_ids": [r["input_ids"] for r in chunk], "labels": [r["labels"] for r in chunk]}
+            ids, labels, pos = (t.to(device) for t in collate(batch, pad_id=0))
+            loss_sum, n = summed_loss(model, ids, labels, pos)
+            total, count = total + float(loss_sum), count + n
+    return total / max(count, 1)
+
+
+def generate_answers(model, tokenizer, rows: list[dict[str, Any]], recipe: Recipe, device) -> tuple[list[str], list[float]]:
+    """Greedy answers to each row's prompt (its messages without the last assistant turn)."""
+    import torch
+
+    gen = recipe.eval.generation
+    tokenizer.padding_side = "left"
+    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    outputs, seconds = [], []
+    for start in range(0, len(rows), recipe.eval.batch_size):
+        chunk = rows[start:start + recipe.eval.batch_size]
+        prompts = [tokenizer.apply_chat_template(json.loads(r["messages"])[:-1], tokenize=False,
+                                                 add_generation_prompt=True) for r in chunk]
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        kwargs: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "do_sample": not gen.greedy,
+                                  "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+        if not gen.greedy:
+            kwargs.update({k: v for k, v in (("temperature", gen.temperature), ("top_p", gen.top_p),
+                                             ("top_k", gen.top_k), ("min_p", gen.min_p)) if v is not None})
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**encoded, **kwargs)
+        elapsed = time.perf_counter() - started
+        new = out[:, encoded["input_ids"].shape[1]:]
+        outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        seconds.extend([elapsed / len(chunk)] * len(chunk))
+    return outputs, seconds
+
+
+def task_metrics(recipe: Recipe, rows: list[dict[str, Any]], outputs: list[str], tokenizer) -> dict[str, Any]:
+    from ray_jobs.evaluate import metrics as m
+
+    metas = [json.loads(r["meta"]) for r in rows]
+    result: dict[str, Any] = {}
+    wanted = recipe.eval.metrics
+    if "entities" in wanted:
+        parsed = [m.parse_entities(o) for o in outputs]
+        result["entities"] = m.entity_scores([meta.get("entities", []) for meta in metas], [p[0] for p in parsed],
+                                             unique=recipe.data.unique_entities)
+        result["entities"]["json_validity_rate"] = m.json_validity_rate([p[1] for p in parsed])
+    if "format" in wanted:
+        result["format"] = m.reasoning_scores(outputs, [meta.get("final_response") for meta in metas],
+                                              count_tokens=lambda t: len(tokenizer(t)["input_ids"]))
+    if "sdtm" in wanted:
+        result["sdtm"] = m.sdtm_step_accuracy(outputs, [meta.get("reference", "") for meta in metas],
+                                              [str(meta.get("step", "unknown")) for meta in metas])
+    if "qa_safety" in wanted:
+        result["qa_safety"] = m.safety_scores(outputs, [str(meta.get("category", "")) for meta in metas])
+    return result
+
+
+def run(recipe: Recipe, adapter: str | None = None) -> dict[str, Any]:
+    from peft import PeftModel
+
+    from ray_jobs.evaluate import metrics as m
+    from ray_jobs.models import cache_root, load_model, load_tokenizer, resolve_model_dir
+    from ray_jobs.preprocess.pipeline import run as preprocess
+
+    storage = Storage.from_uri(recipe.storage.root)
+    name, version = resolve_adapter(storage, adapter or os.environ.get("MEDTUNE_ADAPTER") or recipe.name)
+    dataset = preprocess(recipe)
+    if not dataset.stats["rows_out"].get("eval"):
+        raise EvaluateError("data: the dataset has no eval split; set data.eval files or data.eval_fraction > 0")
+    rows = _eval_rows(storage, dataset.eval_path, recipe.eval.max_samples)
+    model_dir = resolve_model_dir(recipe.model, storage)
+    tokenizer = load_tokenizer(model_dir, recipe.model.revision, recipe.model.trust_remote_code)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_model(recipe.model, model_dir, device=device)
+    generative = [w for w in recipe.eval.metrics if w != "perplexity"]
+
+    report: dict[str, Any] = {"recipe": recipe.name, "adapter": f"{name}@{version}", "base_model": recipe.model.base,
+                              "dataset": dataset.uri, "eval_rows": len(rows), "models": {}}
+    samples: dict[str, list[str]] = {}
+    latency: dict[str, Any] = {}
+    for label in ("base", "adapter"):
+        if label == "adapter":
+            local = storage.local_view(adapter_prefix(name, version), cache_root() / "adapters" / name / version)
+            model = PeftModel.from_pretrained(base, str(local))
+        else:
+            model = base
+        loss = mean_loss(model, rows, device, recipe.eval.batch_size)
+        entry: dict[str, Any] = {"eval_loss": loss, "perplexity": m.perplexity(loss)}
+        if generative:
+            outputs, seconds = generate_answers(model, tokenizer, rows, recipe, device)
+            entry.update(task_metrics(recipe, rows, outputs, tokenizer))
+            samples[label] = outputs
+            latency[label] = m.latency_summary(seconds)
+        report["models"][label] = entry
+
+    rel = report_prefix(f"{name}-{version}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+        if "entities" in recipe.eval.metrics:
+            pairs = [{"row_id": r["row_id"], "text": json.loads(r["messages"])[-2]["content"],
+                      "true": json.loads(r["meta"]).get("entities", []),
+                      "pred": m.parse_entities(o)[0], "raw_output": o}
+                     for r, o in zip(rows, samples.get("adapter", []))]
+            (out / "true_pred_entities.json").write_text(json.dumps(pairs, indent=2) + "\n")
+            performance = {**report["models"]["adapter"].get("entities", {}),
+                           "average_inference_time_s": latency.get("adapter", {}).get("mean"), "latency": latency}
+            (out / "performance.json").write_text(json.dumps(performance, indent=2, default=str) + "\n")
+        (out / "report.md").write_text(render_markdown(report))
+        plot_comparison(report, out / "before_after.png")
+        storage.upload_dir(out, rel, info={"adapter": f"{name}@{version}"})
+    report["uri"] = storage.uri(rel)
+    return report
+
+
+def _headline(entry: dict[str, Any]) -> dict[str, float]:
+    values = {"eval_loss": entry["eval_loss"], "perplexity": entry["perplexity"]}
+    if "entities" in entry:
+        values["entity_f1_exact"] = entry["entities"]["exact"]["f1"]
+        values["json_validity"] = entry["entities"]["json_validity_rate"] or 0.0
+    if "format" in entry:
+        values["format_compliance"] = entry["format"]["compliance_rate"] or 0.0
+    if "sdtm" in entry:
+        values["sdtm_accuracy"] = entry["sdtm"]["accuracy"] or 0.0
+    if "qa_safety" in entry:
+        values["refusal_rate"] = entry["qa_safety"]["refusal_rate"] or 0.0
+    return values
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    base, after = _headline(report["models"]["base"]), _headline(report["models"]["adapter"])
+    lines = [f"# Evaluation: {report['adapter']}", "",
+             f"Base model `{report['base_model']}`, {report['eval_rows']} eval rows from `{report['dataset']}`.", "",
+             "| metric | base | adapter | change |", "|---|---:|---:|---:|"]
+    for key in base:
+        lines.append(f"| {key} | {base[key]:.4f} | {after[key]:.4f} | {after[key] - base[key]:+.4f} |")
+    lines += ["", "![before vs after](before_after.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_comparison(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base, after = _headline(report["models"]["base"]), _headline(report["models"]["adapter"])
+    keys = [k for k in base if k != "perplexity"]
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(keys)), 3.2))
+    xs = range(len(keys))
+    ax.bar([x - 0.2 for x in xs], [base[k] for k in keys], width=0.4, label="base")
+    ax.bar([x + 0.2 for x in xs], [after[k] for k in keys], width=0.4, label="adapter")
+    ax.set_xticks(list(xs), keys, rotation=15)
+    ax.set_title(f"{report['adapter']}: before vs after")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(recipe: Recipe) -> dict[str, Any]:
+    report = run(recipe)
+    base, after = _headline(report["models"]["base"]), _headline(report["models"]["adapter"])
+    summary = ", ".join(f"{k} {base[k]:.3f} -> {after[k]:.3f}" for k in base)
+    print(f"[medtune] evaluation of {report['adapter']}: {summary}\n[medtune] report: {report['uri']}/report.md")
+    return report

@@ -1,0 +1,480 @@
+"""Format adapters and tokenisation: raw seed records -> conversations -> masked, packed tokens.
+
+The records come from the seed projects' own documentation (SDTM instruction tuning, medical
+Q&A, medical-o1 reasoning, Unsloth entity extraction, audience-specific adapters). The
+masking tests check the one property training depends on: the tokens that carry labels
+decode to exactly the assistant turns plus the end-of-turn marker, in every template family.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import accumulate
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from ray_jobs.config import AudienceConfig, DataConfig
+from ray_jobs.preprocess.formats import RowRejected, normalize_entities, to_conversation
+from ray_jobs.preprocess.tokenize import IGNORE_INDEX, pack_documents, tokenize_conversation, unpacked_row
+from ray_jobs.tiny_model import TEMPLATES
+
+ENTITY_PROMPT = ("You are a medical entity extractor from clinical texts. Extract the entities from the "
+                 "text and return them in a structured JSON format.")
+
+
+def data_config(fmt: str, **fields) -> DataConfig:
+    return DataConfig(format=fmt, train=["unit.jsonl"], **fields)
+
+
+def rejected(record, config: DataConfig) -> str:
+    with pytest.raises(RowRejected) as caught:
+        to_conversation(record, config)
+    return caught.value.reason
+
+
+# --------------------------------------------------------------------------- instruction (SDTM seed)
+SDTM_ROW = {
+    "instruction": "You are an SDTM annotation assistant. Select the SDTM domain for the CRF field.",
+    "input": "Field label: Adverse event term\nForm: Adverse Events",
+    "output": "Domain: AE",
+    "metadata": {"step": "domain_selection", "domain": "AE", "pattern": "direct",
+                 "field_label": "Adverse event term"},
+}
+
+
+def test_sdtm_rows_make_the_instruction_the_system_prompt_when_asked():
+    messages, meta = to_conversation(SDTM_ROW, data_config("instruction", instruction_role="system"))
+    assert messages == [
+        {"role": "system", "content": SDTM_ROW["instruction"]},
+        {"role": "user", "content": SDTM_ROW["input"]},
+        {"role": "assistant", "content": "Domain: AE"},
+    ]
+    assert meta["step"] == "domain_selection"
+    assert meta["domain"] == "AE"
+    assert meta["pattern"] == "direct"
+    assert meta["reference"] == "Domain: AE"
+
+
+def test_alpaca_rows_join_instruction_and_input_into_the_user_turn():
+    messages, _ = to_conversation(SDTM_ROW, data_config("instruction"))
+    assert messages == [
+        {"role": "user", "content": f"{SDTM_ROW['instruction']}\n\n{SDTM_ROW['input']}"},
+        {"role": "assistant", "content": "Domain: AE"},
+    ]
+
+
+def test_an_instruction_row_without_input_uses_the_instruction_alone():
+    row = {"instruction": "List three SDTM domains.", "input": "", "output": "AE, VS, CM"}
+    messages, _ = to_conversation(row, data_config("instruction"))
+    assert messages[0] == {"role": "user", "content": "List three SDTM domains."}
+
+
+def test_instruction_metadata_may_arrive_as_a_json_string():
+    row = {**SDTM_ROW, "metadata": json.dumps(SDTM_ROW["metadata"])}
+    _, meta = to_conversation(row, data_config("instruction", instruction_role="system"))
+    assert (meta["step"], meta["domain"], meta["pattern"]) == ("domain_selection", "AE", "direct")
+
+
+# --------------------------------------------------------------------------- qa (medical Q&A seed)
+def test_qa_rows_keep_their_category_for_evaluation():
+    row = {"question": "What are the side effects of ibuprofen?",
+           "answer": "Nausea, heartburn and, rarely, stomach bleeding.", "category": " Drug Information "}
+    messages, meta = to_conversation(row, data_config("qa", system_prompt="You are a helpful medical assistant."))
+    assert messages == [
+        {"role": "system", "content": "You are a helpful medical assistant."},
+        {"role": "user", "content": row["question"]},
+        {"role": "assistant", "content": row["answer"]},
+    ]
+    assert meta["category"] == "drug information"
+
+
+def test_qa_rows_without_category_have_none():
+    _, meta = to_conversation({"question": "Q?", "answer": "A."}, data_config("qa"))
+    assert "category" not in meta
+
+
+# --------------------------------------------------------------------------- reasoning (medical-o1 seed)
+REASONING_ROW = {
+    "question": "A 45-year-old presents with fever and productive cough. Most likely diagnosis?",
+    "complex_cot": "Fever plus productive cough suggests a lower respiratory infection.",
+    "response": "The most likely diagnosis is pneumonia. Recommend a chest X-ray.",
+}
+REASONING_ANSWER = (f"## Thinking\n\n{REASONING_ROW['complex_cot']}\n\n"
+                    f"## Final Response\n\n{REASONING_ROW['response']}")
+
+
+def test_reasoning_rows_become_thinking_then_final_response():
+    messages, meta = to_conversation(REASONING_ROW, data_config("reasoning"))
+    assert messages == [{"role": "user", "content": REASONING_ROW["question"]},
+                        {"role": "assistant", "content": REASONING_ANSWER}]
+    assert meta["final_response"] == REASONING_ROW["response"]
+
+
+def test_the_reasoning_template_is_configurable():
+    config = data_config("reasoning", reasoning_template="<think>{cot}</think>{response}")
+    messages, _ = to_conversation(REASONING_ROW, config)
+    assert messages[-1]["content"] == f"<think>{REASONING_ROW['complex_cot']}</think>{REASONING_ROW['response']}"
+
+
+@pytest.mark.parametrize("record", [
+    {"Question": REASONING_ROW["question"], "Complex_CoT": REASONING_ROW["complex_cot"],
+     "Response": REASONING_ROW["response"]},
+    {"QUESTION": REASONING_ROW["question"], "complex-cot": REASONING_ROW["complex_cot"],
+     "final_response": REASONING_ROW["response"]},
+    {"data": {"question": REASONING_ROW["question"], "complex_cot": REASONING_ROW["complex_cot"],
+              "response": REASONING_ROW["response"]}, "source": "medical-o1"},
+    {"prompt": REASONING_ROW["question"], "chain_of_thought": REASONING_ROW["complex_cot"],
+     "answer": REASONING_ROW["response"]},
+], ids=["capitalised", "punctuation", "nested", "aliases"])
+def test_renamed_capitalised_and_nested_fields_are_found(record: dict):
+    messages, _ = to_conversation(record, data_config("reasoning"))
+    assert messages == [{"role": "user", "content": REASONING_ROW["question"]},
+                        {"role": "assistant", "content": REASONING_ANSWER}]
+
+
+def test_an_explicit_column_mapping_follows_dotted_paths():
+    record = {"payload": {"Patient_Question": REASONING_ROW["question"],
+                          "steps": [REASONING_ROW["complex_cot"], "ignored second step"]},
+              "final": REASONING_ROW["response"], "question": "a decoy the mapping overrides"}
+    config = data_config("reasoning", columns={"question": "payload.patient_question",
+                                               "complex_cot": "payload.steps.0", "response": "final"})
+    messages, _ = to_conversation(record, config)
+    assert messages == [{"role": "user", "content": REASONING_ROW["question"]},
+                        {"role": "assistant", "content": REASONING_ANSWER}]
+
+
+def test_a_column_mapping_to_a_missing_path_rejects_the_row():
+    config = data_config("reasoning", columns={"question": "payload.nope"})
+    assert rejected({**REASONING_ROW, "payload": {}}, config) == "missing_field:question"
+
+
+# --------------------------------------------------------------------------- entities (Unsloth seed)
+def test_entity_rows_become_a_json_answer_of_their_entities():
+    row = {"text": "Prescribed metformin 500mg twice daily.",
+           "entities": [{"label": "Medication", "text": "metformin"}, {"label": "Dosage", "text": "500mg"},
+                        {"label": "Frequency", "text": "twice daily"}]}
+    messages, meta = to_conversation(row, data_config("entities", system_prompt=ENTITY_PROMPT))
+    assert messages == [
+        {"role": "system", "content": ENTITY_PROMPT},
+        {"role": "user", "content": row["text"]},
+        {"role": "assistant", "content": json.dumps({"entities": row["entities"]})},
+    ]
+    assert meta["entities"] == row["entities"]
+
+
+def test_repeated_entities_are_listed_once_when_unique_entities_is_on():
+    row = {"text": "The patient has diabetes mellitus; diabetes mellitus is poorly controlled.",
+           "entities": [{"label": "Disease", "text": "diabetes mellitus"},
+                        {"label": "Disease", "text": "diabetes mellitus"}]}
+    _, unique = to_conversation(row, data_config("entities"))
+    _, repeated = to_conversation(row, data_config("entities", unique_entities=False))
+    assert unique["entities"] == [{"label": "Disease", "text": "diabetes mellitus"}]
+    assert len(repeated["entities"]) == 2
+
+
+def test_an_entity_missing_from_the_text_rejects_the_row():
+    row = {"text": "The patient has diabetes mellitus.", "entities": [{"label": "Medication", "text": "metformin"}]}
+    assert rejected(row, data_config("entities")) == "entity_not_in_text"
+
+
+def test_entity_matching_ignores_case():
+    row = {"text": "Diabetes Mellitus, type 2.", "entities": [{"label": "Disease", "text": "diabetes mellitus"}]}
+    _, meta = to_conversation(row, data_config("entities"))
+    assert meta["entities"] == [{"label": "Disease", "text": "diabetes mellitus"}]
+
+
+@pytest.mark.parametrize("value", [
+    [{"label": "Disease", "text": "asthma"}],
+    '[{"label": "Disease", "text": "asthma"}]',
+    {"entities": [{"label": "Disease", "text": "asthma"}]},
+    [{"Type": "Disease", "Value": " asthma "}],
+    [["Disease", "asthma"]],
+], ids=["dicts", "json-string", "wrapped", "other-keys", "pairs"])
+def test_entity_lists_are_normalised_from_common_shapes(value):
+    assert normalize_entities(value, unique=True) == [{"label": "Disease", "text": "asthma"}]
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("not json", "wrong_type:entities"), (42, "wrong_type:entities"), (["asthma"], "wrong_type:entities"),
+    ([{"label": "Disease", "text": ""}], "bad_entity"), ([{"label": "", "text": "asthma"}], "bad_entity"),
+])
+def test_malformed_entity_lists_are_rejected(value, reason: str):
+    with pytest.raises(RowRejected) as caught:
+        normalize_entities(value, unique=True)
+    assert caught.value.reason == reason
+
+
+# --------------------------------------------------------------------------- chat
+def test_sharegpt_conversations_map_from_and_value_to_roles():
+    row = {"conversations": [
+        {"from": "human", "value": "I have a headache and fever."},
+        {"from": "gpt", "value": "How long have you had these symptoms?"},
+        {"from": "human", "value": "Two days."},
+        {"from": "gpt", "value": "Please see a doctor if the fever exceeds 39 C."},
+    ]}
+    messages, meta = to_conversation(row, data_config("chat", system_prompt="You are a careful triage nurse."))
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert messages[0]["content"] == "You are a careful triage nurse."
+    assert [m["content"] for m in messages[1:]] == [turn["value"] for turn in row["conversations"]]
+    assert meta["reference"] == "Please see a doctor if the fever exceeds 39 C."
+
+
+def test_openai_style_messages_pass_through():
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Dose of aspirin?"},
+                        {"role": "assistant", "content": "Ask your doctor."}]}
+    messages, _ = to_conversation(row, data_config("chat", system_prompt="Ignored: the row has its own."))
+    assert messages == row["messages"]
+
+
+@pytest.mark.parametrize(("turns", "reason"), [
+    ([{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}], "unknown_role"),
+    ([{"from": "human", "value": "Anyone there?"}], "no_assistant_turn"),
+    ([], "wrong_type:messages"),
+    ("not json", "wrong_type:messages"),
+    ([{"from": "human", "value": "  "}, {"from": "gpt", "value": "y"}], "empty_field:content"),
+])
+def test_unusable_conversations_are_rejected(turns, reason: str):
+    assert rejected({"conversations": turns}, data_config("chat")) == reason
+
+
+# --------------------------------------------------------------------------- text
+def test_text_rows_are_one_assistant_document():
+    messages, meta = to_conversation({"body": "Hypertension is a chronic condition."}, data_config("text"))
+    assert messages == [{"role": "assistant", "content": "Hypertension is a chronic condition."}]
+    assert meta == {}
+
+
+# --------------------------------------------------------------------------- audiences (Elara seed)
+AUDIENCES = AudienceConfig(prompts={
+    "doctor": "You are communicating with a medical professional, so use appropriate technical terminology.",
+    "patient": "You are communicating with a patient, so use patient-friendly language.",
+})
+
+
+def test_each_audience_gets_its_own_system_prompt():
+    row = {"question": "What is hypertension?", "answer": "High blood pressure.", "audience": "Doctor"}
+    config = data_config("qa", system_prompt="You are Elara, a professional medical AI assistant.", audience=AUDIENCES)
+    messages, meta = to_conversation(row, config)
+    assert messages[0] == {"role": "system", "content": "You are Elara, a professional medical AI assistant. "
+                                                        + AUDIENCES.prompts["doctor"]}
+    assert meta["audience"] == "doctor"
+
+
+def test_an_unknown_audience_is_rejected_without_a_default():
+    row = {"question": "What is hypertension?", "answer": "High blood pressure.", "audience": "lawyer"}
+    assert rejected(row, data_config("qa", audience=AUDIENCES)) == "unknown_audience"
+    assert rejected({k: v for k, v in row.items() if k != "audience"}, data_config("qa", audience=AUDIENCES)) \
+        == "unknown_audience"
+
+
+def test_an_unknown_or_missing_audience_falls_back_to_the_default():
+    config = data_config("qa", audience=AudienceConfig(prompts=AUDIENCES.prompts, default="patient"))
+    for row in ({"question": "Q?", "answer": "A.", "audience": "lawyer"}, {"question": "Q?", "answer": "A."}):
+        messages, meta = to_conversation(row, config)
+        assert messages[0] == {"role": "system", "content": AUDIENCES.prompts["patient"]}
+        assert meta["audience"] == "patient"
+
+
+# --------------------------------------------------------------------------- bad rows
+@pytest.mark.parametrize(("fmt", "record", "reason"), [
+    ("qa", {"answer": "A."}, "missing_field:question"),
+    ("qa", {"question": "Q?", "answer": None}, "missing_field:answer"),
+    ("qa", {"question": ["Q?"], "answer": "A."}, "wrong_type:question"),
+    ("qa", {"question": {"text": "Q?"}, "answer": "A."}, "wrong_type:question"),
+    ("qa", {"question": "Q?", "answer": "   "}, "empty_field:answer"),
+    ("reasoning", {"question": "Q?", "response": "R."}, "missing_field:complex_cot"),
+    ("reasoning", {"question": "Q?", "complex_cot": "", "response": "R."}, "empty_field:complex_cot"),
+    ("instruction", {"instruction": "Do X.", "input": "in"}, "missing_field:output"),
+    ("instruction", {"instruction": "Do X.", "input": ["a"], "output": "Done."}, "wrong_type:input"),
+    ("entities", {"entities": []}, "missing_field:text"),
+    ("entities", {"text": "", "entities": []}, "empty_field:text"),
+    ("text", {"text": True}, "wrong_type:text"),
+    ("qa", ["Q?", "A."], "not_an_object"),
+])
+def test_bad_rows_are_rejected_with_a_reason(fmt: str, record, reason: str):
+    assert rejected(record, data_config(fmt)) == reason
+
+
+def test_numbers_are_accepted_as_text():
+    messages, _ = to_conversation({"question": "Normal adult heart rate, bpm?", "answer": 72}, data_config("qa"))
+    assert messages[-1]["content"] == "72"
+
+
+# --------------------------------------------------------------------------- masking
+CONVERSATION = [
+    {"role": "system", "content": "You are a medical entity extractor."},
+    {"role": "user", "content": "The patient has diabetes mellitus."},
+    {"role": "assistant", "content": '{"entities": [{"label": "Disease", "text": "diabetes mellitus"}]}'},
+    {"role": "user", "content": "Prescribed metformin 500mg twice daily."},
+    {"role": "assistant", "content": '{"entities": [{"label": "Medication", "text": "metformin"}]}'},
+]
+ASSISTANT_TEXTS = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+PROMPT_TEXTS = [m["content"] for m in CONVERSATION if m["role"] != "assistant"]
+
+
+@pytest.fixture(scope="module", params=sorted(TEMPLATES))
+def family(request: pytest.FixtureRequest, tiny_tokenizers: dict[str, Path]):
+    """(template name, tokenizer) for each chat template family."""
+    return request.param, AutoTokenizer.from_pretrained(tiny_tokenizers[request.param])
+
+
+def labelled_runs(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
+    """Decoded text of each maximal run of tokens that carry a label."""
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == token  # a label is the token itself (shifted by the model)
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+def test_only_assistant_turns_and_their_end_of_turn_marker_carry_labels(family):
+    template, tokenizer = family
+    ids, labels = tokenize_conversation(tokenizer, CONVERSATION, max_seq_len=4096, truncation="reject",
+                                        train_on_inputs=False)
+    eot = TEMPLATES[template].eos
+    runs = labelled_runs(tokenizer, ids, labels)
+    # One run per assistant turn: exactly its content and the end-of-turn token (whitespace
+    # a template puts around them, such as ChatML's trailing newline, is the only extra).
+    assert [run.strip() for run in runs] == [text + eot for text in ASSISTANT_TEXTS]
+    learned = "".join(runs)
+    for prompt_text in PROMPT_TEXTS:
+        assert prompt_text not in learned
+    # And nothing of the conversation is lost: the full sequence holds every turn.
+    full = tokenizer.decode(ids)
+    for message in CONVERSATION:
+        assert message["content"] in full
+
+
+def test_train_on_inputs_labels_every_token(family):
+    _, tokenizer = family
+    ids, labels = tokenize_conversation(tokenizer, CONVERSATION, max_seq_len=4096, truncation="reject",
+                                        train_on_inputs=True)
+    assert labels == ids
+
+
+def test_a_template_error_rejects_the_row(tiny_tokenizers: dict[str, Path]):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizers["mistral"])
+    # Mistral's template has no system role after the first message.
+    messages = [CONVERSATION[1], CONVERSATION[0], CONVERSATION[2]]
+    with pytest.raises(RowRejected) as caught:
+        tokenize_conversation(tokenizer, messages, max_seq_len=4096, truncation="reject", train_on_inputs=False)
+    assert caught.value.reason.startswith("template_error:")
+
+
+def test_raw_text_is_all_target_and_ends_with_eos(tiny_llama_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    text = "Hypertension is a chronic condition of raised blood pressure."
+    ids, labels = tokenize_conversation(tokenizer, [{"role": "assistant", "content": text}], max_seq_len=4096,
+                                        truncation="reject", train_on_inputs=False)
+    assert labels == ids
+    assert ids[-1] == tokenizer.eos_token_id
+    assert text in tokenizer.decode(ids)
+
+
+# --------------------------------------------------------------------------- truncation
+LONG_ANSWER = [{"role": "user", "content": "Summarise the note."},
+               {"role": "assistant", "content": "The patient has diabetes mellitus and hypertension. " * 8}]
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(tiny_llama_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def test_an_overlong_conversation_is_rejected_by_default(llama_tokenizer):
+    full_ids, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
+                                        train_on_inputs=False)
+    with pytest.raises(RowRejected) as caught:
+        tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=len(full_ids) - 1, truncation="reject",
+                              train_on_inputs=False)
+    assert caught.value.reason == "too_long_tokens"
+    exact, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=len(full_ids), truncation="reject",
+                                     train_on_inputs=False)
+    assert exact == full_ids  # exactly max_seq_len tokens still fits
+
+
+def test_truncation_keeps_the_first_max_seq_len_tokens_and_their_labels(llama_tokenizer):
+    full_ids, full_labels = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096,
+                                                  truncation="reject", train_on_inputs=False)
+    limit = len(full_ids) - 10
+    ids, labels = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=limit, truncation="truncate",
+                                        train_on_inputs=False)
+    assert (ids, labels) == (full_ids[:limit], full_labels[:limit])
+    assert any(label != IGNORE_INDEX for label in labels)
+
+
+def test_truncation_that_cuts_every_target_token_rejects_the_row(llama_tokenizer):
+    _, full_labels = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
+                                           train_on_inputs=False)
+    prompt_length = next(i for i, label in enumerate(full_labels) if label != IGNORE_INDEX)
+    with pytest.raises(RowRejected) as caught:
+        tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=prompt_length, truncation="truncate",
+                              train_on_inputs=False)
+    assert caught.value.reason == "no_target_tokens_after_truncation"
+
+
+# --------------------------------------------------------------------------- packing
+def make_documents(lengths: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Documents whose tokens say which document they belong to (doc i holds 1000*i + position)."""
+    docs = []
+    for doc, length in enumerate(lengths):
+        ids = [1000 * doc + position for position in range(length)]
+        labels = [IGNORE_INDEX if position < 2 else token for position, token in enumerate(ids)]
+        docs.append((ids, labels))
+    return docs
+
+
+def split_row(row: dict) -> list[tuple[list[int], list[int]]]:
+    pieces, start = [], 0
+    for length in row["seq_lens"].tolist():
+        pieces.append((row["input_ids"][start:start + length].tolist(), row["labels"][start:start + length].tolist()))
+        start += length
+    return pieces
+
+
+@pytest.mark.parametrize("lengths", [[5, 9, 3, 7, 2, 8, 12, 1, 6], [12], [1] * 30, [11, 11, 11]])
+def test_packing_keeps_every_document_whole_and_apart(lengths: list[int]):
+    max_seq_len = 12
+    docs = make_documents(lengths)
+    rows = pack_documents(docs, max_seq_len)
+
+    unpacked = []
+    for row in rows:
+        length = len(row["input_ids"])
+        assert length <= max_seq_len
+        assert len(row["labels"]) == len(row["position_ids"]) == length
+        assert int(row["seq_lens"].sum()) == length
+        starts = set(accumulate([0, *row["seq_lens"].tolist()[:-1]]))
+        for position, value in enumerate(row["position_ids"].tolist()):
+            # Position ids restart at 0 exactly where a document starts, and count up inside it.
+            assert (value == 0) == (position in starts)
+        pieces = split_row(row)
+        assert all(ids[0] % 1000 == 0 for ids, _ in pieces)  # each piece starts at its document's start
+        unpacked.extend(pieces)
+    # Every document appears exactly once, unchanged, labels included.
+    assert sorted(unpacked) == sorted(docs)
+    # Little padding: no two rows could have been packed into one.
+    sizes = [len(row["input_ids"]) for row in rows]
+    assert all(a + b > max_seq_len for i, a in enumerate(sizes) for b in sizes[i + 1:])
+
+
+def test_packing_restarts_positions_within_each_document():
+    rows = pack_documents(make_documents([3, 4]), max_seq_len=12)
+    assert len(rows) == 1
+    assert rows[0]["position_ids"].tolist() == [0, 1, 2, 0, 1, 2, 3]
+    assert rows[0]["seq_lens"].tolist() == [3, 4]
+
+
+def test_an_unpacked_row_is_one_document():
+    row = unpacked_row([7, 8, 9], [IGNORE_INDEX, 8, 9])
+    assert row["position_ids"].tolist() == [0, 1, 2]
+    assert row["seq_lens"].tolist() == [3]
+    assert row["labels"].tolist() == [IGNORE_INDEX, 8, 9]
