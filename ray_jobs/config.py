@@ -430,7 +430,7 @@ def _describe_error(error: dict[str, Any]) -> list[str]:
     if kind == "missing":
         return [f"{path}: required key is missing"]
     message = str(error["msg"]).removeprefix("Value error, ")
-    if "\n" in message:  # cross-field problems: each line already names its key
+    if "\n" in message or not path:  # cross-field problems: each line already names its key
         return message.splitlines()
     shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
     prefix = f"{path}: " if path else ""

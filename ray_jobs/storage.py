@@ -21,6 +21,7 @@ import os
 import posixpath
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,10 @@ class Storage:
 
     def mark_complete(self, rel: str, info: dict[str, Any] | None = None) -> None:
         """Write the completion marker of tree `rel`. Call it after every other file."""
-        payload = {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
+        # The nonce makes every completion distinct, so caches keyed on the marker refresh
+        # even when a tree is replaced twice within one second.
+        payload = {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "nonce": uuid.uuid4().hex, **(info or {})}
         self.write_json(posixpath.join(rel, COMPLETE_MARKER), payload)
 
     # ---------------------------------------------------------------- trees

@@ -157,9 +157,6 @@ def test_several_cross_field_problems_are_reported_together():
     assert sorted(p.split(":")[0] for p in problems) == ["eval.metrics", "model.quantization", "train.deepspeed"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: config.py _describe_error appends ' (got dict)' to a single cross-field problem "
-    "(it only splits multi-line messages), so the line shows a meaningless value"))
 def test_a_single_cross_field_problem_is_reported_without_a_bogus_value():
     (problem,) = problems_of(recipe_with(model={"quantization": "4bit"}, train={"method": "full"}))
     assert not problem.endswith("(got dict)")

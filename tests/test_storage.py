@@ -110,10 +110,6 @@ def test_an_s3_local_view_is_refreshed_when_the_tree_is_replaced(s3_bucket: str,
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: storage.py mark_complete writes only a second-resolution `completed_at` plus `info`, so "
-    "two uploads of one tree within the same second (same info) leave identical markers and "
-    "Storage.local_view serves the stale cached copy"))
 def test_an_s3_local_view_is_refreshed_even_within_the_same_second(s3_bucket: str, tmp_path: Path, monkeypatch):
     frozen = time.gmtime()
     monkeypatch.setattr(storage_module.time, "gmtime", lambda *args: frozen)  # both uploads in one second
