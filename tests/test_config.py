@@ -162,6 +162,30 @@ def test_a_single_cross_field_problem_is_reported_without_a_bogus_value():
     assert not problem.endswith("(got dict)")
 
 
+def test_unservable_lora_modules_are_refused_unless_explicitly_allowed():
+    (problem,) = problems_of(recipe_with(lora={"modules_to_save": ["lm_head"]}))
+    assert problem.startswith("lora: modules_to_save ['lm_head'] cannot be served by vLLM")
+    assert "lora.allow_unservable_modules: true" in problem
+    recipe = parse_recipe(recipe_with(lora={"modules_to_save": ["lm_head"], "allow_unservable_modules": True}))
+    assert recipe.lora.modules_to_save == ["lm_head"]
+
+
+def test_serve_replica_bounds_are_checked():
+    (problem,) = problems_of(recipe_with(serve={"min_replicas": 3, "max_replicas": 1}))
+    assert problem.startswith("serve: min_replicas (3) exceeds max_replicas (1)")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: config.py _describe_error appends ' (got dict)' to problems raised by a section's own "
+    "model validator (LoraConfig._servable, ServeConfig._replica_bounds): the value shown is the "
+    "whole section, not the bad value"))
+@pytest.mark.parametrize("section", [{"lora": {"modules_to_save": ["lm_head"]}},
+                                     {"serve": {"min_replicas": 3, "max_replicas": 1}}], ids=["lora", "serve"])
+def test_a_section_rule_is_reported_without_a_bogus_value(section: dict):
+    (problem,) = problems_of(recipe_with(**section))
+    assert not problem.endswith("(got dict)")
+
+
 def test_a_valid_combination_passes_the_cross_checks():
     recipe = parse_recipe(recipe_with(model={"quantization": "4bit"}, train={"deepspeed": "zero3"},
                                       data={"format": "entities"}, eval={"metrics": ["entities"]}))

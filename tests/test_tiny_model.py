@@ -64,7 +64,9 @@ def test_generation_stops_at_the_family_end_of_turn_tokens(model_dir: Path):
     template = json.loads((model_dir / "medtune_tiny.json").read_text())["template"]
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in TEMPLATES[template].stop_tokens]
     assert model.generation_config.eos_token_id == stop_ids
-    assert model.generation_config.pad_token_id == tokenizer.pad_token_id != tokenizer.unk_token_id
+    # A dedicated pad token, never an end-of-turn token, so padding cannot read as "stop".
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert tokenizer.pad_token_id not in stop_ids
 
 
 def test_the_tokenizer_round_trips_clinical_text_without_unknown_tokens(tiny_llama_dir: Path):
