@@ -100,6 +100,10 @@ class Storage:
     def is_complete(self, rel: str) -> bool:
         return self.exists(posixpath.join(rel, COMPLETE_MARKER))
 
+    def complete_versions(self, rel: str) -> list[str]:
+        """Sorted names of the children of `rel` that are complete trees (e.g. adapter versions)."""
+        return sorted(v for v in self.listdir(rel) if self.is_complete(posixpath.join(rel, v)))
+
     def read_marker(self, rel: str) -> dict[str, Any]:
         return json.loads(self.read_text(posixpath.join(rel, COMPLETE_MARKER)))
 

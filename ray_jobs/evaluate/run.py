@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ class EvaluateError(RuntimeError):
 def resolve_adapter(storage: Storage, spec: str) -> tuple[str, str]:
     """`name` or `name@version` -> (name, version) of a complete adapter, or EvaluateError."""
     name, _, version = spec.partition("@")
-    versions = sorted(v for v in storage.listdir(adapter_prefix(name)) if storage.is_complete(adapter_prefix(name, v)))
+    versions = storage.complete_versions(adapter_prefix(name))
     if not versions:
         existing = [n for n in storage.listdir("adapters")]
         raise EvaluateError(f"adapter {name!r} not found under {storage.uri('adapters')}; existing: {existing or 'none'}")

@@ -157,8 +157,7 @@ class MedtuneServer:
             raise APIError(401, "missing or invalid API key", "authentication_error", "invalid_api_key")
 
     def _versions(self, name: str) -> list[str]:
-        return sorted(v for v in self.storage.listdir(adapter_prefix(name))
-                      if self.storage.is_complete(adapter_prefix(name, v)))
+        return self.storage.complete_versions(adapter_prefix(name))
 
     def _adapter_key(self, model: str) -> str | None:
         """Resolve the request's `model` to a loaded adapter key (None: the base model)."""
@@ -281,10 +280,11 @@ class MedtuneServer:
         for name in self.storage.listdir("adapters"):
             if not NAME_RE.match(name):
                 continue
-            for version in self._versions(name):
+            versions = self._versions(name)
+            for version in versions:
                 data.append({"id": f"{name}@{version}", "object": "model", "owned_by": "medtune",
                              "root": self.base_name, "parent": self.base_name})
-            if self._versions(name):
+            if versions:
                 data.append({"id": name, "object": "model", "owned_by": "medtune", "root": self.base_name,
                              "parent": self.base_name})
         return {"object": "list", "data": data}
