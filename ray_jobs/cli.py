@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": "Ray Serve: OpenAI-compatible API over the base model and its adapters",
         "tiny-model": "build a tiny offline model with a chat template",
         "quickstart": "the whole pipeline on CPU with a tiny model, end to end",
+        "submit": "run training on a Ray cluster (ray job submit) or as a KubeRay RayJob",
     }
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, commands))
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_schema(rest)
     if command in ("preprocess", "train", "evaluate", "serve"):
         return run_stage(command, rest)
+    if command == "submit":
+        from ray_jobs.submit import main as submit_main
+
+        return submit_main(rest)
     if command == "tiny-model":
         from ray_jobs.tiny_model import main as tiny_main
 

@@ -101,13 +101,25 @@ class CleanConfig(Section):
     max_chars: PositiveInt = 200_000
     """Reject giant rows before tokenising them."""
     min_tokens: NonNegativeInt = 0
-    """Reject a conversation with fewer tokens than this."""
+    """Reject a conversation with fewer tokens than this (`too_few_tokens`), counted with
+    the chat template applied."""
+    max_tokens: PositiveInt | None = None
+    """Reject a conversation with more tokens than this (`too_many_tokens`), before any
+    truncation: with `data.truncation: truncate`, rows up to max_tokens are cut to
+    `data.max_seq_len` and longer ones (usually junk: tables, logs) are quarantined.
+    Empty: no limit beyond max_seq_len."""
     dedupe: bool = True
     """Drop exact duplicates (after cleaning) across all input files."""
     near_dedupe: bool = False
-    """Drop near duplicates (MinHash LSH over word shingles) across all input files."""
+    """Drop near duplicates (MinHash LSH over character 5-grams) across all input files."""
     near_dedupe_threshold: Fraction = 0.85
     """Jaccard similarity above which two rows count as near duplicates."""
+
+    @model_validator(mode="after")
+    def _token_bounds(self) -> CleanConfig:
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            raise ValueError(f"max_tokens ({self.max_tokens}) is below min_tokens ({self.min_tokens})")
+        return self
 
 
 PHI_TYPES = ("email", "phone", "ssn", "mrn", "date", "url", "ip")
@@ -262,11 +274,18 @@ class TrainConfig(Section):
     """Ray Train workers (one per GPU when gpus_per_worker is 1)."""
     gpus_per_worker: NonNegativeInt = 0
     """0 trains on CPU (tests, quickstart)."""
-    cpus_per_worker: PositiveInt = 1
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1
+    """CPUs reserved per worker (fractions allowed). Leave at least one CPU of the cluster
+    free: Ray Data needs it to read and feed the shards."""
     deepspeed: Literal["none", "zero2", "zero3"] | str = "none"
     """none (DDP), zero2, zero3 (built-in configs in configs/deepspeed/) or a JSON path."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    gradient_checkpointing: bool | Literal["auto"] = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute. `auto`
+    measures one full-size step on the GPU first and turns it on only when memory is short
+    (always on under DeepSpeed, off on CPU)."""
+    liger_kernels: bool = False
+    """Fused Triton kernels from Liger on GPU (RMSNorm, RoPE, SwiGLU, and a fused linear
+    cross-entropy that never materialises the logits). Ignored on CPU."""
     checkpoint_every: PositiveInt = 200
     """Optimizer steps between checkpoints (one is always written at the end)."""
     keep_checkpoints: PositiveInt = 2
@@ -339,11 +358,25 @@ class ServeConfig(Section):
     target_ongoing_requests: PositiveInt = 16
     max_ongoing_requests: PositiveInt = 64
     max_queued_requests: PositiveInt = 256
-    """Requests waiting beyond this get 503 with Retry-After."""
-    request_timeout_s: PositiveInt = 120
+    """Requests waiting for a replica beyond this get 503 with Retry-After (Serve's backpressure)."""
+    retry_after_s: PositiveInt = 1
+    """Seconds a client is told to wait (Retry-After) after a 503 for a full queue."""
+    request_timeout_s: Annotated[float, Field(gt=0)] = 120
+    """Seconds a request may wait and generate; beyond it the answer is a 504 JSON error and the
+    generation stops (a stream ends with an error event)."""
     max_batch_size: PositiveInt = 16
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
+    batching: Literal["mixed", "per_adapter"] = "mixed"
+    """mixed: one generate call for a batch whatever its adapters (PEFT adapter_names);
+    per_adapter: one call per adapter, as Serve's multiplexing would split it (for comparison)."""
     gpus_per_replica: Annotated[float, Field(ge=0)] = 0
+    cpus_per_replica: Annotated[float, Field(ge=0)] = 1
+    """Ray CPUs reserved per replica (the HTTP handling and, without a GPU, the model itself)."""
+    served_model_name: str | None = None
+    """Name clients use for the base model in `model`; empty: model.base."""
+    adapter_refresh_s: Annotated[float, Field(ge=0)] = 5.0
+    """How long a replica trusts its list of an adapter's versions before re-reading storage:
+    the delay before a newly published version answers requests for the bare name."""
     api_keys_file: str | None = None
     """File with one accepted API key per line (a mounted Kubernetes secret); empty: no auth."""
     log_prompts: bool = False

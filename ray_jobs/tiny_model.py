@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 """Bump when the tiny model changes, so cached copies in storage are rebuilt."""
 
 
@@ -116,6 +116,14 @@ Call emergency services now if you have severe chest pain. I cannot provide a di
 """
 
 
+def _synthetic_vocabulary() -> list[str]:
+    """The synthetic entity values, so each becomes a whole token or two: the quickstart and
+    the learnability test then teach copying spans, not spelling them byte by byte."""
+    from ray_jobs.synthetic import POOLS
+
+    return [" ".join(pool) for pool in POOLS.values()] * 8
+
+
 def train_tokenizer(template: str = "llama3", vocab_size: int = 2048, extra_corpus: list[str] | None = None):
     """A byte-level BPE `PreTrainedTokenizerFast` carrying the chat template of `template`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -130,7 +138,7 @@ def train_tokenizer(template: str = "llama3", vocab_size: int = 2048, extra_corp
         vocab_size=vocab_size, special_tokens=specials, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    corpus = _CORPUS.splitlines() * 4 + list(extra_corpus or [])
+    corpus = _CORPUS.splitlines() * 4 + _synthetic_vocabulary() + list(extra_corpus or [])
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -131,7 +131,8 @@ def ray_cluster(s3_server: str) -> Iterator[None]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # A bounded object store: CI has 24 GiB and several test processes may share it.
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1_500_000_000)
     try:
         yield
     finally:

@@ -10,7 +10,10 @@ checked as core `PodTemplate` objects. Unit tier: no cluster, no network, a few 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
+import posixpath
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,7 +23,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from helm_python import _native
+from ray import serve
 
+import ray_jobs.serve
 from ray_jobs.config import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +34,17 @@ PROFILES = sorted((CHART / "profiles").glob("*.yaml"))
 K8S_VERSION = "1.34.0"
 RELEASE, NAMESPACE = "medtune", "ml"
 OFFLINE = {"kuberay": {"skipCrdCheck": True}}
+# The chart has no default recipe (Helm would merge its keys into yours); cases without one
+# get this, replacing the key as a whole.
+EXAMPLE_RECIPE: dict[str, Any] = {
+    "name": "medical-qa",
+    "model": {"base": "meta-llama/Llama-3.1-8B-Instruct", "quantization": "4bit"},
+    "data": {"format": "qa", "train": ["s3://medtune-data/qa/train.jsonl"], "max_seq_len": 2048},
+    "lora": {"r": 16, "alpha": 32, "targets": "all-linear"},
+    "train": {"epochs": 1, "workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 4, "gradient_checkpointing": True},
+    "storage": {"root": "s3://medtune-artifacts/medtune"},
+    "serve": {"adapters": ["medical-qa"], "host": "0.0.0.0", "port": 8000, "gpus_per_replica": 1},
+}
 
 # Everything optional switched on at once, so every template branch renders somewhere.
 EVERYTHING_ON: dict[str, Any] = {
@@ -47,6 +63,19 @@ EVERYTHING_ON: dict[str, Any] = {
         "ingress": {"enabled": True, "className": "nginx", "tls": [{"hosts": ["medtune.example.com"], "secretName": "tls"}]},
     },
     "networkPolicy": {"dashboardFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}}]},
+    # Every per-group knob, so the values -> pod template test sees each one rendered.
+    "head": {"nodeSelector": {"pool": "system"}, "priorityClassName": "medtune-head", "env": [{"name": "HEAD_ONLY", "value": "1"}],
+             "annotations": {"example.com/head": "yes"}, "rayStartParams": {"object-store-memory": "1000000000"}},
+    "workerGroups": [
+        {"name": "cpu", "replicas": 1, "minReplicas": 0, "maxReplicas": 2, "resources": {"cpu": "4", "memory": "16Gi", "ephemeralStorage": "50Gi"},
+         "nodeSelector": {"pool": "cpu"}, "env": [{"name": "GROUP_ONLY", "value": "cpu"}], "rayStartParams": {"num-cpus": "3"}},
+        {"name": "gpu", "replicas": 0, "minReplicas": 0, "maxReplicas": 2, "resources": {"cpu": "16", "memory": "128Gi", "gpu": 2},
+         "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+         "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+             {"weight": 1, "preference": {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1a"]}]}}]}},
+         "priorityClassName": "medtune-gpu", "annotations": {"example.com/gpu": "yes"}},
+    ],
 }
 
 
@@ -67,7 +96,12 @@ def chart() -> Iterator[helm.Chart]:
         yield loaded
 
 
+def with_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    return {"recipe": EXAMPLE_RECIPE, **values}
+
+
 def render(chart: helm.Chart, values: dict[str, Any], offline: bool = True) -> dict[str, str]:
+    values = with_recipe(values)
     return chart.render(_merge(values, OFFLINE) if offline else values, name=RELEASE, namespace=NAMESPACE)
 
 
@@ -126,7 +160,7 @@ def case(request: pytest.FixtureRequest, chart: helm.Chart) -> tuple[str, dict[s
 # --------------------------------------------------------------------------- lint, validity
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_lint_is_clean(name: str) -> None:
-    report = helm.lint(CHART, _merge(CASES[name], OFFLINE), strict=True, kube_version=f"v{K8S_VERSION}")
+    report = helm.lint(CHART, _merge(with_recipe(CASES[name]), OFFLINE), strict=True, kube_version=f"v{K8S_VERSION}")
     assert report["errors"] == [], report
     assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
     assert report["total_charts_linted"] == 1
@@ -190,7 +224,7 @@ def _render_with_api_versions(chart: helm.Chart, values: dict[str, Any], api_ver
     # Chart.render has no api_versions keyword in helm-python-sdk 0.2.2, but the native
     # helm_render options accept them (helm template --api-versions).
     options = {"name": RELEASE, "namespace": NAMESPACE, "api_versions": api_versions}
-    return json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(options)))
+    return json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(with_recipe(values)), json.dumps(options)))
 
 
 def test_crd_check_passes_when_the_cluster_has_the_crds(chart: helm.Chart) -> None:
@@ -216,6 +250,26 @@ BAD_VALUES = [
     ({"rayAuth": {"mode": "password"}}, "/rayAuth/mode"),
     ({"s3": {"accessKey": "AKIA..."}}, "additional properties 'accessKey' not allowed"),
     ({"head": {"resources": {"cpu": "4", "memory": "lots"}}}, "/head/resources/memory"),
+    ({"containerSecurityContext": {"allowPrivilegeEscalation": True}}, "/containerSecurityContext/allowPrivilegeEscalation"),
+    ({"containerSecurityContext": {"capabilities": {"drop": ["NET_RAW"]}}}, "/containerSecurityContext/capabilities/drop"),
+    ({"containerSecurityContext": {"capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}}}, "additional properties 'add' not allowed"),
+    ({"containerSecurityContext": {"privileged": True}}, "/containerSecurityContext/privileged"),
+    ({"podSecurityContext": {"runAsUser": 0}}, "/podSecurityContext/runAsUser"),
+    ({"autoscaling": {"idleTimeoutSeconds": -1}}, "/autoscaling/idleTimeoutSeconds"),
+    ({"autoscaling": {"upscalingMode": "Eager"}}, "/autoscaling/upscalingMode"),
+    ({"trainJob": {"activeDeadlineSeconds": 0}}, "/trainJob/activeDeadlineSeconds"),
+    ({"trainJob": {"backoffLimit": -1}}, "/trainJob/backoffLimit"),
+    ({"trainJob": {"shutdownAfterJobFinishes": "yes"}}, "/trainJob/shutdownAfterJobFinishes"),
+    ({"serving": {"serve": {"importPath": "ray_jobs/serve.py"}}}, "/serving/serve/importPath"),
+    ({"serving": {"serve": {"port": 70000}}}, "/serving/serve/port"),
+    ({"s3": {"existingSecret": "My_Secret"}}, "/s3/existingSecret"),
+    ({"s3": {"endpoint": "minio:9000"}}, "/s3/endpoint"),
+    ({"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 123}}}, "/serviceAccount/annotations/eks.amazonaws.com~1role-arn"),
+    ({"head": {"serviceType": "Ingress"}}, "/head/serviceType"),
+    ({"recipe": {"name": "Bad Name", "model": {"base": "x"}, "data": {"format": "qa", "train": ["a"]}}}, "/recipe/name"),
+    ({"recipe": {"name": "half-a-recipe", "model": {"base": "x"}}}, "/recipe"),
+    ({"fullnameOverride": "x" * 41}, "/fullnameOverride"),
+    ({"workerGroups": [{"name": "GPU_group", "replicas": 0, "minReplicas": 0, "maxReplicas": 1, "resources": {"cpu": "1", "memory": "1Gi"}}]}, "/workerGroups/0/name"),
 ]
 
 
@@ -228,15 +282,26 @@ def test_schema_rejects_bad_values_through_helm(chart: helm.Chart, values: dict[
     # And the same schema, read by an independent draft-07 validator, agrees.
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
-    assert list(jsonschema.Draft7Validator(schema).iter_errors(chart.merge_values(_merge(values, OFFLINE))))
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(chart.merge_values(_merge(with_recipe(values), OFFLINE))))
 
 
 def test_schema_accepts_defaults_and_every_profile(chart: helm.Chart) -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     for name, values in CASES.items():
-        chart.validate_schema(chart.merge_values(values))
-        errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(chart.merge_values(values))]
+        chart.validate_schema(chart.merge_values(with_recipe(values)))
+        errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(chart.merge_values(with_recipe(values)))]
         assert errors == [], name
+
+
+def test_recipe_is_required_and_never_merged_with_a_default(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError, match="values.recipe is empty"):
+        chart.render(_merge({"recipe": {}}, OFFLINE), name=RELEASE, namespace=NAMESPACE)
+    # Each profile's recipe reaches the ConfigMap exactly: no key inherited from anywhere
+    # (a merged-in default `quantization: 4bit` once turned the CPU profile into QLoRA).
+    for path in PROFILES:
+        values = yaml.safe_load(path.read_text())
+        (config_map,) = by_kind(objects(render(chart, values)), "ConfigMap")
+        assert yaml.safe_load(config_map["data"]["recipe.yaml"]) == values["recipe"], path.name
 
 
 def test_template_checks_fail_with_clear_messages(chart: helm.Chart) -> None:
@@ -400,8 +465,7 @@ def test_serve_config_builds_the_medtune_app(chart: helm.Chart) -> None:
     assert app["args"] == {"recipe": "/etc/medtune/recipe.yaml"}
     assert app["route_prefix"] == "/"
     assert serve_config["http_options"] == {"host": "0.0.0.0", "port": 8000}
-    # The import path must name a module of this repository (not imported here).
-    assert (REPO / "ray_jobs" / "serve").is_dir() or (REPO / "ray_jobs" / "serve.py").is_file()
+    # test_serve_config_imports_the_real_app imports and calls it on every case.
 
 
 def test_ray_auth_modes(chart: helm.Chart) -> None:
@@ -485,3 +549,267 @@ def test_notes_explain_how_to_reach_the_cluster(chart: helm.Chart) -> None:
     assert "export RAY_AUTH_MODE=token" in notes
     assert "port-forward svc/medtune-serve-serve-svc 8000:8000" in notes
     assert "from openai import OpenAI" in notes
+
+
+# --------------------------------------------------------------------------- values -> every rendered object
+# The tests below run on every case (defaults, everything-on, each profile) and derive what
+# they expect from the merged values, so a new profile is checked without new test code.
+Case = tuple[str, dict[str, Any], list[dict[str, Any]]]
+QUANTITY_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "Ki": 2**10, "M": 1e6, "Mi": 2**20, "G": 1e9, "Gi": 2**30, "T": 1e12, "Ti": 2**40}
+
+
+def quantity(text: str | int | float) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text)).groups()  # type: ignore[union-attr]
+    return float(number) * QUANTITY_UNITS[unit]
+
+
+def merged_values(chart: helm.Chart, values: dict[str, Any]) -> dict[str, Any]:
+    return chart.merge_values(_merge(with_recipe(values), OFFLINE))
+
+
+def groups_for(obj: dict[str, Any], v: dict[str, Any]) -> list[dict[str, Any]]:
+    """The worker-group values the chart should have used for this Ray object's cluster."""
+    own = {"RayCluster": [], "RayJob": v["trainJob"].get("workerGroups") or [], "RayService": v["serving"].get("workerGroups") or []}
+    return own[obj["kind"]] or v["workerGroups"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def expected_resources(resources: dict[str, Any]) -> dict[str, str]:
+    out = {"cpu": str(resources["cpu"]), "memory": str(resources["memory"])}
+    if resources.get("gpu"):
+        out["nvidia.com/gpu"] = str(resources["gpu"])
+    if resources.get("ephemeralStorage"):
+        out["ephemeral-storage"] = str(resources["ephemeralStorage"])
+    return out
+
+
+def assert_scheduling(where: str, spec: dict[str, Any], group: dict[str, Any]) -> None:
+    for key in ("nodeSelector", "tolerations", "affinity"):
+        assert spec.get(key) == (group.get(key) or None), f"{where}: {key}"
+    assert spec.get("priorityClassName") == (group.get("priorityClassName") or None), f"{where}: priorityClassName"
+
+
+def test_values_reach_every_pod_template(chart: helm.Chart, case: Case) -> None:
+    """Head and worker groups: replicas, requests == limits, scheduling knobs, env, annotations."""
+    _, values, objs = case
+    v = merged_values(chart, values)
+    for obj in (o for o in objs if o["apiVersion"] == "ray.io/v1"):
+        for spec in cluster_specs(obj):
+            where = f"{obj['kind']}/{obj['metadata']['name']}"
+            head = spec["headGroupSpec"]
+            head_spec = head["template"]["spec"]
+            (head_container,) = head_spec["containers"]
+            assert head_container["resources"] == {"requests": expected_resources(v["head"]["resources"]),
+                                                   "limits": expected_resources(v["head"]["resources"])}, where
+            # The head holds GCS, the dashboard and the job drivers: never a token-sized pod.
+            assert quantity(head_container["resources"]["limits"]["memory"]) >= 4 * 2**30, f"{where}: head memory"
+            assert "nvidia.com/gpu" not in head_container["resources"]["limits"], where
+            # Kept off GPU nodes: it never tolerates their taint (and by default a required
+            # node affinity also excludes nodes labelled nvidia.com/gpu.present).
+            assert not any(t.get("key") == "nvidia.com/gpu" for t in head_spec.get("tolerations", [])), where
+            assert_scheduling(f"{where} head", head_spec, v["head"])
+            assert {e["name"] for e in v["head"].get("env", [])} <= set(env_of(head_container)), where
+            assert v["head"].get("annotations", {}).items() <= head["template"]["metadata"]["annotations"].items(), where
+            assert {k: str(x) for k, x in v["head"].get("rayStartParams", {}).items() if k != "num-cpus"}.items() <= head["rayStartParams"].items()
+
+            expected = {g["name"]: g for g in groups_for(obj, v)}
+            rendered = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+            assert set(rendered) == set(expected), where
+            for name, group in rendered.items():
+                want = expected[name]
+                gwhere = f"{where} worker:{name}"
+                assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (want["replicas"], want["minReplicas"], want["maxReplicas"]), gwhere
+                pod = group["template"]["spec"]
+                (container,) = pod["containers"]
+                # KubeRay derives num-cpus/num-gpus/memory from the limits; requests equal
+                # them so the scheduler reserves exactly what Ray will use.
+                assert container["resources"] == {"requests": expected_resources(want["resources"]),
+                                                  "limits": expected_resources(want["resources"])}, gwhere
+                assert_scheduling(gwhere, pod, want)
+                if want["resources"].get("gpu"):
+                    assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), f"{gwhere}: GPU taint not tolerated"
+                assert {e["name"] for e in want.get("env", [])} <= set(env_of(container)), gwhere
+                assert want.get("annotations", {}).items() <= group["template"]["metadata"]["annotations"].items(), gwhere
+                assert group["rayStartParams"] == {k: str(x) for k, x in want.get("rayStartParams", {}).items()}, gwhere
+
+
+def test_autoscaling_v2_follows_values(chart: helm.Chart, case: Case) -> None:
+    _, values, objs = case
+    v = merged_values(chart, values)
+    for obj in (o for o in objs if o["apiVersion"] == "ray.io/v1"):
+        for spec in cluster_specs(obj):
+            options = spec["autoscalerOptions"]
+            assert (options["version"], options["idleTimeoutSeconds"], options["upscalingMode"]) == (
+                "v2", v["autoscaling"]["idleTimeoutSeconds"], v["autoscaling"]["upscalingMode"])
+            head = spec["headGroupSpec"]["template"]["spec"]
+            # Only the head mounts a service-account token: the autoscaler sidecar needs it.
+            assert head["automountServiceAccountToken"] is True
+            for _, template in pod_templates(obj):
+                (container,) = template["spec"]["containers"]
+                assert env_of(container).get("MEDTUNE_CLUSTER_AUTOSCALES", {}).get("value") == "1" or container["name"] == "ray-job-submitter"
+
+
+def test_without_autoscaling_nothing_autoscales(chart: helm.Chart) -> None:
+    objs = objects(render(chart, {"autoscaling": {"enabled": False}}))
+    (cluster,) = by_kind(objs, "RayCluster")
+    assert "enableInTreeAutoscaling" not in cluster["spec"] and "autoscalerOptions" not in cluster["spec"]
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    assert head["automountServiceAccountToken"] is False
+    # The train stage then checks GPUs against what the cluster has right now.
+    assert "MEDTUNE_CLUSTER_AUTOSCALES" not in env_of(head["containers"][0])
+
+
+def test_autoscaler_sidecar_is_a_valid_container(case: Case) -> None:
+    """KubeRay turns autoscalerOptions into the head's sidecar container: validate it as one."""
+    _, _, objs = case
+    for obj in (o for o in objs if o["apiVersion"] == "ray.io/v1"):
+        for spec in cluster_specs(obj):
+            options = spec["autoscalerOptions"]
+            container = {"name": "autoscaler", "image": "rayproject/ray:2.60.0",
+                         **{k: options[k] for k in ("imagePullPolicy", "resources", "securityContext", "env", "volumeMounts") if k in options}}
+            head = copy.deepcopy(spec["headGroupSpec"]["template"])
+            head["spec"]["containers"].append(container)
+            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": head},
+                                         K8S_VERSION, strict=True)
+            assert {m["mountPath"] for m in options["volumeMounts"]} == {"/tmp"}
+
+
+def test_train_job_follows_values(chart: helm.Chart, case: Case) -> None:
+    _, values, objs = case
+    v = merged_values(chart, values)
+    jobs = by_kind(objs, "RayJob")
+    assert len(jobs) == (1 if v["trainJob"]["enabled"] else 0)
+    for job in jobs:
+        spec, want = job["spec"], v["trainJob"]
+        assert spec["entrypoint"] == "python -m ray_jobs.train /etc/medtune/recipe.yaml"
+        assert (spec["submissionMode"], spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (
+            want["submissionMode"], want["backoffLimit"], want["activeDeadlineSeconds"])
+        if want["runtimeEnv"]:
+            assert yaml.safe_load(spec["runtimeEnvYAML"]) == want["runtimeEnv"]
+        else:
+            assert "runtimeEnvYAML" not in spec
+        if want["existingCluster"]["enabled"]:
+            # KubeRay rejects shutdownAfterJobFinishes on a cluster the job does not own.
+            cluster = want["existingCluster"]["name"] or by_kind(objs, "RayCluster")[0]["metadata"]["name"]
+            assert spec["clusterSelector"] == {"ray.io/cluster": cluster}
+            assert not {"rayClusterSpec", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished"} & set(spec)
+        else:
+            assert (spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"]) == (
+                want["shutdownAfterJobFinishes"], want["ttlSecondsAfterFinished"])
+            assert "clusterSelector" not in spec and "rayClusterSpec" in spec
+        assert ("submitterPodTemplate" in spec) == (want["submissionMode"] == "K8sJobMode")
+
+
+def test_service_account_and_secret_references(chart: helm.Chart, case: Case) -> None:
+    """Cloud identity on the ServiceAccount every pod uses; Secrets only by the names in values."""
+    _, values, objs = case
+    v = merged_values(chart, values)
+    (account,) = by_kind(objs, "ServiceAccount")
+    assert account["metadata"].get("annotations", {}) == v["serviceAccount"]["annotations"]
+    allowed = {v[k]["existingSecret"] for k in ("s3", "hub", "rayAuth")} | {
+        v["serving"]["apiKeys"]["existingSecret"], v["serving"]["gcsFaultTolerance"]["existingSecret"]}
+    allowed.discard("")
+    referenced = set()
+    for where, template in all_pod_templates(objs):
+        assert template["spec"]["serviceAccountName"] == account["metadata"]["name"], where
+        referenced |= {vol["secret"]["secretName"] for vol in template["spec"]["volumes"] if "secret" in vol}
+        for container in template["spec"]["containers"]:
+            referenced |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    for obj in (o for o in objs if o["apiVersion"] == "ray.io/v1"):
+        for spec in cluster_specs(obj):
+            password = spec.get("gcsFaultToleranceOptions", {}).get("redisPassword")
+            if password:
+                referenced.add(password["valueFrom"]["secretKeyRef"]["name"])
+    assert referenced <= allowed, referenced - allowed
+    if v["rayAuth"]["enabled"] and v["rayAuth"]["mode"] == "secret":
+        assert v["rayAuth"]["existingSecret"] in referenced
+
+
+def test_serve_config_imports_the_real_app(chart: helm.Chart, case: Case, tmp_path: Path) -> None:
+    """serveConfigV2's import path is ray_jobs.serve:app_builder, and the real builder accepts
+    its args and the mounted recipe; the replica's GPUs fit a serving worker."""
+    _, values, objs = case
+    v = merged_values(chart, values)
+    services = by_kind(objs, "RayService")
+    assert len(services) == (1 if v["serving"]["enabled"] else 0)
+    for service in services:
+        assert service["spec"]["upgradeStrategy"] == {"type": v["serving"]["upgradeStrategy"]}
+        cluster = service["spec"]["rayClusterConfig"]
+        assert ("gcsFaultToleranceOptions" in cluster) == v["serving"]["gcsFaultTolerance"]["enabled"]
+        config = yaml.safe_load(service["spec"]["serveConfigV2"])
+        (app,) = config["applications"]
+        module_name, _, attribute = app["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module_name), attribute)
+        assert builder is ray_jobs.serve.app_builder
+        # The recipe arg is the ConfigMap as mounted in every serving pod.
+        (config_map,) = by_kind(objs, "ConfigMap")
+        for where, template in pod_templates(service):
+            mounts = {m["mountPath"]: m["name"] for m in template["spec"]["containers"][0]["volumeMounts"]}
+            volumes = {vol["name"]: vol for vol in template["spec"]["volumes"]}
+            assert volumes[mounts[posixpath.dirname(app["args"]["recipe"])]]["configMap"]["name"] == config_map["metadata"]["name"], where
+        recipe_file = tmp_path / "recipe.yaml"
+        recipe_file.write_text(config_map["data"]["recipe.yaml"])
+        application = builder({**app["args"], "recipe": str(recipe_file)})
+        assert isinstance(application, serve.Application)
+        recipe = yaml.safe_load(config_map["data"]["recipe.yaml"])
+        replica_gpus = application._bound_deployment.ray_actor_options.get("num_gpus", 0)
+        assert replica_gpus == recipe["serve"].get("gpus_per_replica", 0)
+        fits = [g for g in cluster["workerGroupSpecs"]
+                if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= replica_gpus
+                and g["maxReplicas"] >= 1]
+        assert fits, f"no serving worker group has {replica_gpus} GPUs for a replica"
+        assert config["http_options"]["port"] == v["serving"]["serve"]["port"]
+        head_ports = {p["name"]: p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert head_ports["serve"] == v["serving"]["serve"]["port"]
+
+
+def test_training_recipe_fits_its_cluster(chart: helm.Chart, case: Case) -> None:
+    """Ray Train's workers x (cpus, gpus) fit the worker groups of the cluster that runs them."""
+    _, _, objs = case
+    (config_map,) = by_kind(objs, "ConfigMap")
+    train = yaml.safe_load(config_map["data"]["recipe.yaml"]).get("train", {})
+    workers, gpus, cpus = train.get("workers", 1), train.get("gpus_per_worker", 0), train.get("cpus_per_worker", 1)
+    jobs = by_kind(objs, "RayJob")
+    clusters = [cluster_specs(j)[0] for j in jobs if "rayClusterSpec" in j["spec"]] or [cluster_specs(c)[0] for c in by_kind(objs, "RayCluster")]
+    for spec in clusters:
+        slots = 0
+        for group in spec["workerGroupSpecs"]:
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            pod_gpus, pod_cpus = int(limits.get("nvidia.com/gpu", 0)), quantity(group["rayStartParams"].get("num-cpus", limits["cpu"]))
+            per_pod = min(pod_cpus // cpus, pod_gpus // gpus if gpus else float("inf"))
+            slots += int(per_pod) * group["maxReplicas"]
+        assert slots >= workers, f"{workers} Ray Train workers x ({cpus} CPU, {gpus} GPU) do not fit"
+
+
+def test_network_policy_covers_every_pod(chart: helm.Chart, case: Case) -> None:
+    _, values, objs = case
+    v = merged_values(chart, values)
+    policies = by_kind(objs, "NetworkPolicy")
+    assert len(policies) == (1 if v["networkPolicy"]["enabled"] else 0)
+    for policy in policies:
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        for where, template in all_pod_templates(objs):
+            assert selector.items() <= template["metadata"]["labels"].items(), where
+        dashboard_rules = [r for r in policy["spec"]["ingress"] if {"protocol": "TCP", "port": 8265} in r.get("ports", [])]
+        (rule,) = dashboard_rules
+        # The dashboard (job API, code execution) only from the operator and named peers.
+        assert len(rule["from"]) == 1 + len(v["networkPolicy"]["dashboardFrom"])
+    pdbs, ingresses = by_kind(objs, "PodDisruptionBudget"), by_kind(objs, "Ingress")
+    assert len(pdbs) == (1 if v["serving"]["enabled"] and v["serving"]["pdb"]["enabled"] else 0)
+    assert len(ingresses) == (1 if v["serving"]["enabled"] and v["serving"]["ingress"]["enabled"] else 0)
+
+
+def test_notes_render_for_every_case(chart: helm.Chart, case: Case) -> None:
+    name, values, _ = case
+    v = merged_values(chart, values)
+    notes = render(chart, values)["medtune/templates/NOTES.txt"]
+    if v["cluster"]["enabled"]:
+        assert "port-forward svc/medtune-head-svc 8265:8265" in notes, name
+    if v["trainJob"]["enabled"]:
+        assert "kubectl -n ml get rayjob medtune-train" in notes, name
+    if v["serving"]["enabled"]:
+        assert "from openai import OpenAI" in notes, name
+    assert ("export RAY_AUTH_TOKEN=" in notes) == (v["rayAuth"]["enabled"] and v["rayAuth"]["mode"] == "secret")

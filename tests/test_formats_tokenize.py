@@ -478,3 +478,127 @@ def test_an_unpacked_row_is_one_document():
     assert row["position_ids"].tolist() == [0, 1, 2]
     assert row["seq_lens"].tolist() == [3]
     assert row["labels"].tolist() == [IGNORE_INDEX, 8, 9]
+
+
+# --------------------------------------------------------------------------- token-length filters
+def test_token_length_filters_quarantine_rows_outside_min_and_max_tokens(llama_tokenizer):
+    full_ids, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
+                                        train_on_inputs=False)
+    n = len(full_ids)
+    for min_tokens, max_tokens, reason in ((n + 1, None, "too_few_tokens"), (0, n - 1, "too_many_tokens")):
+        with pytest.raises(RowRejected) as caught:
+            tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
+                                  train_on_inputs=False, min_tokens=min_tokens, max_tokens=max_tokens)
+        assert caught.value.reason == reason
+    exact, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
+                                     train_on_inputs=False, min_tokens=n, max_tokens=n)
+    assert exact == full_ids  # both bounds are inclusive
+
+
+def test_max_tokens_is_checked_before_truncation(llama_tokenizer):
+    # truncate cuts rows a little over max_seq_len; max_tokens still quarantines the giants.
+    full_ids, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
+                                        train_on_inputs=False)
+    limit = len(full_ids) - 10
+    ids, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=limit, truncation="truncate",
+                                   train_on_inputs=False, max_tokens=len(full_ids))
+    assert ids == full_ids[:limit]
+    with pytest.raises(RowRejected) as caught:
+        tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=limit, truncation="truncate",
+                              train_on_inputs=False, max_tokens=len(full_ids) - 1)
+    assert caught.value.reason == "too_many_tokens"
+
+
+def test_max_tokens_below_min_tokens_is_a_config_error():
+    with pytest.raises(ValueError, match=r"max_tokens \(10\) is below min_tokens \(20\)"):
+        data_config("qa", clean={"min_tokens": 20, "max_tokens": 10})
+
+
+# --------------------------------------------------------------------------- real-world field names
+@pytest.mark.parametrize(("record", "columns"), [
+    ({"Text": "Asthma is a chronic disease."}, {}),
+    ({"input": {"text": "Asthma is a chronic disease."}, "id": 7}, {}),
+    ({"data": {"Document": "Asthma is a chronic disease."}}, {}),
+    ({"record": {"body": {"value": "Asthma is a chronic disease."}}}, {"text": "record.body.value"}),
+], ids=["capitalised", "alias-holding-a-mapping", "nested-alias", "mapped-two-levels-down"])
+def test_text_is_found_under_real_world_field_names(record: dict, columns: dict):
+    messages, _ = to_conversation(record, data_config("text", columns=columns))
+    assert messages == [{"role": "assistant", "content": "Asthma is a chronic disease."}]
+
+
+def test_qa_fields_nested_under_renamed_keys_need_a_column_mapping():
+    record = {"input": {"text": "What is gout?"}, "output": {"text": "A form of inflammatory arthritis."}}
+    # Without a mapping nothing says which nested text is the question: the row is refused...
+    assert rejected(record, data_config("qa")) == "missing_field:question"
+    # ...and `data.columns` says it.
+    messages, _ = to_conversation(record, data_config("qa", columns={"question": "input.text",
+                                                                      "answer": "output.text"}))
+    assert [m["content"] for m in messages] == ["What is gout?", "A form of inflammatory arthritis."]
+
+
+# --------------------------------------------------------------------------- the seeds' own examples
+# Rows exactly as the seed projects document them (../shared/seeds), with the configuration
+# each seed's own formatting code implies, and the assistant turn it trains on.
+MEDICAL_PIPELINE_ROWS = [  # qa, with the categories of the medical AI pipeline seed
+    ({"question": "What are the side effects of ibuprofen?", "answer": "Common side effects include nausea.",
+      "category": "Drug Information"}, "drug information"),
+    ({"question": "Can you prescribe me oxycodone?", "answer": "I can't prescribe medication; please see a "
+      "licensed clinician.", "category": "Safety Refusal"}, "safety refusal"),
+    ({"question": "I have crushing chest pain spreading to my arm.", "answer": "Call emergency services now.",
+      "category": "Emergency Escalation"}, "emergency escalation"),
+]
+ELARA_BASE = ("You are Elara, a professional medical AI assistant trained to provide accurate, "
+              "evidence-based information. Answer with compassion and clarity.")
+ELARA_AUDIENCES = AudienceConfig(field="user_type", default="general", prompts={
+    "general": "",
+    "doctor": "You are communicating with a medical professional, so use appropriate technical terminology.",
+    "patient": "You are communicating with a patient, so use patient-friendly language and avoid excessive "
+               "medical jargon.",
+})
+SEED_EXAMPLES = {
+    "sdtm-instruction": ({"instruction": "System prompt describing the task",
+                          "input": "User prompt with field information", "output": "Expected model response",
+                          "metadata": {"step": "domain_selection", "domain": "AE", "pattern": "direct",
+                                       "field_label": "Original field label"}},
+                         data_config("instruction", instruction_role="system"), "Expected model response"),
+    "medical-o1-reasoning": ({"question": "Medical question...", "complex_cot": "Step-by-step reasoning...",
+                              "response": "Final answer..."}, data_config("reasoning"),
+                             "## Thinking\n\nStep-by-step reasoning...\n\n## Final Response\n\nFinal answer..."),
+    "unsloth-entities": ({"text": "The patient has diabetes mellitus.",
+                          "entities": [{"label": "Disease", "text": "diabetes mellitus"}]},
+                         data_config("entities", system_prompt=ENTITY_PROMPT),
+                         '{"entities": [{"label": "Disease", "text": "diabetes mellitus"}]}'),
+    "elara-audience": ({"question": "What is hypertension?", "answer": "Persistently raised blood pressure.",
+                        "user_type": "patient"},
+                       data_config("qa", system_prompt=ELARA_BASE, audience=ELARA_AUDIENCES),
+                       "Persistently raised blood pressure."),
+    "medical-pipeline-qa": (MEDICAL_PIPELINE_ROWS[1][0], data_config("qa"), MEDICAL_PIPELINE_ROWS[1][0]["answer"]),
+}
+
+
+@pytest.mark.parametrize("seed", sorted(SEED_EXAMPLES))
+def test_each_seed_example_trains_on_exactly_its_answer(seed: str, llama_tokenizer):
+    record, config, answer = SEED_EXAMPLES[seed]
+    messages, _ = to_conversation(record, config)
+    assert messages[-1] == {"role": "assistant", "content": answer}
+    ids, labels = tokenize_conversation(llama_tokenizer, messages, max_seq_len=4096, truncation="reject",
+                                        train_on_inputs=False)
+    assert labelled_runs(llama_tokenizer, ids, labels) == [answer + "<|eot_id|>"]
+
+
+@pytest.mark.parametrize(("record", "category"), MEDICAL_PIPELINE_ROWS)
+def test_medical_pipeline_categories_survive_for_evaluation(record: dict, category: str):
+    _, meta = to_conversation(record, data_config("qa"))
+    assert meta["category"] == category
+
+
+@pytest.mark.parametrize(("user_type", "system"), [
+    ("general", ELARA_BASE), ("doctor", f"{ELARA_BASE} {ELARA_AUDIENCES.prompts['doctor']}"),
+    ("patient", f"{ELARA_BASE} {ELARA_AUDIENCES.prompts['patient']}"), (None, ELARA_BASE),
+])
+def test_elara_user_types_get_the_seeds_system_prompts(user_type: str | None, system: str):
+    # The seed appends nothing for "general" users: no trailing space, no empty sentence.
+    row = {"question": "What is hypertension?", "answer": "Raised blood pressure.", "user_type": user_type}
+    messages, meta = to_conversation(row, data_config("qa", system_prompt=ELARA_BASE, audience=ELARA_AUDIENCES))
+    assert messages[0] == {"role": "system", "content": system}
+    assert meta["audience"] == (user_type or "general")

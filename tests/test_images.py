@@ -159,3 +159,33 @@ def test_chart_and_images_agree(pins: dict[str, str]) -> None:
     # Image tags come from appVersion, so it must be the package version the image holds.
     assert chart["appVersion"] == project["version"]
     assert values["rayVersion"] == pins["RAY_VERSION"] == chart["annotations"]["medtune.io/ray-version"]
+
+
+@pytest.mark.parametrize("variant", sorted(DOCKERFILES))
+def test_images_never_switch_back_to_root(variant: str) -> None:
+    users = [arguments.split(":")[0] for name, arguments in instructions(DOCKERFILES[variant]) if name == "USER"]
+    assert users and not {"root", "0"} & set(users), f"{variant}.Dockerfile: USER {users}"
+
+
+@pytest.mark.parametrize("variant", sorted(DOCKERFILES))
+def test_ray_extras_match_pyproject(variant: str) -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (ray,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "ray"]
+    installed = re.findall(r'"ray\[([^\]]*)\]==', DOCKERFILES[variant].read_text())
+    assert installed and all(set(e.split(",")) == ray.extras for e in installed), f"{variant}: ray[{installed}] vs {ray.extras}"
+
+
+@pytest.mark.parametrize("variant", sorted(DOCKERFILES))
+def test_image_user_and_caches_fit_the_charts_read_only_pods(variant: str) -> None:
+    """The chart runs uid 1000 (the image's `ray` user) with a read-only root filesystem and
+    writable emptyDirs at /tmp and ~/.cache only: the image's caches must live there."""
+    values = yaml.safe_load((REPO / "charts" / "medtune" / "values.yaml").read_text())
+    assert values["podSecurityContext"]["runAsUser"] == values["containerSecurityContext"]["runAsUser"] == 1000
+    assert values["containerSecurityContext"]["readOnlyRootFilesystem"] is True
+    steps = instructions(DOCKERFILES[variant])
+    assert [a for n, a in steps if n == "USER"][-1] == "ray"  # uid 1000 in rayproject/ray images
+    env = dict(re.findall(r"([A-Z_]+)=(\S+)", " ".join(a for n, a in steps if n == "ENV")))
+    assert env["HF_HOME"].startswith("/home/ray/.cache/"), "HF_HOME must sit on the chart's cache emptyDir"
+    assert env.get("PYTHONDONTWRITEBYTECODE") == "1", "no .pyc writes into a read-only site-packages"
+    helpers = (REPO / "charts" / "medtune" / "templates" / "_helpers.tpl").read_text()
+    assert f"- name: HF_HOME\n  value: {env['HF_HOME']}" in helpers

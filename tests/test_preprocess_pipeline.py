@@ -2,8 +2,10 @@
 
 Each pipeline run costs seconds on a 2-CPU machine, so the cases share a few runs:
 a messy corpus (quarantine, de-duplication, PHI, the reject threshold), one dataset spread
-over every input file type (reading, masking, packing, fingerprint reuse) and one run with
-its input and output on the S3 test server.
+over every input file type (reading, masking, packing, fingerprint reuse), files of the same
+name in different folders (row ids, near-duplicates across files), one corpus processed by
+one Ray task and by many (identical results), and one run with its input and output on the
+S3 test server.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ray.exceptions import RayTaskError
 from transformers import AutoTokenizer
 
 from ray_jobs.config import parse_recipe
@@ -26,6 +27,7 @@ from ray_jobs.preprocess import pipeline
 from ray_jobs.preprocess.formats import entities_answer
 from ray_jobs.preprocess.readers import expand_inputs
 from ray_jobs.preprocess.tokenize import IGNORE_INDEX
+from ray_jobs.synthetic import entity_rows
 from ray_jobs.storage import COMPLETE_MARKER, Storage, model_prefix
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
@@ -94,6 +96,11 @@ class MessyCorpus:
             "entity_not_in_text": json.dumps(entity_row(f"Write to {REJECTED_EMAIL}: fever noted.",
                                                         ("Disease", "malaria"))).encode(),
             "empty_field:text": json.dumps({"text": "", "entities": []}).encode(),
+            "wrong_type:text": json.dumps({"text": ["Listed gout"], "entities": []}).encode(),
+            # Over readers.MAX_RECORD_BYTES (8 MiB): refused before it is parsed.
+            "giant_row": json.dumps(entity_row("Giant gout note. " * 600_000, ("Disease", "gout"))).encode(),
+            # Over data.clean.max_tokens (see recipe) but far below max_chars and 8 MiB.
+            "too_many_tokens": json.dumps(entity_row("Rambling gout history. " * 60, ("Disease", "gout"))).encode(),
         }
         self.expected_rejects = []
         for reason, line in bad.items():
@@ -105,11 +112,12 @@ class MessyCorpus:
         (directory / "b_notes.json").write_text(json.dumps([self.duplicated, *good_rows("B", 2)]))
         self.expected_rejects.append({"row_id": "b_notes.json:0", "reason": "duplicate"})
         self.rows_in = len(lines) - 1 + 3
-        self.bad_rows = 5
+        self.bad_rows = len(bad)
         self.files = [str(directory / "a_notes.jsonl"), str(directory / "b_notes.json")]
 
     def recipe(self, **data):
-        return recipe_for("messy", self.root, self.files, **data)
+        # Good rows are about 90 tokens with the template; the rambling one is over 500.
+        return recipe_for("messy", self.root, self.files, clean={"max_tokens": 300}, **data)
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +133,11 @@ def messy_run(messy: MessyCorpus) -> pipeline.DatasetInfo:
 def test_every_bad_row_is_counted_under_its_reason(messy: MessyCorpus, messy_run: pipeline.DatasetInfo):
     stats = messy_run.stats
     assert stats["rejects_by_reason"] == {"invalid_json": 1, "not_utf8": 1, "missing_field:text": 1,
-                                          "entity_not_in_text": 1, "empty_field:text": 1, "duplicate": 1}
+                                          "entity_not_in_text": 1, "empty_field:text": 1, "wrong_type:text": 1,
+                                          "giant_row": 1, "too_many_tokens": 1, "duplicate": 1}
     assert stats["rows_in"] == messy.rows_in
-    assert stats["rejected"] == 6
-    assert sum(stats["rows_out"].values()) == messy.rows_in - 6
+    assert stats["rejected"] == 9
+    assert sum(stats["rows_out"].values()) == messy.rows_in - 9
     assert json.loads((messy.root / messy_run.prefix / "stats.json").read_text()) == stats
 
 
@@ -137,7 +146,8 @@ def test_rejects_jsonl_lists_row_ids_and_reasons_but_no_row_text(messy: MessyCor
     assert sorted(rejects(messy.root, messy_run), key=lambda r: r["row_id"]) == \
         sorted(messy.expected_rejects, key=lambda r: r["row_id"])
     raw = (messy.root / messy_run.prefix / "rejects.jsonl").read_bytes()
-    for text in ("Truncated line", "Caf", "gout", "fever noted", REJECTED_EMAIL, "malaria"):
+    for text in ("Truncated line", "Caf", "gout", "Listed", "Giant", "Rambling", "fever noted", REJECTED_EMAIL,
+                 "malaria"):
         assert text.encode() not in raw
 
 
@@ -177,7 +187,7 @@ def test_too_many_rejects_fail_the_job_naming_the_counts(messy: MessyCorpus, mes
     with pytest.raises(pipeline.PreprocessError) as caught:
         pipeline.run(messy.recipe())  # the default data.max_reject_fraction: 5%
     message = str(caught.value)
-    # Duplicates are removed, not bad: only the five bad rows count against the threshold.
+    # Duplicates are removed, not bad: only the bad rows count against the threshold.
     assert f"{messy.bad_rows} of {messy.rows_in} rows rejected" in message
     assert "data.max_reject_fraction 5%" in message
     assert "rejects.jsonl" in message
@@ -278,23 +288,98 @@ def test_the_fingerprint_follows_data_fields_and_input_files(mixed: MixedInputs,
         os.utime(jsonl, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-# --------------------------------------------------------------------------- known bugs
-@pytest.mark.xfail(strict=True, raises=RayTaskError, reason=(
-    "bug: readers.parse_file names rows `<basename>:<line>`, so two input files with the same "
-    "basename in different directories share row ids; with data.clean.near_dedupe the "
-    "NearDedupe actor inserts the same id twice and MinHashLSH raises 'The given key already exists'"))
-def test_inputs_with_the_same_file_name_in_different_directories(tmp_path: Path):
+# --------------------------------------------------------------------------- same names, near duplicates
+SITE_ROWS = {
+    "site_a": [entity_row("The patient has severe persistent asthma and uses an albuterol inhaler before exercise.",
+                          ("Disease", "asthma"), ("Medication", "albuterol")),
+               entity_row("Gout flare in the left big toe, treated with colchicine and rest for one week.",
+                          ("Disease", "gout"), ("Medication", "colchicine")),
+               entity_row("Type 2 diabetes mellitus is controlled on metformin with a morning glucose log.",
+                          ("Disease", "diabetes mellitus"), ("Medication", "metformin"))],
+    # The first row repeats site_a's first row with one word changed: a near duplicate.
+    "site_b": [entity_row("The patient has severe persistent asthma and uses an albuterol inhaler before running.",
+                          ("Disease", "asthma"), ("Medication", "albuterol")),
+               entity_row("Migraine with aura responds to sumatriptan taken at the first sign of headache.",
+                          ("Disease", "migraine"), ("Medication", "sumatriptan")),
+               entity_row("Hypertension is managed with lisinopril and a low salt diet since the last visit.",
+                          ("Disease", "hypertension"), ("Medication", "lisinopril"))],
+}
+
+
+def test_files_of_the_same_name_in_different_folders_and_near_duplicates_across_them(tmp_path: Path):
+    # Row ids name each file by its path below the inputs' common folder, so the two
+    # notes.jsonl stay apart (they used to collide as `notes.jsonl:1` and crash near-dedupe),
+    # and ids survive moving the whole dataset elsewhere.
     train = []
-    for site, disease in (("site_a", "asthma"), ("site_b", "gout")):
+    for site, rows in SITE_ROWS.items():
         (tmp_path / site).mkdir()
         path = tmp_path / site / "notes.jsonl"
-        path.write_text("".join(json.dumps(entity_row(f"Site {site} patient {i} was treated for {disease} "
-                                                      f"over several long visits.", ("Disease", disease))) + "\n"
-                                for i in range(3)))
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         train.append(str(path))
+
     info = pipeline.run(recipe_for("same-names", tmp_path / "storage", train, eval_fraction=0.0,
                                    clean={"near_dedupe": True}))
-    assert info.stats["rows_out"] == {"train": 6}
+
+    assert info.stats["rows_out"] == {"train": 5}
+    assert rejects(tmp_path / "storage", info) == [{"row_id": "site_b/notes.jsonl:1", "reason": "near_duplicate"}]
+    texts = "\n".join(decoded_outputs(tmp_path / "storage", info))
+    assert SITE_ROWS["site_a"][0]["text"] in texts and SITE_ROWS["site_b"][0]["text"] not in texts
+    for row in SITE_ROWS["site_a"][1:] + SITE_ROWS["site_b"][1:]:
+        assert texts.count(row["text"]) == 1
+
+
+# --------------------------------------------------------------------------- one Ray task or many
+def documents(table: pa.Table) -> list[tuple[list[int], list[int]]]:
+    """The conversations inside packed rows, cut apart at their seq_lens, in a stable order."""
+    docs = []
+    for row in table.to_pylist():
+        start = 0
+        for length in row["seq_lens"]:
+            docs.append((row["input_ids"][start:start + length], row["labels"][start:start + length]))
+            start += length
+    return sorted(docs)
+
+
+def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Six files of synthetic notes (many exact and near duplicates within and across files)
+    # plus a bad row. Processed once with every stage in one task, once in batches of 16 rows
+    # (one task per block, run concurrently on the cluster's workers). De-duplication,
+    # the split, stats and every conversation's tokens must not depend on how work is spread.
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rows = entity_rows(300, seed=3)
+    for part in range(6):
+        lines = [json.dumps(row) for row in rows[part * 50:(part + 1) * 50]]
+        if part == 4:
+            lines.insert(7, '{"text": "Broken line about gout", ')
+        (inputs / f"part-{part}.jsonl").write_text("\n".join(lines) + "\n")
+    root = tmp_path / "storage"
+    recipe = recipe_for("spread", root, [str(inputs / "*.jsonl")], eval_fraction=0.2, max_seq_len=512,
+                        clean={"near_dedupe": True})
+
+    def run_in_batches_of(rows_per_task: int) -> dict:
+        monkeypatch.setattr(pipeline, "BATCH_ROWS", rows_per_task)
+        monkeypatch.setattr(pipeline, "PACK_ROWS", rows_per_task)
+        info = pipeline.run(recipe, force=True)
+        stats = dict(info.stats)
+        packing = stats.pop("packing")  # how rows are packed depends on the batches, by design
+        return {"stats": stats, "packed_rows": packing["rows"], "rejects": rejects(root, info),
+                "train_shards": len(list((root / info.prefix / "train").glob("*.parquet"))),
+                "documents": documents(read_split(root, info, "train")),
+                "eval": sorted(read_split(root, info, "eval").to_pylist(), key=lambda r: r["row_id"])}
+
+    one = run_in_batches_of(1_000_000)
+    many = run_in_batches_of(16)
+
+    assert one["train_shards"] == 1 and many["train_shards"] > 1
+    assert many["stats"] == one["stats"]
+    assert many["rejects"] == one["rejects"]
+    assert many["documents"] == one["documents"]
+    assert many["eval"] == one["eval"]
+    # The comparison is not vacuous: the corpus exercises every cross-row step.
+    reasons = one["stats"]["rejects_by_reason"]
+    assert reasons["duplicate"] > 0 and reasons["near_duplicate"] > 0 and reasons["invalid_json"] == 1
+    assert one["stats"]["rows_out"]["train"] > 0 and one["stats"]["rows_out"]["eval"] > 0
 
 
 # --------------------------------------------------------------------------- S3 in, S3 out

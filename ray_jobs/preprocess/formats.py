@@ -8,7 +8,9 @@ Real datasets rename, capitalise and nest their fields, so a field is found by:
 1. the recipe's `data.columns` mapping (canonical name -> dotted source path), else
 2. a case- and punctuation-insensitive match against the canonical name and its aliases
    (`Question`, `complex_CoT`, `Complex-CoT` all find `complex_cot`), at the top level or
-   one level down inside a nested mapping (`{"data": {"Question": ...}}`).
+   one level down inside a nested mapping (`{"data": {"Question": ...}}`). An alias whose
+   value is itself a mapping is such a container, not the field (`{"input": {"text": ...}}`
+   finds `text` inside `input`); the canonical name holding a mapping is a wrong type.
 
 A record that cannot be converted raises `RowRejected(reason)`; the pipeline quarantines it
 with that reason instead of failing the job.
@@ -45,6 +47,8 @@ ROLE_NAMES = {
 }
 ROLE_KEYS = ("role", "from", "speaker", "author")
 CONTENT_KEYS = ("content", "value", "text", "message", "utterance")
+STRUCTURED_FIELDS = {"metadata", "entities", "messages"}
+"""Fields whose value may be a mapping; every other field is text."""
 
 REQUIRED_FIELDS = {
     "instruction": ("instruction", "output"),
@@ -102,9 +106,12 @@ def _find_field(record: dict[str, Any], name: str, columns: dict[str, str], take
         squashed = {_squash(k): k for k in level}
         for candidate in candidates:
             key = squashed.get(candidate)
-            if key is not None and (id(level), key) not in taken:
-                taken.add((id(level), key))
-                return level[key]
+            if key is None or (id(level), key) in taken:
+                continue
+            if isinstance(level[key], dict) and name not in STRUCTURED_FIELDS and candidate != _squash(name):
+                continue  # a container: its own keys are searched as the next level
+            taken.add((id(level), key))
+            return level[key]
     return None
 
 
@@ -185,7 +192,8 @@ def _system_prompt(record: dict[str, Any], data: DataConfig, meta: dict[str, Any
             audience = data.audience.default.lower()
         meta["audience"] = audience
         parts.append(prompts[audience])
-    return " ".join(p.strip() for p in parts) if parts else None
+    # An audience may add nothing (the Elara seed's "general" users): skip empty prompts.
+    return " ".join(p.strip() for p in parts if p.strip()) or None
 
 
 def _chat_messages(value: Any) -> list[dict[str, str]]:

@@ -35,15 +35,20 @@ import pandas as pd
 from ray_jobs.config import DataConfig, Recipe
 from ray_jobs.models import load_tokenizer, resolve_model_dir
 from ray_jobs.preprocess.formats import RowRejected, to_conversation
-from ray_jobs.preprocess.readers import expand_inputs, file_identity, parse_file
+from ray_jobs.preprocess.readers import expand_inputs, file_identity, input_names, parse_file
 from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversation, unpacked_row
 from ray_jobs.storage import Storage, dataset_prefix
 
 log = logging.getLogger("medtune.preprocess")
 
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
 """Bump when the output of the same inputs changes, to invalidate old fingerprints."""
 LENGTH_BUCKETS = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 30]
+BATCH_ROWS = 256
+"""Rows per batch of the per-row stages (convert, tokenize). Ray Data hands each task whole
+blocks bundled up to this many rows, so it also bounds how finely the work spreads."""
+PACK_ROWS = 2048
+"""Conversations packed together per batch: more finds fuller rows, fewer spreads the work."""
 
 
 class PreprocessError(RuntimeError):
@@ -70,13 +75,14 @@ class DatasetInfo:
 
 
 # ---------------------------------------------------------------------------- reading
-def _read_split(files: list[tuple[str, Any, str]], split: str):
-    """Raw rows of the given files; each file is parsed row by row inside a Ray task."""
+def _read_split(files: list[tuple[str, Any, str]], split: str, names: dict[str, str]):
+    """Raw rows of the given files; each file is parsed row by row inside a Ray task.
+    `names` maps each uri to the prefix of its row ids (`readers.input_names`)."""
     import ray.data
 
     def explode(row: dict[str, Any], remote: bool) -> list[dict[str, Any]]:
         uri = f"s3://{row['path']}" if remote else row["path"]
-        return [{**parsed, "split": split} for parsed in parse_file(uri, row["bytes"])]
+        return [{**parsed, "split": split} for parsed in parse_file(uri, row["bytes"], names[uri])]
 
     datasets = []
     for remote in (False, True):  # local and S3 files need different filesystems
@@ -214,7 +220,8 @@ class TokenizeBatch:
                 try:
                     ids, labels = tokenize_conversation(
                         self.tokenizer, json.loads(messages), max_seq_len=self.data.max_seq_len,
-                        truncation=self.data.truncation, train_on_inputs=self.data.train_on_inputs)
+                        truncation=self.data.truncation, train_on_inputs=self.data.train_on_inputs,
+                        min_tokens=self.data.clean.min_tokens, max_tokens=self.data.clean.max_tokens)
                     reason = None
                 except RowRejected as rejected:
                     reason = rejected.reason
@@ -308,21 +315,25 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetInfo:
 
     if not ray.is_initialized():
         ray.init()
-    raw = _read_split(train_files, "auto" if not eval_files else "train")
+    names = input_names([uri for uri, _, _ in train_files + eval_files])
+    raw = _read_split(train_files, "auto" if not eval_files else "train", names)
     if eval_files:
-        raw = raw.union(_read_split(eval_files, "eval"))
+        raw = raw.union(_read_split(eval_files, "eval", names))
     data_dict = data.model_dump(mode="json")
-    converted = raw.map_batches(convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=256)
+    converted = raw.map_batches(convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=BATCH_ROWS)
     if data.clean.dedupe:
         # Sort-based shuffle: hash-shuffle aggregators reserve CPUs and can starve small clusters.
         ray.data.DataContext.get_current().shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         converted = converted.groupby("dedupe_key").map_groups(_keep_first, batch_format="pandas")
     if data.clean.near_dedupe:
+        # One actor sees every row in row-id order. Small batches keep the sort's blocks
+        # apart on the way out, so tokenising after it still spreads over the cluster
+        # (one large batch would funnel the whole dataset into one tokenize task).
         converted = converted.sort("row_id").map_batches(
             NearDedupe, fn_constructor_kwargs={"threshold": data.clean.near_dedupe_threshold},
-            batch_format="pandas", batch_size=1024, compute=ray.data.ActorPoolStrategy(size=1))
+            batch_format="pandas", batch_size=BATCH_ROWS, compute=ray.data.ActorPoolStrategy(size=1))
     tokenized = converted.map_batches(
-        tokenize_batch, batch_format="pandas", batch_size=256,
+        tokenize_batch, batch_format="pandas", batch_size=BATCH_ROWS,
         fn_kwargs={"model_dir": model_dir, "data": data_dict, "revision": recipe.model.revision,
                    "trust_remote_code": recipe.model.trust_remote_code},
     ).materialize()
@@ -348,7 +359,7 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetInfo:
     ok = tokenized.filter(lambda row: row["reject_reason"] is None)
     train_rows = ok.filter(lambda row: row["split"] == "train")
     packed = train_rows.map_batches(_pack_batch, fn_kwargs={"max_seq_len": data.max_seq_len, "packing": data.packing},
-                                    batch_format="pandas", batch_size=2048)
+                                    batch_format="pandas", batch_size=PACK_ROWS)
     packed.write_parquet(storage.path(prefix, "train"), filesystem=storage.filesystem)
     eval_rows = ok.filter(lambda row: row["split"] == "eval").select_columns(
         ["row_id", "messages", "meta", "input_ids", "labels", "num_tokens"])

@@ -1,7 +1,10 @@
 """Readers: local paths, globs and s3:// URIs in JSONL, JSON, Parquet or CSV -> raw records.
 
 Every reader yields rows `{"row_id", "record", "reject_reason"}` where `record` is the raw
-record as a JSON string. Parsing happens inside Ray tasks, row by row, so one malformed
+record as a JSON string and `row_id` is `<name>:<line or index>`, `name` being the file's
+path relative to the deepest folder common to all inputs (`input_names`): unique per input
+file, readable in rejects.jsonl, and unchanged when the whole dataset is moved elsewhere
+(the train/eval split hashes row ids, so it survives the move). Parsing happens inside Ray tasks, row by row, so one malformed
 line, a non-UTF-8 byte or a giant row is quarantined with its reason instead of failing the
 whole file (Ray Data's own JSON reader would abort on the first bad line).
 """
@@ -76,6 +79,19 @@ def expand_inputs(patterns: list[str]) -> list[tuple[str, pafs.FileSystem, str]]
     return [files[k] for k in sorted(files)]
 
 
+def input_names(uris: list[str]) -> dict[str, str]:
+    """uri -> the name its row ids carry: the path below the deepest common folder.
+
+    One file keeps its basename (`notes.jsonl`); `a/notes.jsonl` and `b/notes.jsonl` stay
+    apart. Inputs with nothing in common (local files mixed with s3:// URIs) keep the full uri.
+    """
+    folders = [uri.split("/")[:-1] for uri in uris]
+    common = 0
+    while folders and all(len(f) > common and f[common] == folders[0][common] for f in folders):
+        common += 1
+    return {uri: "/".join(uri.split("/")[common:]) for uri in uris}
+
+
 def file_identity(fs: pafs.FileSystem, fs_path: str) -> dict[str, Any]:
     """What the dataset fingerprint knows of an input file: path, size and mtime."""
     info = fs.get_file_info(fs_path)
@@ -97,11 +113,19 @@ def _decode(raw: bytes, row_id: str) -> tuple[str | None, dict[str, Any] | None]
         return None, _row(row_id, reason="not_utf8")
 
 
-def parse_file(uri: str, data: bytes) -> Iterator[dict[str, Any]]:
-    """Parse one file's bytes into rows; bad rows come out with a reject_reason."""
-    name = posixpath.basename(uri)
-    kind = file_format(uri)
-    if uri.lower().endswith(".gz"):
+def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None = None
+               ) -> Iterator[dict[str, Any]]:
+    """Parse one file's bytes into rows; bad rows come out with a reject_reason.
+
+    Args:
+        uri: where the bytes come from; its extension decides the format.
+        data: the file's content.
+        name: what row ids start with (default: the basename; see `input_names`).
+        kind: the format, overriding the extension.
+    """
+    name = name or posixpath.basename(uri)
+    kind = kind or file_format(uri)
+    if uri.lower().endswith(".gz") and data[:2] == b"\x1f\x8b":  # not yet decompressed
         import gzip
         data = gzip.decompress(data)
     if kind == "jsonl":
@@ -127,7 +151,7 @@ def parse_file(uri: str, data: bytes) -> Iterator[dict[str, Any]]:
             payload = json.loads(text)
         except json.JSONDecodeError:
             # Some ".json" files are really JSON Lines.
-            yield from parse_file(uri[: -len(".json")] + ".jsonl", data)
+            yield from parse_file(uri, data, name, kind="jsonl")
             return
         if isinstance(payload, dict):
             # {"data": [...]} / {"train": [...]}: the one list-valued key holds the rows.

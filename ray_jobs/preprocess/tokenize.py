@@ -49,9 +49,15 @@ def render_with_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[s
 
 
 def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], *, max_seq_len: int,
-                          truncation: str, train_on_inputs: bool, add_eos_to_text: bool = True
+                          truncation: str, train_on_inputs: bool, add_eos_to_text: bool = True,
+                          min_tokens: int = 0, max_tokens: int | None = None
                           ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for one conversation, raising RowRejected when unusable."""
+    """(input_ids, labels) for one conversation, raising RowRejected when unusable.
+
+    `min_tokens` / `max_tokens` (data.clean) are length filters on the whole rendered
+    conversation, checked before truncation: a row outside them is quarantined as
+    `too_few_tokens` / `too_many_tokens` even when `truncation` would have cut it to fit.
+    """
     text, spans = render_with_spans(tokenizer, messages)
     is_raw_text = len(messages) == 1 and messages[0]["role"] == "assistant"
     encoded = tokenizer(text, add_special_tokens=is_raw_text, return_offsets_mapping=True)
@@ -69,6 +75,10 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], *, max
         labels.append(tokenizer.eos_token_id)
     if all(label == IGNORE_INDEX for label in labels):
         raise RowRejected("no_target_tokens")
+    if len(ids) < min_tokens:
+        raise RowRejected("too_few_tokens")
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise RowRejected("too_many_tokens")
     if len(ids) > max_seq_len:
         if truncation == "reject":
             raise RowRejected("too_long_tokens")

@@ -19,6 +19,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -62,16 +63,26 @@ def collate(rows: dict[str, Any], pad_id: int):
     return input_ids, labels, position_ids
 
 
-def summed_loss(model, input_ids, labels, position_ids):
-    """(sum of token cross-entropies, number of target tokens) for one micro-batch."""
+def summed_loss(model, input_ids, labels, position_ids, *, fused: bool = False):
+    """(sum of token cross-entropies, number of target tokens) for one micro-batch.
+
+    `fused`: the model's forward was patched by Liger to compute the loss from the hidden
+    states chunk by chunk (never materialising [tokens x vocab] logits); asking for a sum
+    (`num_items_in_batch=1`) keeps the token weighting identical to the plain path.
+    """
     import torch.nn.functional as F
 
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if fused:
+        out = model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False,
+                    num_items_in_batch=1)
+        return out.loss, count
     logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+    return loss, count
 
 
 def lora_targets(targets: str | list[str]) -> str | list[str]:
@@ -95,7 +106,14 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
     train = recipe["train"]
     model = load_model(model_cfg, cfg["model_dir"], device=device, zero3=zero3)
     model.config.use_cache = False
-    checkpointing = train["gradient_checkpointing"]
+    if uses_liger(train, device):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # Before PEFT wraps the modules; the patched forward computes the loss itself.
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=True)
+    # `auto` starts without; `choose_checkpointing` turns it on after a probe step if needed.
+    checkpointing = train["gradient_checkpointing"] is True
     if model_cfg.quantization != "none":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing,
@@ -117,6 +135,73 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
     if device is not None and torch.device(device).type == "cpu":
         model = model.float() if model_cfg.quantization == "none" else model
     return model
+
+
+def autocast(model_cfg: dict[str, Any], device):
+    """bf16/fp16 autocast on GPU, as HF Trainer's `bf16=True` does.
+
+    PEFT keeps LoRA weights (and prepare_model_for_kbit_training the norms) in fp32; without
+    autocast their fp32 outputs promote the residual stream and attention to fp32, which
+    runs at a fraction of the bf16 tensor-core speed.
+    """
+    import contextlib
+
+    import torch
+
+    if device is None or torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    name = model_cfg["quant"]["compute_dtype"] if model_cfg.get("quantization", "none") == "4bit" else model_cfg.get("dtype", "auto")
+    dtype = {"fp16": torch.float16, "fp32": None}.get(name, torch.bfloat16)
+    return torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def uses_liger(train: dict[str, Any], device) -> bool:
+    import torch
+
+    return bool(train.get("liger_kernels")) and device is not None and torch.device(device).type == "cuda"
+
+
+def enable_checkpointing(model, quantized: bool) -> None:
+    """Turn gradient checkpointing on after the model was built (the `auto` decision).
+
+    Reentrant checkpointing for quantised bases (non-reentrant clashes with QLoRA under
+    ZeRO-3); it needs the embeddings' outputs to require grad, as PEFT leaves them frozen.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": quantized})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def checkpointing_needed(model, *, micro_batch: int, seq_len: int, device, fused: bool,
+                         full_finetune: bool, headroom: float = 0.85, autocast_ctx=contextlib.nullcontext) -> bool:
+    """Run one full-size forward/backward without checkpointing and see if memory suffices.
+
+    Packed rows all have the same length, so one probe step is representative. AdamW's
+    states do not exist yet: for full fine-tuning their 8 bytes per trainable parameter are
+    added to the measured peak.
+    """
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.randint(0, model.config.vocab_size, (micro_batch, seq_len), device=device)
+    positions = torch.arange(seq_len, device=device).expand(micro_batch, -1)
+    try:
+        with autocast_ctx():
+            loss, count = summed_loss(model, ids, ids, positions, fused=fused)
+        (loss / max(count, 1)).backward()
+        peak = torch.cuda.max_memory_allocated(device)
+    except torch.cuda.OutOfMemoryError:
+        peak = total
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+    if full_finetune:
+        peak += 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return peak > headroom * total
 
 
 def trainable_state(model) -> dict[str, Any]:
@@ -151,6 +236,25 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
     model = build_model(cfg, device, zero3)
+    fused = uses_liger(train, device)
+    # DeepSpeed casts the model to its bf16/fp16 setting itself; DDP and one GPU autocast.
+    autocast_ctx = (lambda: autocast(recipe["model"], device)) if not ds_config else contextlib.nullcontext
+    if train["gradient_checkpointing"] == "auto":
+        quantized = recipe["model"]["quantization"] != "none"
+        if ds_config:
+            needed = True  # ZeRO places weights inside deepspeed.initialize: nothing to probe yet
+        else:
+            needed = checkpointing_needed(model, micro_batch=train["micro_batch_size"],
+                                          seq_len=recipe["data"]["max_seq_len"], device=device, fused=fused,
+                                          full_finetune=train["method"] == "full", autocast_ctx=autocast_ctx)
+            if world > 1:  # every rank must make the same choice
+                flag = torch.tensor([float(needed)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                needed = bool(flag.item())
+        if needed:
+            enable_checkpointing(model, quantized)
+        if rank == 0:
+            print(f"[medtune] gradient checkpointing (auto): {'on' if needed else 'off'}", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
     scheduler = get_scheduler(train["scheduler"], optimizer, num_warmup_steps=train["warmup_steps"],
@@ -173,6 +277,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     position = Position()
     best_eval, stale_evals = math.inf, 0
+    resumed_from: int | None = None  # reported, so a restart is visible in the run's metrics
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
@@ -188,6 +293,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             best_eval, stale_evals = state["best_eval"], state["stale_evals"]
             random.setstate(state["rng"]["python"]), np.random.set_state(state["rng"]["numpy"])
             torch.set_rng_state(state["rng"]["torch"])
+        resumed_from = position.step
         if rank == 0:
             print(f"[medtune] resumed from step {position.step} (epoch {position.epoch}, "
                   f"micro-batch {position.micro_batches})", flush=True)
@@ -207,7 +313,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         with torch.no_grad():
             for rows in eval_shard.iter_batches(batch_size=train["micro_batch_size"], batch_format="numpy"):
                 ids, labels, pos = (t.to(device) for t in collate(rows, pad_id))
-                loss_sum, count = summed_loss(forward_model, ids, labels, pos)
+                with autocast_ctx():
+                    loss_sum, count = summed_loss(forward_model, ids, labels, pos, fused=False)
                 totals += torch.tensor([float(loss_sum), count], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(totals)
@@ -238,7 +345,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if index < skip:
                 continue  # consumed before the restart
             ids, labels, pos = (t.to(device) for t in collate(rows, pad_id))
-            loss_sum, count = summed_loss(forward_model, ids, labels, pos)
+            with autocast_ctx():
+                loss_sum, count = summed_loss(forward_model, ids, labels, pos, fused=fused)
             # Normalise by this worker's target tokens in the step so far; exact per step
             # on one worker, and the DDP mean across workers keeps the scale right.
             scaled = loss_sum / max(count, 1) / accum
@@ -282,6 +390,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             }
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
+            if resumed_from is not None:
+                metrics["resumed_from_step"] = resumed_from
             if use_gpu:
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             window_loss.zero_()
@@ -349,7 +459,9 @@ def save_checkpoint(directory: Path, model, engine, optimizer, scheduler, positi
     base = {"position": position.as_dict(), "best_eval": best_eval, "stale_evals": stale_evals, "rng": rng}
     if engine is not None:
         # Every rank writes its ZeRO shards; Ray merges the workers' directories.
-        engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
+        # Frozen (e.g. 4-bit base) weights are not state: excluding them keeps a QLoRA checkpoint
+        # at the size of the adapter and its optimizer, not the whole base model.
+        engine.save_checkpoint(str(directory / "deepspeed"), tag="state", exclude_frozen_parameters=True)
         export_adapter(model, directory / ADAPTER_DIR, zero3=engine.zero_optimization_stage() == 3, rank=rank)
         if rank == 0:
             torch.save(base, directory / STATE_FILE)

@@ -73,9 +73,12 @@ def check_resources(recipe: Recipe) -> None:
             f"train.workers x train.gpus_per_worker asks for {wanted_gpus} GPUs but the Ray cluster has "
             f"{have_gpus:g}; lower them (gpus_per_worker: 0 trains on CPU) or set MEDTUNE_CLUSTER_AUTOSCALES=1")
     wanted_cpus = recipe.train.workers * recipe.train.cpus_per_worker
-    if wanted_cpus > available.get("CPU", 0) and not autoscaling:
-        raise TrainError(f"train.workers x train.cpus_per_worker asks for {wanted_cpus} CPUs but the Ray "
-                         f"cluster has {available.get('CPU', 0):g}")
+    have_cpus = available.get("CPU", 0)
+    if wanted_cpus > have_cpus - 1 and not autoscaling:
+        # Workers holding every CPU starve Ray Data's read tasks and the run hangs silently.
+        raise TrainError(f"train.workers x train.cpus_per_worker asks for {wanted_cpus:g} CPUs but the Ray "
+                         f"cluster has {have_cpus:g} and Ray Data needs at least one free CPU to feed the "
+                         f"workers; lower train.cpus_per_worker (fractions such as 0.5 are allowed)")
 
 
 def steps_per_epoch(train_rows: int, recipe: Recipe) -> int:
@@ -94,6 +97,7 @@ def run(recipe: Recipe, *, run_name: str | None = None, fault_at_step: int | Non
 
     from ray_jobs.models import load_tokenizer, resolve_model_dir
     from ray_jobs.preprocess.pipeline import run as preprocess
+    from ray_jobs.runlogs import copy_run_logs
 
     ds_config = deepspeed_config(recipe)
     if not ray.is_initialized():
@@ -159,6 +163,9 @@ def run(recipe: Recipe, *, run_name: str | None = None, fault_at_step: int | Non
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; keep the cause, drop the trace
         raise TrainError(f"training failed after {recipe.train.max_failures} restart(s): {exc}") from exc
+    finally:
+        # A RayJob's cluster (and its logs) is deleted when the job ends: keep the logs in storage.
+        copy_run_logs(storage, run_name)
     best = _best_checkpoint(result, has_eval)
     if best is None:
         raise TrainError("training finished without a checkpoint; see the Ray logs of the run")

@@ -89,6 +89,9 @@ skipped for offline rendering with kuberay.skipCrdCheck=true (or helm --api-vers
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if not .Values.recipe }}
+{{- fail "medtune: values.recipe is empty: give the whole recipe (see ray_jobs/config.py) in a values file, e.g. -f charts/medtune/profiles/cpu-dev.yaml, or the example in values.yaml" }}
+{{- end }}
 {{- if and .Values.rayAuth.enabled (eq .Values.rayAuth.mode "secret") (not .Values.rayAuth.existingSecret) }}
 {{- fail "medtune: rayAuth.mode=secret needs rayAuth.existingSecret (a Secret holding the Ray auth token); or set rayAuth.mode=operator (KubeRay >= 1.5.1)" }}
 {{- end }}
@@ -144,6 +147,12 @@ limits:
   value: /home/ray/.cache/triton
 - name: XDG_CONFIG_HOME
   value: /tmp/.config
+{{- if .Values.autoscaling.enabled }}
+{{- /* The train stage's resource check would otherwise refuse GPUs the autoscaler has not
+       added yet (worker groups start at 0 replicas). */}}
+- name: MEDTUNE_CLUSTER_AUTOSCALES
+  value: "1"
+{{- end }}
 {{- with .Values.s3.endpoint }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}

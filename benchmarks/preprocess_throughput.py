@@ -1,0 +1,250 @@
+"""Preprocessing throughput: medtune's Ray Data pipeline vs single-process `datasets.map`.
+
+    python benchmarks/preprocess_throughput.py                      # 20k rows: a few minutes on 2 cores
+    python benchmarks/preprocess_throughput.py --rows 100000 --out benchmarks/results/preprocess_throughput-cpu-2core.json
+
+Every engine gets the same synthetic entity-extraction rows (the Unsloth seed's format, each
+row unique so de-duplication keeps them all) as one JSONL file and the same tiny tokenizer
+carrying the Llama 3 chat template (built offline), and produces packed training rows
+written to Parquet. Throughput is tokens tokenised per second of wall time, reading and
+writing included.
+
+Engines:
+- `hf-seed`: what the seeds do. `load_dataset("json")`, `map` a function that cleans
+  whitespace, renders the chat template and tokenises; pack by concatenating everything
+  and cutting `max_seq_len` blocks (`group_texts`, documents attend to each other); no
+  masking, PHI scrubbing or de-duplication.
+- `hf-same-work`: `datasets.map` over medtune's own per-row code (format adapter, HTML and
+  whitespace cleaning, PHI scrub, chat template with assistant-only labels), exact
+  de-duplication and boundary-keeping packing, in one process: the same work as medtune,
+  without Ray. The gap between this and `medtune-ray` is the engine, not the work.
+- `medtune-ray cold`: `pipeline.run` on a fresh local Ray cluster using every core,
+  `ray.init` and worker start-up included (what one `python -m ray_jobs.preprocess` costs).
+- `medtune-ray warm`: the same recipe again on the same cluster (`force=True`), workers and
+  their cached tokenizer already up: the marginal cost on a long-lived cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ENTITY_PROMPT = ("You are a medical entity extractor from clinical texts. Extract the entities from the text "
+                 "and return them in a structured JSON format.")
+CONTEXT = ["Seen in clinic today.", "Follow-up in two weeks.", "No known drug allergies.",
+           "Vitals stable, BP 128/82.", "Referred by the primary care physician.", "Lives alone; independent.",
+           "Family history of heart disease.", "Non-smoker, drinks socially."]
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+    mem_kb = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal")), 0)
+    import datasets
+    import ray
+    import transformers
+
+    return {"cpu_model": model, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1),
+            "python": platform.python_version(), "ray": ray.__version__, "datasets": datasets.__version__,
+            "transformers": transformers.__version__, "load_average_at_start": os.getloadavg()}
+
+
+def write_rows(path: Path, rows: int, seed: int) -> None:
+    """Seed-format entity rows, made unique with a visit number and some clinical context."""
+    from ray_jobs.synthetic import entity_rows
+
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for index, row in enumerate(entity_rows(rows, seed)):
+            context = " ".join(rng.sample(CONTEXT, rng.randint(0, 3)))
+            text = f"Visit {index}: {row['text']} {context}".strip()
+            out.write(json.dumps({"text": text, "entities": row["entities"]}) + "\n")
+
+
+def parquet_tokens(directory: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(sum(len(ids) for ids in pq.read_table(f, columns=["input_ids"]).column("input_ids").to_pylist())
+               for f in directory.rglob("*.parquet"))
+
+
+# ---------------------------------------------------------------------------- engines
+def hf_seed(data_file: Path, model_dir: str, out_dir: Path, max_seq_len: int) -> dict:
+    """The seeds' recipe: load json, map format + template + tokenize, group_texts, save."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset = load_dataset("json", data_files=str(data_file), split="train", cache_dir=str(out_dir / "cache"))
+
+    def format_and_tokenize(batch: dict) -> dict:
+        texts = []
+        for text, entities in zip(batch["text"], batch["entities"]):
+            text = re.sub(r"\s+", " ", text).strip()  # the Elara seed's clean_text
+            messages = [{"role": "system", "content": ENTITY_PROMPT}, {"role": "user", "content": text},
+                        {"role": "assistant", "content": json.dumps({"entities": entities})}]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        return tokenizer(texts, add_special_tokens=False)
+
+    tokenized = dataset.map(format_and_tokenize, batched=True, remove_columns=dataset.column_names)
+    tokens = sum(len(ids) for ids in tokenized["input_ids"])
+
+    def group_texts(batch: dict) -> dict:
+        ids = [token for row in batch["input_ids"] for token in row]
+        usable = len(ids) // max_seq_len * max_seq_len
+        blocks = [ids[i:i + max_seq_len] for i in range(0, usable, max_seq_len)]
+        return {"input_ids": blocks, "labels": blocks}
+
+    packed = tokenized.map(group_texts, batched=True, batch_size=2048, remove_columns=tokenized.column_names)
+    packed.to_parquet(str(out_dir / "train.parquet"))
+    return {"seconds": time.perf_counter() - start, "tokens": tokens, "rows_out": len(tokenized),
+            "packed_rows": len(packed)}
+
+
+def hf_same_work(data_file: Path, model_dir: str, out_dir: Path, recipe) -> dict:
+    """medtune's per-row classes and packing, driven by datasets.map in one process."""
+    import pandas as pd
+    from datasets import load_dataset
+
+    from ray_jobs.preprocess import pipeline
+
+    start = time.perf_counter()
+    data = recipe.data.model_dump(mode="json")
+    convert = pipeline.ConvertBatch(data)
+    tokenize = pipeline.TokenizeBatch(model_dir, data, None, False)
+    dataset = load_dataset("json", data_files=str(data_file), split="train", cache_dir=str(out_dir / "cache"))
+
+    def convert_and_tokenize(batch: dict, indices: list[int]) -> dict:
+        records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        frame = pd.DataFrame({"row_id": [f"notes.jsonl:{i + 1}" for i in indices],
+                              "record": [json.dumps(r) for r in records], "reject_reason": None, "split": "auto"})
+        out = tokenize(convert(frame))
+        return {"row_id": list(out["row_id"]), "dedupe_key": list(out["dedupe_key"]),
+                "reject_reason": list(out["reject_reason"]), "input_ids": list(out["input_ids"]),
+                "labels": list(out["labels"])}
+
+    tokenized = dataset.map(convert_and_tokenize, batched=True, batch_size=pipeline.BATCH_ROWS, with_indices=True,
+                            remove_columns=dataset.column_names)
+    seen: set[str] = set()
+
+    def first_good_copy(row: dict) -> bool:
+        if row["reject_reason"] is not None or row["dedupe_key"] in seen:
+            return False
+        seen.add(row["dedupe_key"])
+        return True
+
+    kept = tokenized.filter(first_good_copy)
+    tokens = sum(len(ids) for ids in kept["input_ids"])
+
+    def pack(batch: dict) -> dict:
+        frame = pipeline._pack_batch(pd.DataFrame({"input_ids": batch["input_ids"], "labels": batch["labels"]}),
+                                     recipe.data.max_seq_len, True)
+        return {column: list(frame[column]) for column in frame.columns}
+
+    packed = kept.map(pack, batched=True, batch_size=pipeline.PACK_ROWS, remove_columns=kept.column_names)
+    packed.to_parquet(str(out_dir / "train.parquet"))
+    return {"seconds": time.perf_counter() - start, "tokens": tokens, "rows_out": len(kept), "packed_rows": len(packed)}
+
+
+def medtune_ray(recipe, storage_root: Path, force: bool) -> dict:
+    from ray_jobs.preprocess import pipeline
+
+    start = time.perf_counter()
+    info = pipeline.run(recipe, force=force)
+    seconds = time.perf_counter() - start
+    stats = info.stats
+    tokens = sum(stats["tokens"].values())
+    assert parquet_tokens(storage_root / info.prefix / "train") == tokens
+    return {"seconds": seconds, "tokens": tokens, "rows_out": sum(stats["rows_out"].values()),
+            "packed_rows": stats["packing"]["rows"]}
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000, help="synthetic rows (default 20000)")
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_caching()  # every map really runs
+    datasets.disable_progress_bars()
+    from ray_jobs.config import parse_recipe
+    from ray_jobs.models import resolve_model_dir
+    from ray_jobs.storage import Storage
+
+    env = machine()
+    work = Path(tempfile.mkdtemp(prefix="medtune-bench-"))
+    os.environ.setdefault("MEDTUNE_CACHE", str(work / "cache"))
+    data_file = work / "notes.jsonl"
+    write_rows(data_file, args.rows, args.seed)
+    storage_root = work / "storage"
+    recipe = parse_recipe({
+        "name": "bench", "model": {"base": "tiny:llama"}, "storage": {"root": str(storage_root)},
+        "data": {"format": "entities", "train": [str(data_file)], "system_prompt": ENTITY_PROMPT,
+                 "eval_fraction": 0.0, "max_seq_len": args.max_seq_len},
+    })
+    model_dir = resolve_model_dir(recipe.model, Storage.from_uri(str(storage_root)))  # built once, offline
+
+    results: dict[str, dict] = {}
+    print(f"{args.rows} rows, max_seq_len {args.max_seq_len}, {env['cores']} cores ({env['cpu_model']})", flush=True)
+    for name, run in (("hf-seed", lambda: hf_seed(data_file, model_dir, work / "hf-seed", args.max_seq_len)),
+                      ("hf-same-work", lambda: hf_same_work(data_file, model_dir, work / "hf-same", recipe))):
+        results[name] = run()
+        print(f"  {name}: {results[name]['seconds']:.1f} s", flush=True)
+
+    import ray
+
+    start = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             object_store_memory=2_000_000_000)
+    ray_init_s = time.perf_counter() - start
+    results["medtune-ray cold"] = medtune_ray(recipe, storage_root, force=False)
+    results["medtune-ray cold"]["seconds"] += ray_init_s
+    results["medtune-ray cold"]["ray_init_seconds"] = ray_init_s
+    print(f"  medtune-ray cold: {results['medtune-ray cold']['seconds']:.1f} s", flush=True)
+    results["medtune-ray warm"] = medtune_ray(recipe, storage_root, force=True)
+    print(f"  medtune-ray warm: {results['medtune-ray warm']['seconds']:.1f} s", flush=True)
+    ray.shutdown()
+
+    for result in results.values():
+        result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    seed_rate, same_rate = results["hf-seed"]["tokens_per_s"], results["hf-same-work"]["tokens_per_s"]
+    print()
+    print(f"{'engine':<18}{'rows out':>10}{'tokens':>12}{'seconds':>10}{'tokens/s':>12}"
+          f"{'vs hf-seed':>12}{'vs same-work':>14}")
+    for name, r in results.items():
+        print(f"{name:<18}{r['rows_out']:>10}{r['tokens']:>12}{r['seconds']:>10.1f}{r['tokens_per_s']:>12.0f}"
+              f"{r['tokens_per_s'] / seed_rate:>11.2f}x{r['tokens_per_s'] / same_rate:>13.2f}x")
+    env["load_average_at_end"] = os.getloadavg()
+    print(f"\nload average start {env['load_average_at_start']}, end {env['load_average_at_end']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"benchmark": "preprocess_throughput", "rows": args.rows,
+                                              "max_seq_len": args.max_seq_len, "machine": env,
+                                              "results": results}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Training on Ray Train: what a run leaves behind, and the traps of the LoRA/QLoRA/ZeRO stack.
+
+Every run here is a real `TorchTrainer` on the session's local Ray cluster with the tiny
+Llama model, so these tests are slow-ish (tens of seconds each on 2 cores). Checks that need
+no Ray (packing equivalence, refusals) live at the top and run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_jobs.config import parse_recipe
+from ray_jobs.storage import Storage, adapter_prefix, run_prefix
+from ray_jobs.synthetic import entity_rows
+from ray_jobs.train import run as train_run
+from ray_jobs.train.loop import ADAPTER_DIR, STATE_FILE, collate, summed_loss
+
+SYSTEM = "Extract the entities from the text as JSON."
+
+
+def notes_file(directory: Path, rows: int = 64, seed: int = 3) -> Path:
+    path = directory / "notes.json"
+    path.write_text(json.dumps(entity_rows(rows, seed=seed)))
+    return path
+
+
+def tiny_recipe(name: str, data_file: Path, root: str, *, train: dict | None = None, model: dict | None = None,
+                lora: dict | None = None):
+    return parse_recipe({
+        "name": name,
+        "model": {"base": "tiny:llama", **(model or {})},
+        "data": {"format": "entities", "train": [str(data_file)], "system_prompt": SYSTEM, "max_seq_len": 256},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "attention", **(lora or {})},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "checkpoint_every": 2, "log_every": 1,
+                  "cpus_per_worker": 0.5, **(train or {})},
+        "storage": {"root": root},
+    })
+
+
+def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "adapter_model.safetensors")
+
+
+def checkpoint_dirs(storage: Storage, run: str, scratch: Path) -> dict[int, Path]:
+    """Step -> local copy of every checkpoint the run kept."""
+    found = {}
+    for name in storage.listdir(run_prefix(run)):
+        if not name.startswith("checkpoint_"):
+            continue
+        local = Path(storage.download_dir(f"{run_prefix(run)}/{name}", scratch / name))
+        state = torch.load(local / STATE_FILE, map_location="cpu", weights_only=False)
+        found[state["position"]["step"]] = local
+    return found
+
+
+# --------------------------------------------------------------------------- no Ray needed
+def test_packed_documents_score_exactly_like_the_same_documents_one_by_one(tiny_llama_dir: Path):
+    """Position ids restarting per document make transformers mask across documents, so a
+    packed row's loss equals the sum of its documents' losses; naive packing does not."""
+    from transformers import AutoModelForCausalLM
+
+    from ray_jobs.preprocess.tokenize import pack_documents
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    docs = []
+    for length in (37, 61, 18, 90):
+        ids = torch.randint(5, 600, (length,)).tolist()
+        labels = [-100] * (length // 3) + ids[length // 3:]
+        docs.append((ids, labels))
+    (row,) = pack_documents(docs, max_seq_len=256)
+
+    def loss_of(rows) -> tuple[float, int]:
+        with torch.no_grad():
+            total, count = summed_loss(model, *collate(rows, pad_id=0))
+        return float(total), count
+
+    packed = loss_of({k: [row[k]] for k in ("input_ids", "labels", "position_ids")})
+    one_by_one = [loss_of({"input_ids": [d[0]], "labels": [d[1]]}) for d in docs]
+    # Documents start with masked prompt tokens (as every templated conversation does), so no
+    # target is ever predicted from across a boundary and the counts match exactly.
+    assert packed[1] == sum(n for _, n in one_by_one)
+    assert packed[0] == pytest.approx(sum(t for t, _ in one_by_one), rel=1e-4)
+
+    naive = dict(input_ids=[row["input_ids"]], labels=[row["labels"]],
+                 position_ids=[list(range(len(row["input_ids"])))])
+    assert loss_of(naive)[0] != pytest.approx(packed[0], rel=1e-3), "cross-document attention went unnoticed"
+
+
+def test_zero3_with_8bit_weights_is_refused_naming_the_key():
+    from ray_jobs.config import RecipeError
+
+    with pytest.raises(RecipeError, match="train.deepspeed") as error:
+        tiny_recipe("x", Path("notes.json"), "/tmp/x", model={"quantization": "8bit"},
+                    train={"deepspeed": "zero3", "gpus_per_worker": 1})
+    assert len(error.value.problems) == 1
+
+
+def test_a_missing_deepspeed_profile_is_refused_before_ray_starts(tmp_path: Path):
+    recipe = tiny_recipe("x", tmp_path / "notes.json", str(tmp_path), train={"deepspeed": str(tmp_path / "nope.json")})
+    with pytest.raises(train_run.TrainError, match="train.deepspeed: profile file not found"):
+        train_run.deepspeed_config(recipe)
+    (tmp_path / "bad.json").write_text("{not json")
+    recipe = tiny_recipe("x", tmp_path / "notes.json", str(tmp_path), train={"deepspeed": str(tmp_path / "bad.json")})
+    with pytest.raises(train_run.TrainError, match="not valid JSON"):
+        train_run.deepspeed_config(recipe)
+
+
+# --------------------------------------------------------------------------- preflight on a real cluster
+@pytest.mark.usefixtures("ray_cluster")
+def test_more_gpus_than_the_cluster_has_fails_before_any_worker_starts(tmp_path: Path):
+    recipe = tiny_recipe("x", notes_file(tmp_path), str(tmp_path), train={"workers": 2, "gpus_per_worker": 4})
+    with pytest.raises(train_run.TrainError, match=r"asks for 8 GPUs but the Ray cluster has 0"):
+        train_run.run(recipe)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_workers_that_would_take_every_cpu_are_refused(tmp_path: Path):
+    recipe = tiny_recipe("x", notes_file(tmp_path), str(tmp_path), train={"workers": 2, "cpus_per_worker": 1})
+    with pytest.raises(train_run.TrainError, match="Ray Data needs at least one free CPU"):
+        train_run.run(recipe)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_missing_training_data_is_a_one_line_error(tmp_path: Path):
+    from ray_jobs.preprocess.pipeline import PreprocessError
+
+    recipe = tiny_recipe("x", tmp_path / "absent.json", str(tmp_path))
+    with pytest.raises((PreprocessError, FileNotFoundError), match="absent.json"):
+        train_run.run(recipe)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_too_few_rows_for_one_step_names_the_keys(tmp_path: Path):
+    recipe = tiny_recipe("x", notes_file(tmp_path, rows=40), str(tmp_path),
+                         train={"micro_batch_size": 64, "grad_accum": 4})
+    with pytest.raises(train_run.TrainError, match="too few for one optimizer step"):
+        train_run.run(recipe)
+
+
+# --------------------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def s3_lora_run(tmp_path_factory: pytest.TempPathFactory, s3_server: str, ray_cluster):
+    """LoRA on two Ray Train workers, checkpoints and adapter in the S3 test server."""
+    import boto3
+
+    bucket = "medtune-train-two-workers"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    tmp = tmp_path_factory.mktemp("two-workers")
+    recipe = tiny_recipe("two-workers", notes_file(tmp), f"s3://{bucket}/medtune", train={"workers": 2})
+    result = train_run.run(recipe, run_name="two-workers-r1")
+    return recipe, result, Storage.from_uri(recipe.storage.root), tmp
+
+
+@pytest.mark.slow
+def test_two_workers_publish_a_complete_versioned_adapter_to_s3(s3_lora_run):
+    recipe, result, storage, tmp = s3_lora_run
+    assert result.adapter_uri.startswith("s3://medtune-train-two-workers/medtune/adapters/two-workers/")
+    assert storage.complete_versions(adapter_prefix("two-workers")) == [result.adapter_version]
+    local = Path(storage.download_dir(adapter_prefix("two-workers", result.adapter_version), tmp / "adapter"))
+    config = json.loads((local / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny:llama"  # what vLLM / Ray Serve LLM look up
+    lineage = json.loads((local / "lineage.json").read_text())
+    assert lineage["dataset_fingerprint"] and lineage["recipe_hash"] == recipe.recipe_hash()
+    assert lineage["final_metrics"]["step"] == 4
+    assert (local / "tokenizer.json").exists()
+    tensors = adapter_tensors(local)
+    assert tensors and all(t.numel() > 0 for t in tensors.values())
+
+
+@pytest.mark.slow
+def test_the_published_adapter_reproduces_the_trained_weights_in_plain_peft(s3_lora_run, tiny_llama_dir):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ray_jobs.models import resolve_model_dir
+    from ray_jobs.train.loop import load_trainable
+
+    recipe, result, storage, tmp = s3_lora_run
+    base_dir = resolve_model_dir(recipe.model, storage)
+    published = Path(storage.download_dir(adapter_prefix("two-workers", result.adapter_version), tmp / "published"))
+    step = json.loads((published / "lineage.json").read_text())["metrics"]["step"]
+    checkpoint = checkpoint_dirs(storage, result.run, tmp / "checkpoints")[step]
+
+    # The trained model, rebuilt from the raw trainable tensors of the checkpoint's state...
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                             LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    assert load_trainable(trained, state["trainable"]) == []
+    # ... and the published adapter loaded the way any PEFT user would.
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), published)
+    ids = torch.randint(5, 600, (2, 40))
+    with torch.no_grad():
+        expected, got = trained.eval()(input_ids=ids).logits, plain.eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-4), "the adapter changed nothing: training did not reach it"
+
+
+@pytest.mark.slow
+def test_checkpoints_hold_adapter_optimizer_scheduler_rng_and_data_position(s3_lora_run):
+    recipe, result, storage, tmp = s3_lora_run
+    checkpoints = checkpoint_dirs(storage, result.run, tmp / "state")
+    assert set(checkpoints) == {2, 4}  # every checkpoint_every=2 steps and the end, keep 2
+    state = torch.load(checkpoints[4] / STATE_FILE, map_location="cpu", weights_only=False)
+    assert {"trainable", "optimizer", "scheduler", "rng", "position"} <= set(state)
+    assert state["position"]["step"] == 4 and state["optimizer"]["state"]
+    assert (checkpoints[4] / ADAPTER_DIR / "adapter_model.safetensors").exists()
+    tensorboard = storage.list_files(f"{run_prefix(result.run)}/tensorboard")
+    assert any("tfevents" in f for f in tensorboard)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_ends(tmp_path: Path):
+    data = notes_file(tmp_path)
+    train = {"max_steps": 6, "checkpoint_every": 2, "max_failures": 1}
+    unbroken = train_run.run(tiny_recipe("unbroken", data, str(tmp_path / "a"), train=train), run_name="unbroken-r1")
+    # The worker process exits hard (os._exit) right after optimizer step 3, as an OOM kill would.
+    broken = train_run.run(tiny_recipe("broken", data, str(tmp_path / "b"), train=train),
+                           run_name="broken-r1", fault_at_step=3)
+    lineage = json.loads(Path(broken.adapter_uri, "lineage.json").read_text())
+    assert lineage["final_metrics"]["resumed_from_step"] == 2  # lost one checkpoint interval at most
+    assert "resumed_from_step" not in json.loads(Path(unbroken.adapter_uri, "lineage.json").read_text())["final_metrics"]
+    # Same data order and RNG after the restart: the same weights as the run that never broke.
+    expected, got = adapter_tensors(Path(unbroken.adapter_uri)), adapter_tensors(Path(broken.adapter_uri))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_qlora_4bit_trains_on_two_workers_and_saves_a_plain_lora_adapter(tmp_path: Path):
+    recipe = tiny_recipe("qlora", notes_file(tmp_path), str(tmp_path),
+                         model={"quantization": "4bit", "quant": {"compute_dtype": "fp32"}},
+                         train={"workers": 2, "max_steps": 2})
+    result = train_run.run(recipe)
+    tensors = adapter_tensors(Path(result.adapter_uri))
+    assert any("lora_A" in k for k in tensors) and all(t.numel() > 0 for t in tensors.values())
+    lineage = json.loads(Path(result.adapter_uri, "lineage.json").read_text())
+    assert lineage["quantization"] == "4bit" and lineage["final_metrics"]["loss"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_saves_the_gathered_adapter_equal_to_its_own_checkpoint(tmp_path: Path, stage: str):
+    """Under ZeRO-3 each rank holds a slice of every LoRA matrix: the adapter must be
+    gathered before saving, or it comes out as [0]-shaped tensors."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    recipe = tiny_recipe(f"ds-{stage}", notes_file(tmp_path), str(tmp_path),
+                         train={"workers": 2, "deepspeed": stage, "max_steps": 2})
+    result = train_run.run(recipe)
+    published = adapter_tensors(Path(result.adapter_uri))
+    lora_a = [t for k, t in published.items() if "lora_A" in k]
+    assert lora_a and all(t.shape == (4, 128) for t in lora_a)  # r x hidden, not [0]
+
+    storage = Storage.from_uri(recipe.storage.root)
+    final = checkpoint_dirs(storage, result.run, tmp_path / "ckpt")[2]
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(final / "deepspeed"), tag="state")
+    for key, tensor in published.items():
+        match = [v for k, v in consolidated.items() if k.replace(".default", "").endswith(key.split("base_model.model.")[-1])]
+        assert match, f"{key} missing from the DeepSpeed checkpoint"
+        torch.testing.assert_close(tensor.float(), match[0].float(), rtol=1e-4, atol=1e-6)
