@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "tiny-model": "build a tiny offline model with a chat template",
         "quickstart": "the whole pipeline on CPU with a tiny model, end to end",
         "submit": "run training on a Ray cluster (ray job submit) or as a KubeRay RayJob",
+        "export": "merge an adapter into its base model, or combine adapters (linear, TIES, DARE)",
     }
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, commands))
@@ -136,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         from ray_jobs.submit import main as submit_main
 
         return submit_main(rest)
+    if command == "export":
+        from ray_jobs.export import main as export_main
+
+        _configure_logging()
+        return export_main(rest)
     if command == "tiny-model":
         from ray_jobs.tiny_model import main as tiny_main
 

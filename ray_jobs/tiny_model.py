@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-TINY_VERSION = "2"
+TINY_VERSION = "3"
 """Bump when the tiny model changes, so cached copies in storage are rebuilt."""
 
 
@@ -119,9 +119,15 @@ Call emergency services now if you have severe chest pain. I cannot provide a di
 def _synthetic_vocabulary() -> list[str]:
     """The synthetic entity values, so each becomes a whole token or two: the quickstart and
     the learnability test then teach copying spans, not spelling them byte by byte."""
+    import json
+
     from ray_jobs.synthetic import POOLS
 
-    return [" ".join(pool) for pool in POOLS.values()] * 8
+    # Both spellings a value takes: after a space in the note, and quoted in the JSON answer.
+    # Byte-level BPE gives them different tokens; without both, the answer must be spelt.
+    spaced = [" ".join(pool) for pool in POOLS.values()]
+    quoted = [" ".join(json.dumps({"text": value}) for value in pool) for pool in POOLS.values()]
+    return (spaced + quoted) * 8
 
 
 def train_tokenizer(template: str = "llama3", vocab_size: int = 2048, extra_corpus: list[str] | None = None):

@@ -368,7 +368,7 @@ def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypa
                 "documents": documents(read_split(root, info, "train")),
                 "eval": sorted(read_split(root, info, "eval").to_pylist(), key=lambda r: r["row_id"])}
 
-    one = run_in_batches_of(1_000_000)
+    one = run_in_batches_of(512)  # more than the corpus: every stage gets one bundle, one task
     many = run_in_batches_of(16)
 
     assert one["train_shards"] == 1 and many["train_shards"] > 1

@@ -297,6 +297,7 @@ def fingerprint(recipe: Recipe, files: list[tuple[str, Any, str]], model_dir: st
 def run(recipe: Recipe, *, force: bool = False) -> DatasetInfo:
     """Preprocess the recipe's data (or reuse an identical earlier result)."""
     import ray
+    import ray.data
 
     storage = Storage.from_uri(recipe.storage.root)
     data = recipe.data
@@ -315,23 +316,29 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetInfo:
 
     if not ray.is_initialized():
         ray.init()
+    # Sort-based shuffle: hash-shuffle aggregators reserve CPUs and can starve small clusters.
+    # Set before any dataset exists: a dataset keeps the context it was created with.
+    ray.data.DataContext.get_current().shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     names = input_names([uri for uri, _, _ in train_files + eval_files])
     raw = _read_split(train_files, "auto" if not eval_files else "train", names)
     if eval_files:
         raw = raw.union(_read_split(eval_files, "eval", names))
+    # A file is read as one block; streaming it out in BATCH_ROWS blocks lets one big file
+    # spread over every worker instead of being converted and tokenised by one task.
+    raw = raw.repartition(target_num_rows_per_block=BATCH_ROWS)
     data_dict = data.model_dump(mode="json")
     converted = raw.map_batches(convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=BATCH_ROWS)
     if data.clean.dedupe:
-        # Sort-based shuffle: hash-shuffle aggregators reserve CPUs and can starve small clusters.
-        ray.data.DataContext.get_current().shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         converted = converted.groupby("dedupe_key").map_groups(_keep_first, batch_format="pandas")
     if data.clean.near_dedupe:
         # One actor sees every row in row-id order. Small batches keep the sort's blocks
         # apart on the way out, so tokenising after it still spreads over the cluster
-        # (one large batch would funnel the whole dataset into one tokenize task).
+        # (one large batch would funnel the whole dataset into one tokenize task). The actor
+        # reserves no CPU: it is one sequential process, and holding a CPU slot let it wait
+        # for minutes on a fresh 2-CPU cluster behind backpressured upstream tasks.
         converted = converted.sort("row_id").map_batches(
             NearDedupe, fn_constructor_kwargs={"threshold": data.clean.near_dedupe_threshold},
-            batch_format="pandas", batch_size=BATCH_ROWS, compute=ray.data.ActorPoolStrategy(size=1))
+            batch_format="pandas", batch_size=BATCH_ROWS, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     tokenized = converted.map_batches(
         tokenize_batch, batch_format="pandas", batch_size=BATCH_ROWS,
         fn_kwargs={"model_dir": model_dir, "data": data_dict, "revision": recipe.model.revision,

@@ -1,0 +1,130 @@
+"""`medtune export`: a merged model answers like adapter-on-base; combined adapters are real adapters.
+
+No Ray needed: adapters are made with PEFT on the tiny model and published to storage the
+way training publishes them (versioned folder, complete marker).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_jobs import export
+from ray_jobs.cli import main as cli
+from ray_jobs.config import parse_recipe
+from ray_jobs.storage import Storage, adapter_prefix
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
+    """A LoRA adapter with non-zero B, so it changes the model's answers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def published(tmp_path: Path, tiny_llama_dir: Path):
+    """A recipe whose storage holds adapters `doctor` and `patient` (one version each)."""
+    recipe = parse_recipe({"name": "export-test", "model": {"base": str(tiny_llama_dir)},
+                           "data": {"format": "entities", "train": ["unused.json"]},
+                           "storage": {"root": str(tmp_path / "storage")}})
+    storage = Storage.from_uri(recipe.storage.root)
+    for seed, name in enumerate(("doctor", "patient")):
+        storage.upload_dir(make_adapter(tiny_llama_dir, tmp_path / name, seed), adapter_prefix(name, "v1"))
+    return recipe, storage
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_a_merged_model_gives_the_logits_of_the_adapter_on_its_base(published, tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe, storage = published
+    uri = export.merge(recipe, "doctor", dtype="fp32")
+    assert uri == storage.uri("models/doctor-v1-merged")
+    merged = AutoModelForCausalLM.from_pretrained(uri, dtype=torch.float32)  # plain transformers, no PEFT
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                                        storage.path("adapters/doctor/v1"))
+    ids = torch.randint(5, 600, (2, 32))
+    torch.testing.assert_close(logits(merged, ids), logits(on_base, ids), rtol=1e-4, atol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    assert not torch.allclose(logits(merged, ids), logits(base, ids), atol=1e-3)
+    assert (Path(uri) / "tokenizer.json").exists()
+    assert json.loads((Path(uri) / "lineage.json").read_text())["merged_from"] == {"adapter": "doctor", "version": "v1"}
+
+
+def test_a_bf16_merge_through_the_cli_writes_to_the_chosen_place(published, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    recipe, _ = published
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(json.dumps(recipe.model_dump(mode="json")))
+    assert cli(["export", str(recipe_file), "--adapter", "patient@v1", "--out", str(tmp_path / "standalone")]) == 0
+    assert capsys.readouterr().out.strip().rstrip("/") == str(tmp_path / "standalone")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "standalone")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_combining_with_all_weight_on_one_adapter_reproduces_it(published, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe, storage = published
+    uri = export.combine(recipe, ["doctor", "patient"], [1.0, 0.0], name="blend", method="linear")
+    version = uri.rstrip("/").rsplit("/", 1)[-1]
+    assert storage.complete_versions(adapter_prefix("blend")) == [version]
+    lineage = json.loads(Path(uri, "lineage.json").read_text())
+    assert [s["adapter"] for s in lineage["sources"]] == ["doctor", "patient"] and lineage["method"] == "linear"
+    assert json.loads(Path(uri, "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama_dir)
+
+    def load(path):
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), path)
+
+    ids = torch.randint(5, 600, (1, 24))
+    # Linear combination weights the B and A matrices each by sqrt(weight) in PEFT, so the
+    # product carries the weight: all of it on `doctor` is `doctor` exactly.
+    torch.testing.assert_close(logits(load(uri), ids), logits(load(storage.path("adapters/doctor/v1")), ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_ties_and_dare_produce_a_loadable_adapter_between_its_sources(published, tiny_llama_dir, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe, storage = published
+    torch.manual_seed(0)
+    uri = export.combine(recipe, ["doctor", "patient"], [0.5, 0.5], name=f"blend-{method.replace('_', '-')}",
+                         method=method, density=0.5)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), uri)
+    tensors = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert tensors and all(t.abs().sum() > 0 for t in tensors)
+
+
+def test_bad_export_requests_name_what_to_change(published):
+    recipe, _ = published
+    with pytest.raises(export.ExportError, match="adapter 'nurse' not found.*doctor"):
+        export.merge(recipe, "nurse")
+    with pytest.raises(export.ExportError, match="needs --density"):
+        export.combine(recipe, ["doctor", "patient"], [0.5, 0.5], name="x", method="ties")
+    with pytest.raises(export.ExportError, match="2 values for 1 adapters|at least two"):
+        export.combine(recipe, ["doctor"], [0.5, 0.5], name="x")
+    with pytest.raises(export.ExportError, match="not one of"):
+        export.combine(recipe, ["doctor", "patient"], [0.5, 0.5], name="x", method="average")
