@@ -62,3 +62,13 @@ def test_csv_rows_are_numbered_by_their_line_in_the_file():
     rows = list(parse_file("/d/qa.csv", data))
     assert [r["row_id"] for r in rows] == ["qa.csv:2", "qa.csv:3"]  # line 1 is the header
     assert json.loads(rows[0]["record"]) == {"question": "What is gout?", "answer": "A form of arthritis."}
+
+
+def test_a_text_corpus_is_one_row_per_non_empty_line_as_load_dataset_reads_it():
+    data = "Aspirin inhibits platelet aggregation.\r\n\nMetformin lowers hepatic glucose output.\n".encode()
+    rows = list(parse_file("corpus/medical_corpus.txt", data))
+    assert [r["row_id"] for r in rows] == ["medical_corpus.txt:1", "medical_corpus.txt:3"]
+    assert [json.loads(r["record"]) for r in rows] == [{"text": "Aspirin inhibits platelet aggregation."},
+                                                      {"text": "Metformin lowers hepatic glucose output."}]
+    bad = list(parse_file("corpus.txt", b"ok line\n\xff\xfe broken\n"))
+    assert [r["reject_reason"] for r in bad] == [None, "not_utf8"]

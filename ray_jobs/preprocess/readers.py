@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 from ray_jobs.storage import is_remote, s3_filesystem
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet",
-           ".csv": "csv", ".tsv": "csv"}
+           ".csv": "csv", ".tsv": "csv", ".txt": "text"}
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 """A record larger than this is quarantined as `giant_row` before it is parsed."""
 
@@ -40,7 +40,7 @@ def file_format(path: str) -> str:
         name = name.removesuffix(suffix)
     ext = posixpath.splitext(name)[1]
     if ext not in FORMATS:
-        raise InputError(f"{path}: unsupported file type {ext or '(none)'}; use .jsonl, .json, .parquet or .csv")
+        raise InputError(f"{path}: unsupported file type {ext or '(none)'}; use .jsonl, .json, .parquet, .csv or .txt")
     return FORMATS[ext]
 
 
@@ -162,6 +162,16 @@ def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None 
             return
         for index, record in enumerate(payload):
             yield _row(f"{name}:{index}", record)
+        return
+    if kind == "text":
+        # A raw corpus for continued pre-training, one row per non-empty line, as Hugging Face
+        # `load_dataset("text", ...)` reads it (the audience-adapter seed's medical corpus).
+        for number, raw in enumerate(data.split(b"\n"), start=1):
+            row_id = f"{name}:{number}"
+            if not raw.strip():
+                continue
+            text, rejected = _decode(raw, row_id)
+            yield rejected or _row(row_id, {"text": text.rstrip("\r")})
         return
     if kind == "csv":
         text, rejected = _decode(data, f"{name}:0")
