@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_jobs.config import Recipe
+from ray_jobs.evaluate.generation import sampling_kwargs
 from ray_jobs.storage import Storage, adapter_prefix, report_prefix
 
 
@@ -69,7 +70,8 @@ def mean_loss(model, rows: list[dict[str, Any]], device, batch_size: int) -> flo
 
 
 def generate_answers(model, tokenizer, rows: list[dict[str, Any]], recipe: Recipe, device) -> tuple[list[str], list[float]]:
-    """Greedy answers to each row's prompt (its messages without the last assistant turn)."""
+    """Answers to each row's prompt (its messages without the last assistant turn): greedy for
+    metrics unless the recipe samples, then with the model family's settings."""
     import torch
 
     gen = recipe.eval.generation
@@ -81,11 +83,8 @@ def generate_answers(model, tokenizer, rows: list[dict[str, Any]], recipe: Recip
         prompts = [tokenizer.apply_chat_template(json.loads(r["messages"])[:-1], tokenize=False,
                                                  add_generation_prompt=True) for r in chunk]
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        kwargs: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "do_sample": not gen.greedy,
-                                  "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
-        if not gen.greedy:
-            kwargs.update({k: v for k, v in (("temperature", gen.temperature), ("top_p", gen.top_p),
-                                             ("top_k", gen.top_k), ("min_p", gen.min_p)) if v is not None})
+        kwargs: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "eos_token_id": eos,
+                                  "pad_token_id": tokenizer.pad_token_id, **sampling_kwargs(gen, recipe.model)}
         started = time.perf_counter()
         with torch.no_grad():
             out = model.generate(**encoded, **kwargs)
