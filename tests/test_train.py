@@ -275,3 +275,16 @@ def test_deepspeed_saves_the_gathered_adapter_equal_to_its_own_checkpoint(tmp_pa
         match = [v for k, v in consolidated.items() if k.replace(".default", "").endswith(key.split("base_model.model.")[-1])]
         assert match, f"{key} missing from the DeepSpeed checkpoint"
         torch.testing.assert_close(tensor.float(), match[0].float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("key", "value", "package"), [("mlflow_uri", "http://mlflow.internal:5000", "mlflow"),
+                                                       ("wandb_project", "medtune", "wandb")])
+def test_configured_tracking_without_its_package_is_refused_before_training(tmp_path, key, value, package):
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    recipe = tiny_recipe("x", tmp_path / "notes.json", str(tmp_path), train={"tracking": {key: value}})
+    with pytest.raises(train_run.TrainError, match=f"train.tracking.{key} is set but the {package} package"):
+        train_run.check_tracking(recipe)
+    train_run.check_tracking(tiny_recipe("x", tmp_path / "notes.json", str(tmp_path)))  # not configured: no network, no error

@@ -304,6 +304,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     total_steps, accum = cfg["total_steps"], train["grad_accum"]
     fail_at = int(os.environ.get(FAULT_ENV, "0"))
     writer = _tensorboard(cfg, rank)
+    tracker = Tracker(cfg, rank)
 
     def evaluate() -> float | None:
         if eval_shard is None:
@@ -407,6 +408,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             patience = train["early_stopping_patience"]
             stop_early = bool(patience and stale_evals >= patience)
             metrics["final"] = is_last or stop_early
+            tracker.log(metrics, position.step)
             if writer:
                 for key, value in metrics.items():
                     if isinstance(value, (int, float)) and key not in ("step", "final"):
@@ -426,6 +428,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             position.epoch += 1
             position.micro_batches = 0
             done = position.epoch >= max_epochs
+    tracker.close()
     if writer:
         writer.close()
         sync_tensorboard(cfg)
@@ -502,6 +505,42 @@ def export_adapter(model, directory: Path, *, zero3: bool, rank: int) -> None:
 def _save_pretrained(model, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
+
+
+class Tracker:
+    """Optional MLflow / W&B logging from rank 0, only when the recipe configures them."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int):
+        tracking = cfg["recipe"]["train"]["tracking"]
+        self.mlflow = self.wandb = None
+        if rank != 0:
+            return
+        run = cfg.get("run_name") or cfg["recipe"]["name"]
+        if tracking.get("mlflow_uri"):
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking["mlflow_uri"])
+            mlflow.set_experiment(cfg["recipe"]["name"])
+            mlflow.start_run(run_name=run)
+            self.mlflow = mlflow
+        if tracking.get("wandb_project"):
+            import wandb
+
+            self.wandb = wandb.init(project=tracking["wandb_project"], name=run, resume="allow",
+                                    config=cfg["recipe"])
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.mlflow:
+            self.mlflow.log_metrics(numbers, step=step)
+        if self.wandb:
+            self.wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.mlflow:
+            self.mlflow.end_run()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def _tensorboard(cfg: dict[str, Any], rank: int):

@@ -61,6 +61,17 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:
         raise TrainError(f"train.deepspeed: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+def check_tracking(recipe: Recipe) -> None:
+    """MLflow / W&B are used only when configured, and then must be installed (no silent skip)."""
+    import importlib.util
+
+    tracking = recipe.train.tracking
+    for key, value, module in (("mlflow_uri", tracking.mlflow_uri, "mlflow"), ("wandb_project", tracking.wandb_project, "wandb")):
+        if value and importlib.util.find_spec(module) is None:
+            raise TrainError(f"train.tracking.{key} is set but the {module} package is not installed on the "
+                             f"driver; pip install {module} (and bake it into the image) or remove the key")
+
+
 def check_resources(recipe: Recipe) -> None:
     import ray
 
@@ -100,6 +111,7 @@ def run(recipe: Recipe, *, run_name: str | None = None, fault_at_step: int | Non
     from ray_jobs.runlogs import copy_run_logs
 
     ds_config = deepspeed_config(recipe)
+    check_tracking(recipe)
     if not ray.is_initialized():
         ray.init()
     check_resources(recipe)
@@ -127,7 +139,7 @@ def run(recipe: Recipe, *, run_name: str | None = None, fault_at_step: int | Non
         "total_steps": total_steps, "pad_id": tokenizer.pad_token_id, "has_eval": has_eval,
         "storage_root": recipe.storage.root, "tensorboard_dir": str(scratch / "tensorboard"),
         "tensorboard_rel": posixpath.join(run_prefix(run_name), "tensorboard"),
-        "fault_marker": str(scratch / "fault-injected"),
+        "fault_marker": str(scratch / "fault-injected"), "run_name": run_name,
     }
     worker_env = {}
     if fault_at_step:
