@@ -37,6 +37,8 @@ LORA_TARGETS = {
 }
 STATE_FILE = "training_state.pt"
 ADAPTER_DIR = "adapter"
+SHUFFLE_BUFFER_ROWS = 256
+"""Packed rows held for the per-epoch local shuffle (a few MB even at 4k-token rows)."""
 FAULT_ENV = "MEDTUNE_FAIL_AT_STEP"
 """Test hook: a worker exits hard at this optimizer step once, to exercise resume."""
 
@@ -339,7 +341,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     # With max_steps the data is cycled as often as needed; otherwise `epochs` passes.
     max_epochs = train["epochs"] if train["max_steps"] is None else 10**9
     while not done and position.epoch < max_epochs:
-        batches = train_shard.iter_batches(batch_size=train["micro_batch_size"], batch_format="numpy")
+        # Packing fills each row with documents of similar length (first-fit decreasing per
+        # block), and similar length often means similar kind of example: read in order, each
+        # step would see one kind at a time (tiny-model experiment, one seed each: held-out
+        # entity F1 0.17 in order, 0.44 shuffled). A seeded local shuffle per epoch mixes them and stays
+        # deterministic, so a resumed worker still skips exactly the rows it trained on.
+        batches = train_shard.iter_batches(batch_size=train["micro_batch_size"], batch_format="numpy",
+                                           local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, train["micro_batch_size"]),
+                                           local_shuffle_seed=seed + position.epoch)
         skip = position.micro_batches
         micro_in_step, step_tokens, step_loss = 0, 0, None
         for index, rows in enumerate(batches):
