@@ -41,7 +41,7 @@ from ray_jobs.storage import Storage, dataset_prefix
 
 log = logging.getLogger("medtune.preprocess")
 
-PIPELINE_VERSION = "3"
+PIPELINE_VERSION = "4"
 """Bump when the output of the same inputs changes, to invalidate old fingerprints."""
 LENGTH_BUCKETS = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 30]
 BATCH_ROWS = 256

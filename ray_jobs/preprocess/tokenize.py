@@ -91,12 +91,16 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], *, max
 def pack_documents(docs: list[tuple[list[int], list[int]]], max_seq_len: int) -> list[dict[str, Any]]:
     """Pack (input_ids, labels) documents into rows of at most `max_seq_len` tokens.
 
-    First-fit decreasing over the documents given (a Ray Data batch): long documents are
-    placed first and short ones fill the gaps, which keeps padding low without a global sort.
+    First-fit in arrival order over the documents given (a Ray Data batch): each document
+    goes into the first row with room. Not first-fit *decreasing*: sorting by length fills
+    each row with documents of one length, and similar length usually means the same kind of
+    example, so every step trained on one kind at a time. In a tiny-model experiment
+    (held-out entity F1, 400 steps, one seed each) FFD reached 0.48 and first-fit 0.95, for
+    1.3% more rows. First-fit still leaves at most one row less than half full.
     Each row carries `position_ids` restarting per document and `seq_lens` (document lengths
     in order), so training can rebuild the document boundaries either way.
     """
-    order = sorted(range(len(docs)), key=lambda i: len(docs[i][0]), reverse=True)
+    order = range(len(docs))
     bins: list[list[int]] = []
     space: list[int] = []
     for index in order:

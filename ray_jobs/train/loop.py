@@ -341,10 +341,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     # With max_steps the data is cycled as often as needed; otherwise `epochs` passes.
     max_epochs = train["epochs"] if train["max_steps"] is None else 10**9
     while not done and position.epoch < max_epochs:
-        # Packing fills each row with documents of similar length (first-fit decreasing per
-        # block), and similar length often means similar kind of example: read in order, each
-        # step would see one kind at a time (tiny-model experiment, one seed each: held-out
-        # entity F1 0.17 in order, 0.44 shuffled). A seeded local shuffle per epoch mixes them and stays
+        # Rows are written block by block, and neighbouring rows can hold the same kind of
+        # example (with length-sorted packing, read in order, a tiny model's held-out entity
+        # F1 was 0.17, shuffled 0.44; see pack_documents). A seeded local shuffle per epoch mixes them and stays
         # deterministic, so a resumed worker still skips exactly the rows it trained on.
         batches = train_shard.iter_batches(batch_size=train["micro_batch_size"], batch_format="numpy",
                                            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, train["micro_batch_size"]),
