@@ -145,7 +145,11 @@ def run(recipe: Recipe, adapter: str | None = None) -> dict[str, Any]:
     for label in ("base", "adapter"):
         if label == "adapter":
             local = storage.local_view(adapter_prefix(name, version), cache_root() / "adapters" / name / version)
-            model = PeftModel.from_pretrained(base, str(local))
+            if (local / "adapter_config.json").exists():
+                model = PeftModel.from_pretrained(base, str(local))
+            else:  # train.method: full publishes a whole model in the same place
+                del base
+                model = load_model(recipe.model, str(local), device=device)
         else:
             model = base
         loss = mean_loss(model, rows, device, recipe.eval.batch_size)
