@@ -29,7 +29,7 @@ quickstart: setup
 	$(VENV)/bin/medtune quickstart
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow and not integration"
