@@ -113,6 +113,14 @@ def _decode(raw: bytes, row_id: str) -> tuple[str | None, dict[str, Any] | None]
         return None, _row(row_id, reason="not_utf8")
 
 
+def _lines(data: bytes, name: str) -> Iterator[tuple[str, str | None, dict[str, Any] | None]]:
+    """(row id, decoded text or None, rejected row or None) per non-empty line, numbered from 1."""
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if raw.strip():
+            row_id = f"{name}:{number}"
+            yield (row_id, *_decode(raw, row_id))
+
+
 def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None = None
                ) -> Iterator[dict[str, Any]]:
     """Parse one file's bytes into rows; bad rows come out with a reject_reason.
@@ -129,11 +137,7 @@ def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None 
         import gzip
         data = gzip.decompress(data)
     if kind == "jsonl":
-        for number, raw in enumerate(data.split(b"\n"), start=1):
-            row_id = f"{name}:{number}"
-            if not raw.strip():
-                continue
-            text, rejected = _decode(raw, row_id)
+        for row_id, text, rejected in _lines(data, name):
             if rejected:
                 yield rejected
                 continue
@@ -166,11 +170,7 @@ def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None 
     if kind == "text":
         # A raw corpus for continued pre-training, one row per non-empty line, as Hugging Face
         # `load_dataset("text", ...)` reads it (the audience-adapter seed's medical corpus).
-        for number, raw in enumerate(data.split(b"\n"), start=1):
-            row_id = f"{name}:{number}"
-            if not raw.strip():
-                continue
-            text, rejected = _decode(raw, row_id)
+        for row_id, text, rejected in _lines(data, name):
             yield rejected or _row(row_id, {"text": text.rstrip("\r")})
         return
     if kind == "csv":
