@@ -2,7 +2,7 @@
 
     python benchmarks/serve_load.py --model tiny --out benchmarks/results/serve_load-cpu-tiny.json
     python benchmarks/serve_load.py --model llama-8b-shape --out benchmarks/results/serve_load-h100.json
-    python benchmarks/serve_load.py --model tiny --design both     # mixed batches vs per-adapter batches
+    python benchmarks/serve_load.py --model tiny --design all      # continuous vs static mixed vs per-adapter
 
 What it measures, on one model (built offline, random weights; nothing is downloaded):
 - (a) sequential: one request at a time through plain PEFT `generate` with `set_adapter`,
@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 LLAMA_8B_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+DESIGNS = ["continuous", "mixed", "per_adapter"]
 PROMPT_WORDS = ("patient presents with chest pain shortness of breath fever blood pressure diabetes mellitus "
                 "hypertension prescribed metformin twice daily extract the entities").split()
 
@@ -274,11 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=0, help="tokens per answer (default: 32 tiny, 128 8b)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--sequential-requests", type=int, default=0, help="requests for baseline (a) (default: 2 x adapters)")
-    parser.add_argument("--design", choices=["mixed", "per_adapter", "both"], default="mixed",
-                        help="mixed-adapter batches, per-adapter batches (what Serve multiplexing gives), or both")
+    parser.add_argument("--design", default="continuous,mixed",
+                        help="comma-separated serve.batching engines to compare: continuous (the default engine), "
+                             "mixed (static @serve.batch + PEFT adapter_names), per_adapter (what Serve "
+                             "multiplexing gives); 'all' for the three")
     parser.add_argument("--workdir", default=None, help="where the model and adapters are written (default: a temp dir)")
     parser.add_argument("--out", default=None, help="JSON results file (rewritten after every measurement)")
     args = parser.parse_args(argv)
+    unknown = set(args.design.split(",")) - {*DESIGNS, "all"}
+    if unknown:
+        parser.error(f"--design: unknown engine(s) {sorted(unknown)}; choose from {DESIGNS} or all")
 
     import ray
     from ray import serve
@@ -300,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     save()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="serve-load-"))
     os.environ.setdefault("MEDTUNE_CACHE", str(work / "cache"))
-    model_dir = build_model(args.model, work / "model")
+    model_dir = work / "model"
+    if not (model_dir / "config.json").exists():  # a --workdir from an earlier run keeps its model
+        build_model(args.model, model_dir)
     storage = Storage.from_uri(str(work / "storage"))
     adapters = {}
     for index in range(args.adapters):
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    designs = ["mixed", "per_adapter"] if args.design == "both" else [args.design]
+    designs = DESIGNS if args.design == "all" else args.design.split(",")
     results["designs"] = {}
     try:
         for design in designs:

@@ -364,11 +364,17 @@ class ServeConfig(Section):
     request_timeout_s: Annotated[float, Field(gt=0)] = 120
     """Seconds a request may wait and generate; beyond it the answer is a 504 JSON error and the
     generation stops (a stream ends with an error event)."""
-    max_batch_size: PositiveInt = 16
+    max_batch_size: PositiveInt = 32
+    """Rows generated together on a replica; further requests wait their turn in order."""
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
-    batching: Literal["mixed", "per_adapter"] = "mixed"
-    """mixed: one generate call for a batch whatever its adapters (PEFT adapter_names);
-    per_adapter: one call per adapter, as Serve's multiplexing would split it (for comparison)."""
+    """mixed / per_adapter only: how long @serve.batch waits to fill a batch."""
+    batching: Literal["continuous", "mixed", "per_adapter"] = "continuous"
+    """continuous: requests join and leave the running batch between tokens, every row with its
+    own adapter through stacked LoRA weights (ray_jobs.serve.continuous; plain LoRA only);
+    mixed: static @serve.batch batches, one PEFT generate call whatever the adapters
+    (adapter_names=; also DoRA and modules_to_save adapters);
+    per_adapter: static batches split into one call per adapter, as Serve's multiplexing
+    would split them (for comparison)."""
     gpus_per_replica: Annotated[float, Field(ge=0)] = 0
     cpus_per_replica: Annotated[float, Field(ge=0)] = 1
     """Ray CPUs reserved per replica (the HTTP handling and, without a GPU, the model itself)."""

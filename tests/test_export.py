@@ -12,26 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_adapters import make_adapter
 from ray_jobs import export
 from ray_jobs.cli import main as cli
 from ray_jobs.config import parse_recipe
 from ray_jobs.storage import Storage, adapter_prefix
-
-
-def make_adapter(base_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
-    """A LoRA adapter with non-zero B, so it changes the model's answers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture
@@ -42,7 +27,7 @@ def published(tmp_path: Path, tiny_llama_dir: Path):
                            "storage": {"root": str(tmp_path / "storage")}})
     storage = Storage.from_uri(recipe.storage.root)
     for seed, name in enumerate(("doctor", "patient")):
-        storage.upload_dir(make_adapter(tiny_llama_dir, tmp_path / name, seed), adapter_prefix(name, "v1"))
+        storage.upload_dir(make_adapter(tiny_llama_dir, tmp_path / name, seed, rank=4, std=0.5, targets=["q_proj", "v_proj"]), adapter_prefix(name, "v1"))
     return recipe, storage
 
 

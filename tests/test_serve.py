@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_adapters import Oracle, make_adapter
 from ray_jobs.config import parse_recipe
 from ray_jobs.storage import Storage, adapter_prefix
 
@@ -33,83 +34,10 @@ PROMPTS = ["The patient has diabetes", "Prescribed metformin twice daily", "Ches
 PHI_MARKER = "Jane Q. Doe SSN 078-05-1120 MRN 99817263"
 
 
-# ---------------------------------------------------------------------- adapters and the oracle
-def make_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Path:
-    """A LoRA adapter on q/k/v/o with large random weights, so that it dominates the answer."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.normal_(0.0, 0.3)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
-
-
+# ---------------------------------------------------------------------- adapters
 def publish(storage: Storage, local_dir: Path, name: str, version: str) -> None:
     storage.upload_dir(local_dir, adapter_prefix(name, version))
 
-
-class Oracle:
-    """Plain transformers/PEFT greedy generation, one request at a time (what the seeds do)."""
-
-    def __init__(self, base_dir: Path):
-        from transformers import AutoTokenizer
-
-        self.base_dir = base_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        self.models: dict[str | None, object] = {}
-        self.answers: dict[tuple, str] = {}
-        self.lock = threading.Lock()
-
-    def model(self, adapter_dir: Path | None):
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        key = str(adapter_dir) if adapter_dir else None
-        if key not in self.models:
-            model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32)
-            if adapter_dir is not None:
-                model = PeftModel.from_pretrained(model, adapter_dir)
-            self.models[key] = model.eval()
-        return self.models[key]
-
-    def prompt_ids(self, text: str, chat: bool) -> list[int]:
-        if chat:
-            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                          add_generation_prompt=True)
-            return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(text)["input_ids"]
-
-    def answer(self, adapter_dir: Path | None, text: str, max_tokens: int, chat: bool = True) -> str:
-        import torch
-
-        key = (str(adapter_dir), text, max_tokens, chat)
-        with self.lock:
-            if key not in self.answers:
-                model = self.model(adapter_dir)
-                ids = torch.tensor([self.prompt_ids(text, chat)])
-                eos = model.generation_config.eos_token_id
-                eos = eos if isinstance(eos, list) else [eos]
-                with torch.no_grad():
-                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                         do_sample=False, eos_token_id=eos,
-                                         pad_token_id=self.tokenizer.pad_token_id)
-                new = out[0, ids.shape[1]:].tolist()
-                for position, token in enumerate(new):
-                    if token in eos:
-                        new = new[:position]
-                        break
-                self.answers[key] = self.tokenizer.decode(new, skip_special_tokens=True)
-            return self.answers[key]
 
 
 # ---------------------------------------------------------------------- HTTP helpers

@@ -14,10 +14,13 @@ is served without a restart. Names are validated against a strict pattern before
 touch storage, so a request can never reach outside the adapters prefix.
 
 Design decisions:
-- One `@serve.batch` queue for every request, streaming or not, whatever its adapter: the
-  engine runs mixed-adapter batches (PEFT `adapter_names=`), so a replica never serialises
-  adapters. (Serve's multiplexing would split batches per adapter; see
-  benchmarks/serve_load.py --design for the comparison.)
+- One queue for every request, streaming or not, whatever its adapter. The default engine
+  batches continuously (ray_jobs.serve.continuous): requests join and leave the running batch
+  between tokens, each row through its own adapter's stacked LoRA weights, so a replica never
+  serialises adapters and never holds a new request until a batch ends. `serve.batching:
+  mixed` keeps the static `@serve.batch` + PEFT `adapter_names=` engine (DoRA and
+  modules_to_save adapters); Serve's multiplexing would split batches per adapter
+  (`per_adapter`; benchmarks/serve_load.py --design compares all three).
 - Overload is Serve's own backpressure (`max_queued_requests`, 503 + Retry-After at the
   proxy); timeouts are ours (504 JSON, and the row stops generating).
 - Errors are OpenAI-shaped (`{"error": {"message", "type", "param", "code"}}`) everywhere,
@@ -159,6 +162,23 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse
     return error_response(APIError(error.status_code, str(error.detail), kind, code=kind))
 
 
+def _engine(model_dir: str, model_cfg: Any, cfg: Any, on_adapter_event):
+    """The generation engine serve.batching names; a model the continuous engine cannot run
+    (sliding-window or recurrent cache layers) falls back to PEFT's static batches."""
+    from ray_jobs.serve.engine import HFEngine
+
+    if cfg.batching == "continuous":
+        from ray_jobs.serve.continuous import ContinuousEngine
+
+        try:
+            return ContinuousEngine(model_dir, model_cfg, cfg.max_loaded_adapters,
+                                    on_adapter_event=on_adapter_event, max_batch_size=cfg.max_batch_size)
+        except ValueError as error:
+            log.warning("%s; serving with static mixed batches instead", error)
+    return HFEngine(model_dir, model_cfg, cfg.max_loaded_adapters, on_adapter_event=on_adapter_event,
+                    batching="mixed" if cfg.batching == "continuous" else cfg.batching)
+
+
 @serve.deployment(name="medtune", health_check_period_s=10)
 @serve.ingress(api)
 class MedtuneServer:
@@ -166,15 +186,13 @@ class MedtuneServer:
 
     def __init__(self, recipe: dict[str, Any]):
         from ray_jobs.models import resolve_model_dir
-        from ray_jobs.serve.engine import HFEngine
 
         self.recipe = Recipe.model_validate(recipe)
         self.cfg = cfg = self.recipe.serve
         self.storage = Storage.from_uri(self.recipe.storage.root)
         self.metrics = ServeMetrics()
         model_dir = resolve_model_dir(self.recipe.model, self.storage)
-        self.engine = HFEngine(model_dir, self.recipe.model, cfg.max_loaded_adapters,
-                               on_adapter_event=self.metrics.record_adapter_event, batching=cfg.batching)
+        self.engine = _engine(model_dir, self.recipe.model, cfg, self.metrics.record_adapter_event)
         self.base_name = cfg.served_model_name or self.recipe.model.base
         self.api_keys = _read_keys(cfg.api_keys_file)
         self.versions_cache: dict[str, tuple[float, list[str]]] = {}
@@ -294,6 +312,12 @@ class MedtuneServer:
         # One batch may mix adapters (and streams): the engine routes each row to its adapter.
         return await asyncio.to_thread(self.engine.generate, requests)
 
+    async def _generate(self, request: GenerationRequest):
+        """The request's result, from the continuous engine's queue or a static @serve.batch batch."""
+        if hasattr(self.engine, "submit"):
+            return await asyncio.wrap_future(self.engine.submit(request))
+        return await self.generate_batch(request)
+
     async def _run(self, http_request: Request, chat: bool):
         """Answer one chat or completions request; every outcome leaves one metric and log record."""
         started = time.perf_counter()
@@ -323,7 +347,7 @@ class MedtuneServer:
                 streaming = True  # from here on the stream records the request when it ends
                 return StreamingResponse(events, media_type="text/event-stream")
             try:
-                result = await asyncio.wait_for(self.generate_batch(request), timeout=deadline - time.perf_counter())
+                result = await asyncio.wait_for(self._generate(request), timeout=deadline - time.perf_counter())
             except asyncio.TimeoutError:
                 raise APIError(504, f"generation took longer than serve.request_timeout_s "
                                     f"({self.cfg.request_timeout_s:g}s)", "server_error", "timeout") from None
@@ -383,7 +407,7 @@ class MedtuneServer:
             return _event({"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]})
 
         try:
-            batch = asyncio.ensure_future(self.generate_batch(request))
+            batch = asyncio.ensure_future(self._generate(request))
             batch.add_done_callback(lambda _: queue.put_nowait(None))
             if chat:
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
