@@ -4,7 +4,8 @@
 
 Builds a Llama-3.1-8B-shaped model with random weights (bf16 safetensors, once), gives it
 the tiny offline tokenizer, writes synthetic entity-extraction notes, and runs the real
-training stage (`ray_jobs.train.run.run`): QLoRA nf4 on 1 GPU per worker under DeepSpeed,
+training stage (`ray_jobs.train.run.run`): QLoRA nf4 (or `--quantization 8bit|none`) on 1 GPU
+per worker under DeepSpeed (or DDP with `--deepspeed none`),
 checkpoints every `--checkpoint-every` steps, and one worker killed (os._exit) right after
 step `--fail-at`, so Ray Train restarts it from the latest checkpoint. Writes the run's
 lineage, the checkpoints it kept and the adapter's tensor shapes to `--out`.
@@ -29,7 +30,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-8b")
     parser.add_argument("--workdir", default="/tmp/mtb")
-    parser.add_argument("--deepspeed", default="zero2")
+    parser.add_argument("--deepspeed", default="zero2", help="zero2, zero3, or none (DDP)")
+    parser.add_argument("--quantization", default="4bit", choices=["4bit", "8bit", "none"])
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--checkpoint-every", type=int, default=50)
@@ -58,15 +60,16 @@ def main() -> int:
     data.write_text(json.dumps(entity_rows(args.rows, seed=11)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    storage_root = str(work / f"storage-{args.deepspeed}-{args.workers}")
+    storage_root = str(work / f"storage-{args.deepspeed}-{args.quantization}-{args.workers}")
     recipe = parse_recipe({
-        "name": f"gpu-evidence-{args.deepspeed}",
-        "model": {"base": str(model_dir), "quantization": "4bit", "dtype": "bf16"},
+        "name": f"gpu-evidence-{args.deepspeed}-{args.quantization}",
+        "model": {"base": str(model_dir), "quantization": args.quantization, "dtype": "bf16"},
         "data": {"format": "entities", "train": [str(data)], "system_prompt": "Extract the entities as JSON.",
                  "max_seq_len": args.seq_len, "eval_fraction": 0.02},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "attention"},
         "train": {"max_steps": args.steps, "micro_batch_size": 1, "lr": 2e-4, "warmup_steps": 10,
-                  "workers": args.workers, "gpus_per_worker": 1, "cpus_per_worker": 4, "deepspeed": args.deepspeed,
+                  "workers": args.workers, "gpus_per_worker": 1, "cpus_per_worker": 4,
+                  "deepspeed": args.deepspeed,
                   "gradient_checkpointing": "auto", "liger_kernels": True, "checkpoint_every": args.checkpoint_every,
                   "log_every": 10, "max_failures": 1},
         "storage": {"root": storage_root},
@@ -87,7 +90,7 @@ def main() -> int:
         "adapter_tensors": len(tensors), "adapter_shapes": sorted({str(tuple(t.shape)) for t in tensors.values()}),
         "empty_tensors": [k for k, t in tensors.items() if t.numel() == 0],
     }
-    (out / f"train-resume-{args.deepspeed}-{args.workers}gpu.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / f"train-resume-{args.deepspeed}-{args.quantization}-{args.workers}gpu.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "recipe"}, indent=1, default=str))
     return 0
 

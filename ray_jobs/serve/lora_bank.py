@@ -95,7 +95,17 @@ def read_adapter(folder: str | Path) -> dict[str, tuple[Any, Any]]:
 
 
 class LoRABank:
-    """Stacked LoRA weights for `slots` adapters (slot 0: the base model) on `model`'s linear layers."""
+    """Every loaded adapter's LoRA weights, concatenated per module; slot 0 is the base model.
+
+    Per targeted linear layer: A (in, slots x r) holds every slot's A transposed side by side,
+    B (slots x r, out) every slot's B (times its scaling) stacked. For a batch, a row mask
+    (batch, 1, slots x r) keeps each row's own slot's r columns, so one forward hook is three
+    kernels whatever the mix of adapters: `h = x @ A`, `h *= mask`, `out += h @ B`. Computing
+    x @ A for every slot costs slots x r columns per token, small next to the layer itself while
+    slots x r stays well below the hidden size (8 adapters of rank 16: 144 columns for 4,096).
+    An earlier gather-per-row design (index_select A and B, two bmm) cost twice the kernels and
+    was launch-bound on an H100 (adapters at 31% of base tokens/s).
+    """
 
     def __init__(self, model: Any, slots: int):
         import torch
@@ -107,19 +117,36 @@ class LoRABank:
         if not self.dtype.is_floating_point:  # quantised storage (bitsandbytes): compute in bf16
             self.dtype = torch.bfloat16
         self.device = next(model.parameters()).device
+        self.rank = 0
+        """Columns per slot: the largest rank loaded so far (smaller ranks are zero-padded)."""
         self.a: dict[str, Any] = {}
         self.b: dict[str, Any] = {}
         self.hooks: dict[str, Any] = {}
-        self.row_slots = None
-        """(batch,) long tensor on the model's device: each row's slot, set before every forward."""
-        self.active = False
+        self.row_mask = None
+        """(batch, 1, columns up to the end of the batch's highest slot), set before every forward."""
+        self._masks: dict[tuple[int, ...], Any] = {}
+
+    @property
+    def active(self) -> bool:
         """False while every row is a base-model row: the hooks then add nothing and cost nothing."""
+        return self.row_mask is not None
 
     def set_rows(self, slots: list[int]) -> None:
         import torch
 
-        self.active = any(slots)
-        self.row_slots = torch.tensor(slots, dtype=torch.long, device=self.device) if self.active else None
+        if not any(slots):
+            self.row_mask = None
+            return
+        key = tuple(slots)
+        if key not in self._masks:
+            if len(self._masks) > 64:  # batch compositions change as rows come and go: keep a few
+                self._masks.clear()
+            mask = torch.zeros(len(slots), 1, (max(slots) + 1) * self.rank, dtype=self.dtype)
+            for row, slot in enumerate(slots):
+                if slot:
+                    mask[row, 0, slot * self.rank:(slot + 1) * self.rank] = 1
+            self._masks[key] = mask.to(self.device)
+        self.row_mask = self._masks[key]
 
     def check(self, weights: dict[str, tuple[Any, Any]]) -> None:
         """Raise AdapterLoadError unless every module exists in the base model with matching shapes."""
@@ -137,46 +164,69 @@ class LoRABank:
         import torch
 
         assert 0 < slot < self.slots
+        rank = max(a.shape[0] for a, _ in weights.values())
+        if rank > self.rank:
+            self._widen(rank)
         self.clear(slot)
+        columns = slice(slot * self.rank, slot * self.rank + rank)
         for module, (a, b) in weights.items():
-            rank = a.shape[0]
-            if module not in self.a or self.a[module].shape[1] < rank:
-                self._grow(module, rank)
+            if module not in self.a:
+                self._allocate(module)
+            r = a.shape[0]
             with torch.no_grad():
-                self.a[module][slot, :rank].copy_(a.to(self.device, self.dtype))
-                self.b[module][slot, :, :rank].copy_(b.to(self.device, self.dtype))
+                self.a[module][:, columns][:, :r].copy_(a.T.to(self.device, self.dtype))
+                self.b[module][columns][:r].copy_(b.T.to(self.device, self.dtype))
 
     def clear(self, slot: int) -> None:
+        columns = slice(slot * self.rank, (slot + 1) * self.rank)
         for module in self.a:
-            self.a[module][slot].zero_()
-            self.b[module][slot].zero_()
+            self.a[module][:, columns].zero_()
+            self.b[module][columns].zero_()
 
-    def _grow(self, module: str, rank: int) -> None:
-        """Allocate (or widen to `rank`) the stacked tensors of one module, keeping what they hold."""
+    def _allocate(self, module: str) -> None:
         import torch
 
         layer = self.linear[module]
-        a = torch.zeros(self.slots, rank, layer.in_features, dtype=self.dtype, device=self.device)
-        b = torch.zeros(self.slots, layer.out_features, rank, dtype=self.dtype, device=self.device)
-        if module in self.a:
-            old = self.a[module].shape[1]
-            a[:, :old].copy_(self.a[module])
-            b[:, :, :old].copy_(self.b[module])
-        self.a[module], self.b[module] = a, b
-        if module not in self.hooks:
-            self.hooks[module] = layer.register_forward_hook(self._hook(module))
+        self.a[module] = torch.zeros(layer.in_features, self.slots * self.rank, dtype=self.dtype, device=self.device)
+        self.b[module] = torch.zeros(self.slots * self.rank, layer.out_features, dtype=self.dtype, device=self.device)
+        self.hooks[module] = layer.register_forward_hook(self._hook(module))
+
+    def _widen(self, rank: int) -> None:
+        """Re-lay every module's tensors with `rank` columns per slot, keeping what they hold."""
+        import torch
+
+        old = self.rank
+        for module in list(self.a):
+            a, b = self.a[module], self.b[module]
+            wide_a = torch.zeros(a.shape[0], self.slots * rank, dtype=self.dtype, device=self.device)
+            wide_b = torch.zeros(self.slots * rank, b.shape[1], dtype=self.dtype, device=self.device)
+            for slot in range(self.slots):
+                wide_a[:, slot * rank:slot * rank + old] = a[:, slot * old:(slot + 1) * old]
+                wide_b[slot * rank:slot * rank + old] = b[slot * old:(slot + 1) * old]
+            self.a[module], self.b[module] = wide_a, wide_b
+        self.rank = rank
+        self._masks.clear()
 
     def _hook(self, module: str):
         import torch
 
+        views: dict[int, tuple[Any, Any]] = {}  # width -> (A, B) column views: no slicing per call
+        same_dtype = self.linear[module].weight.dtype == self.dtype
+
         def add_lora(_layer, args, output):
-            if not self.active:
+            # Every dispatcher call here costs tens of microseconds of CPU on a launch-bound
+            # decoding step (128+ hooks per token): keep it to the three kernels.
+            mask = self.row_mask
+            if mask is None:
                 return output
-            x = args[0]
-            slots = self.row_slots
-            a = self.a[module].index_select(0, slots)  # (batch, r, in)
-            b = self.b[module].index_select(0, slots)  # (batch, out, r)
-            hidden = torch.bmm(x.to(self.dtype), a.transpose(1, 2))
-            return output + torch.bmm(hidden, b.transpose(1, 2)).to(output.dtype)
+            width = mask.shape[-1]
+            pair = views.get(width)
+            if pair is None or pair[0].data_ptr() != self.a[module].data_ptr():  # new width, or widened bank
+                pair = views[width] = (self.a[module][:, :width], self.b[module][:width])
+            x = args[0] if same_dtype else args[0].to(self.dtype)
+            hidden = torch.matmul(x, pair[0]).mul_(mask)  # each row keeps only its own adapter's columns
+            if same_dtype:
+                return output.add_(torch.matmul(hidden, pair[1]))
+            return output.add_(torch.matmul(hidden, pair[1]).to(output.dtype))
 
         return add_lora
