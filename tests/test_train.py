@@ -3,6 +3,10 @@
 Every run here is a real `TorchTrainer` on the session's local Ray cluster with the tiny
 Llama model, so these tests are slow-ish (tens of seconds each on 2 cores). Checks that need
 no Ray (packing equivalence, refusals) live at the top and run in milliseconds.
+
+The runs on local storage share one notes file, storage root and recipe name (`local_runs`),
+so Ray Data preprocesses the notes once and every later run reuses that dataset by its
+fingerprint; each run keeps its own run name, checkpoints and adapter version.
 """
 
 from __future__ import annotations
@@ -116,6 +120,17 @@ def test_a_missing_deepspeed_profile_is_refused_before_ray_starts(tmp_path: Path
 
 
 # --------------------------------------------------------------------------- preflight on a real cluster
+LOCAL = "local"
+"""Recipe name of every run on the shared local storage: one name, one preprocessed dataset."""
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory: pytest.TempPathFactory, ray_cluster) -> tuple[Path, str]:
+    """(notes file, storage root) shared by the local runs of this module."""
+    root = tmp_path_factory.mktemp("local-runs")
+    return notes_file(root), str(root / "store")
+
+
 @pytest.mark.usefixtures("ray_cluster")
 def test_more_gpus_than_the_cluster_has_fails_before_any_worker_starts(tmp_path: Path):
     recipe = tiny_recipe("x", notes_file(tmp_path), str(tmp_path), train={"workers": 2, "gpus_per_worker": 4})
@@ -139,10 +154,10 @@ def test_missing_training_data_is_a_one_line_error(tmp_path: Path):
         train_run.run(recipe)
 
 
-@pytest.mark.usefixtures("ray_cluster")
-def test_too_few_rows_for_one_step_names_the_keys(tmp_path: Path):
-    recipe = tiny_recipe("x", notes_file(tmp_path, rows=40), str(tmp_path),
-                         train={"micro_batch_size": 64, "grad_accum": 4})
+def test_too_few_rows_for_one_step_names_the_keys(local_runs):
+    # 64 notes pack into ~24 rows of 256 tokens: far fewer than one step of 64 x 4.
+    data, root = local_runs
+    recipe = tiny_recipe(LOCAL, data, root, train={"micro_batch_size": 64, "grad_accum": 4})
     with pytest.raises(train_run.TrainError, match="too few for one optimizer step"):
         train_run.run(recipe)
 
@@ -220,14 +235,13 @@ def test_checkpoints_hold_adapter_optimizer_scheduler_rng_and_data_position(s3_l
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_cluster")
-def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_ends(tmp_path: Path):
-    data = notes_file(tmp_path)
-    train = {"max_steps": 6, "checkpoint_every": 2, "max_failures": 1}
-    unbroken = train_run.run(tiny_recipe("unbroken", data, str(tmp_path / "a"), train=train), run_name="unbroken-r1")
+def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_ends(local_runs):
+    data, root = local_runs
+    recipe = tiny_recipe(LOCAL, data, root, train={"max_steps": 6, "checkpoint_every": 2, "max_failures": 1})
+    unbroken = train_run.run(recipe, run_name=f"{LOCAL}-unbroken")
     # The worker process exits hard (os._exit) right after optimizer step 5, as an OOM kill would.
-    broken = train_run.run(tiny_recipe("broken", data, str(tmp_path / "b"), train=train),
-                           run_name="broken-r1", fault_at_step=5)
+    broken = train_run.run(recipe, run_name=f"{LOCAL}-broken", fault_at_step=5)
+    assert broken.run != unbroken.run and broken.adapter_uri != unbroken.adapter_uri
     lineage = json.loads(Path(broken.adapter_uri, "lineage.json").read_text())
     # Ray Train registers a reported checkpoint asynchronously, so the restart may find the
     # step-4 checkpoint or (if the crash won the race) step 2; never a fresh start.
@@ -241,12 +255,11 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_where_an_unbroken_
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_cluster")
-def test_qlora_4bit_trains_on_two_workers_and_saves_a_plain_lora_adapter(tmp_path: Path):
-    recipe = tiny_recipe("qlora", notes_file(tmp_path), str(tmp_path),
-                         model={"quantization": "4bit", "quant": {"compute_dtype": "fp32"}},
+def test_qlora_4bit_trains_on_two_workers_and_saves_a_plain_lora_adapter(local_runs):
+    data, root = local_runs
+    recipe = tiny_recipe(LOCAL, data, root, model={"quantization": "4bit", "quant": {"compute_dtype": "fp32"}},
                          train={"workers": 2, "max_steps": 2})
-    result = train_run.run(recipe)
+    result = train_run.run(recipe, run_name=f"{LOCAL}-qlora")
     tensors = adapter_tensors(Path(result.adapter_uri))
     assert any("lora_A" in k for k in tensors) and all(t.numel() > 0 for t in tensors.values())
     lineage = json.loads(Path(result.adapter_uri, "lineage.json").read_text())
@@ -254,16 +267,15 @@ def test_qlora_4bit_trains_on_two_workers_and_saves_a_plain_lora_adapter(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_cluster")
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_deepspeed_saves_the_gathered_adapter_equal_to_its_own_checkpoint(tmp_path: Path, stage: str):
+def test_deepspeed_saves_the_gathered_adapter_equal_to_its_own_checkpoint(local_runs, tmp_path: Path, stage: str):
     """Under ZeRO-3 each rank holds a slice of every LoRA matrix: the adapter must be
     gathered before saving, or it comes out as [0]-shaped tensors."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    recipe = tiny_recipe(f"ds-{stage}", notes_file(tmp_path), str(tmp_path),
-                         train={"workers": 2, "deepspeed": stage, "max_steps": 2})
-    result = train_run.run(recipe)
+    data, root = local_runs
+    recipe = tiny_recipe(LOCAL, data, root, train={"workers": 2, "deepspeed": stage, "max_steps": 2})
+    result = train_run.run(recipe, run_name=f"{LOCAL}-ds-{stage}")
     published = adapter_tensors(Path(result.adapter_uri))
     lora_a = [t for k, t in published.items() if "lora_A" in k]
     assert lora_a and all(t.shape == (4, 128) for t in lora_a)  # r x hidden, not [0]

@@ -265,6 +265,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if ds_config:
         import deepspeed
 
+        if device.type == "cpu":
+            skip_shm_collectives()
         dtype = next(p.dtype for p in model.parameters())
         ds_config = {**ds_config, "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
                      "train_micro_batch_size_per_gpu": train["micro_batch_size"],
@@ -440,6 +442,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if writer:
         writer.close()
         sync_tensorboard(cfg)
+
+
+def skip_shm_collectives() -> None:
+    """Keep DeepSpeed on CPU from JIT-compiling its shared-memory all-reduce op.
+
+    DeepSpeed's CPU backend builds `deepspeed_shm_comm` with ninja/g++ the first time a
+    process starts its communication backend on a machine: 45-95 s of C++ on 2 cores, paid
+    again on every fresh machine (CI) and whenever the torch-extensions cache misses. The
+    op only speeds up large CPU all-reduces; without it DeepSpeed sends the same reductions
+    through the gloo process group Ray Train already set up. GPUs use NCCL and never build it.
+    """
+    import deepspeed.ops
+
+    # deepspeed.ops caches this dict at first access, and build_shm_op reads it from there.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def sync_tensorboard(cfg: dict[str, Any]) -> None:
