@@ -282,7 +282,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool | Literal["auto"] = False
     """Recompute activations in the backward pass: less memory, ~30% more compute. `auto`
     measures one full-size step on the GPU first and turns it on only when memory is short
-    (always on under DeepSpeed, off on CPU)."""
+    (always on under DeepSpeed and with 8-bit weights, off on CPU)."""
     liger_kernels: bool = False
     """Fused Triton kernels from Liger on GPU (RMSNorm, RoPE, SwiGLU, and a fused linear
     cross-entropy that never materialises the logits). Ignored on CPU."""

@@ -245,6 +245,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         quantized = recipe["model"]["quantization"] != "none"
         if ds_config:
             needed = True  # ZeRO places weights inside deepspeed.initialize: nothing to probe yet
+        elif recipe["model"]["quantization"] == "8bit" and device.type == "cuda":
+            # LLM.int8 allocates more after its first steps than the probe step shows: on an
+            # H100 (8B shape, 4,096-token rows) the probe said off and the first real step ran
+            # out of memory at 78 GiB (benchmarks/results/train_resume-8bit-ddp-h100-oom.txt).
+            needed = True
         else:
             needed = checkpointing_needed(model, micro_batch=train["micro_batch_size"],
                                           seq_len=recipe["data"]["max_seq_len"], device=device, fused=fused,
