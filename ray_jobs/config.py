@@ -323,6 +323,9 @@ class EvalConfig(Section):
     max_samples: PositiveInt | None = 200
     """Evaluate on at most this many eval rows (None: all)."""
     batch_size: PositiveInt = 8
+    workers: PositiveInt | Literal["auto"] = "auto"
+    """Ray tasks the eval rows are split over, each with its own copy of the model. `auto`: one
+    per GPU in the cluster, or one per CPU (at most 8) on a CPU-only cluster."""
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 
@@ -471,9 +474,10 @@ def _describe_error(error: dict[str, Any]) -> list[str]:
     message = str(error["msg"]).removeprefix("Value error, ")
     if "\n" in message or not path:  # cross-field problems: each line already names its key
         return message.splitlines()
-    shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
-    prefix = f"{path}: " if path else ""
-    return [f"{prefix}{message} (got {shown})"]
+    if isinstance(value, dict):  # a section's own rule: the message names its keys and values
+        return [f"{path}: {message}"]
+    shown = repr(value) if not isinstance(value, list) else "list"
+    return [f"{path}: {message} (got {shown})"]
 
 
 def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:

@@ -175,10 +175,6 @@ def test_serve_replica_bounds_are_checked():
     assert problem.startswith("serve: min_replicas (3) exceeds max_replicas (1)")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: config.py _describe_error appends ' (got dict)' to problems raised by a section's own "
-    "model validator (LoraConfig._servable, ServeConfig._replica_bounds): the value shown is the "
-    "whole section, not the bad value"))
 @pytest.mark.parametrize("section", [{"lora": {"modules_to_save": ["lm_head"]}},
                                      {"serve": {"min_replicas": 3, "max_replicas": 1}}], ids=["lora", "serve"])
 def test_a_section_rule_is_reported_without_a_bogus_value(section: dict):

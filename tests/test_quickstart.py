@@ -63,3 +63,11 @@ def test_quickstart_runs_every_stage_and_answers_over_http(tmp_path):
     report = json.loads((storage / "reports" / f"quickstart-ner-{adapter.name}" / "report.json").read_text())
     # Training on the task must lower the eval loss against the untouched base model.
     assert report["models"]["adapter"]["eval_loss"] < report["models"]["base"]["eval_loss"]
+    # The report carries the training run's loss curves, read back from its TensorBoard logs.
+    report_dir = storage / "reports" / f"quickstart-ner-{adapter.name}"
+    curves = report["training_curves"]
+    assert len(curves["loss"]) >= 2 and len(curves["eval_loss"]) >= 2
+    steps = [step for step, _ in curves["loss"]]
+    assert steps == sorted(steps) and steps[-1] == lineage["final_metrics"]["step"]
+    assert curves["eval_loss"][-1][1] == pytest.approx(lineage["final_metrics"]["eval_loss"], rel=1e-4)
+    assert (report_dir / "loss_curves.png").is_file() and "loss_curves.png" in (report_dir / "report.md").read_text()

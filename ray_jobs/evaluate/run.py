@@ -4,7 +4,10 @@
     medtune evaluate RECIPE [--set eval.max_samples=50]
     MEDTUNE_ADAPTER=name@version medtune evaluate RECIPE    # a specific adapter version
 
-Writes `report.json`, `report.md` and plots under `<storage>/reports/<run>/`:
+Writes `report.json`, `report.md` and plots (before/after bars; the training run's loss
+curves from its TensorBoard logs) under `<storage>/reports/<run>/`. The eval rows are split
+over Ray tasks, one per GPU (or CPU slot) in the cluster (`eval.workers`), each loading the
+base model and the adapter itself:
 - every format: eval loss and perplexity, before (base) vs after (adapter);
 - entities: P/R/F1 exact / relaxed / overlap, per label, JSON validity, plus the
   entity-extraction seed's `true_pred_entities.json` and `performance.json`;
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +29,7 @@ from typing import Any
 
 from ray_jobs.config import Recipe
 from ray_jobs.evaluate.generation import sampling_kwargs
-from ray_jobs.storage import Storage, adapter_prefix, report_prefix
+from ray_jobs.storage import Storage, adapter_prefix, report_prefix, run_prefix
 
 
 class EvaluateError(RuntimeError):
@@ -52,7 +56,8 @@ def _eval_rows(storage: Storage, prefix: str, limit: int | None) -> list[dict[st
     return rows[:limit] if limit else rows
 
 
-def mean_loss(model, rows: list[dict[str, Any]], device, batch_size: int) -> float:
+def loss_sums(model, rows: list[dict[str, Any]], device, batch_size: int) -> tuple[float, int]:
+    """(sum of target-token cross-entropies, number of target tokens) over `rows`."""
     import torch
 
     from ray_jobs.train.loop import collate, summed_loss
@@ -66,7 +71,86 @@ def mean_loss(model, rows: list[dict[str, Any]], device, batch_size: int) -> flo
             ids, labels, pos = (t.to(device) for t in collate(batch, pad_id=0))
             loss_sum, n = summed_loss(model, ids, labels, pos)
             total, count = total + float(loss_sum), count + n
-    return total / max(count, 1)
+    return total, count
+
+
+def evaluate_shard(recipe_json: dict[str, Any], adapter: tuple[str, str], rows: list[dict[str, Any]],
+                   generative: bool) -> dict[str, dict[str, Any]]:
+    """Base model, then the adapter on it, over one shard of the eval rows: loss sums and answers.
+
+    Runs in the driver or as a Ray task (one per GPU, or per CPU slot): it resolves the base
+    model and the adapter through storage itself, so every node fetches its own copy.
+    """
+    import torch
+    from peft import PeftModel
+
+    from ray_jobs.models import cache_root, load_model, load_tokenizer, resolve_model_dir
+
+    recipe = Recipe.model_validate(recipe_json)
+    storage = Storage.from_uri(recipe.storage.root)
+    name, version = adapter
+    model_dir = resolve_model_dir(recipe.model, storage)
+    tokenizer = load_tokenizer(model_dir, recipe.model.revision, recipe.model.trust_remote_code)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_model(recipe.model, model_dir, device=device)
+    results: dict[str, dict[str, Any]] = {}
+    for label in ("base", "adapter"):
+        if label == "adapter":
+            local = storage.local_view(adapter_prefix(name, version), cache_root() / "adapters" / name / version)
+            if (local / "adapter_config.json").exists():
+                model = PeftModel.from_pretrained(base, str(local))
+            else:  # train.method: full publishes a whole model in the same place
+                del base
+                model = load_model(recipe.model, str(local), device=device)
+        else:
+            model = base
+        total, count = loss_sums(model, rows, device, recipe.eval.batch_size)
+        entry: dict[str, Any] = {"loss_sum": total, "tokens": count, "outputs": [], "seconds": []}
+        if generative:
+            entry["outputs"], entry["seconds"] = generate_answers(model, tokenizer, rows, recipe, device)
+        results[label] = entry
+    return results
+
+
+def eval_workers(recipe: Recipe, rows: int) -> int:
+    """How many shards the eval rows are split into: eval.workers, or with `auto` one per GPU in
+    the Ray cluster, else one per CPU (at most 8), never more than there are batches of rows."""
+    batches = max(1, -(-rows // recipe.eval.batch_size))
+    if recipe.eval.workers != "auto":
+        return max(1, min(recipe.eval.workers, batches))
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    return max(1, min(gpus if gpus else min(cpus, 8), batches))
+
+
+def evaluate_rows(recipe: Recipe, adapter: tuple[str, str], rows: list[dict[str, Any]],
+                  generative: bool) -> dict[str, dict[str, Any]]:
+    """`evaluate_shard` over all rows, split across Ray tasks when more than one worker helps;
+    answers come back in row order."""
+    workers = eval_workers(recipe, len(rows))
+    payload = recipe.model_dump(mode="json")
+    if workers == 1:
+        return evaluate_shard(payload, adapter, rows, generative)
+    import ray
+
+    size = -(-len(rows) // workers)
+    shards = [rows[i:i + size] for i in range(0, len(rows), size)]
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+    task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=1)(evaluate_shard)
+    print(f"[medtune] evaluating {len(rows)} rows in {len(shards)} Ray tasks"
+          f"{' (one GPU each)' if gpus else ''}", flush=True)
+    parts = ray.get([task.remote(payload, adapter, shard, generative) for shard in shards])
+    merged: dict[str, dict[str, Any]] = {}
+    for label in ("base", "adapter"):
+        merged[label] = {"loss_sum": sum(p[label]["loss_sum"] for p in parts),
+                         "tokens": sum(p[label]["tokens"] for p in parts),
+                         "outputs": [o for p in parts for o in p[label]["outputs"]],
+                         "seconds": [t for p in parts for t in p[label]["seconds"]]}
+    return merged
 
 
 def generate_answers(model, tokenizer, rows: list[dict[str, Any]], recipe: Recipe, device) -> tuple[list[str], list[float]]:
@@ -118,10 +202,7 @@ def task_metrics(recipe: Recipe, rows: list[dict[str, Any]], outputs: list[str],
 
 
 def run(recipe: Recipe, adapter: str | None = None) -> dict[str, Any]:
-    from peft import PeftModel
-
     from ray_jobs.evaluate import metrics as m
-    from ray_jobs.models import cache_root, load_model, load_tokenizer, resolve_model_dir
     from ray_jobs.preprocess.pipeline import run as preprocess
 
     storage = Storage.from_uri(recipe.storage.root)
@@ -130,36 +211,28 @@ def run(recipe: Recipe, adapter: str | None = None) -> dict[str, Any]:
     if not dataset.stats["rows_out"].get("eval"):
         raise EvaluateError("data: the dataset has no eval split; set data.eval files or data.eval_fraction > 0")
     rows = _eval_rows(storage, dataset.eval_path, recipe.eval.max_samples)
-    model_dir = resolve_model_dir(recipe.model, storage)
-    tokenizer = load_tokenizer(model_dir, recipe.model.revision, recipe.model.trust_remote_code)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = load_model(recipe.model, model_dir, device=device)
     generative = [w for w in recipe.eval.metrics if w != "perplexity"]
+    results = evaluate_rows(recipe, (name, version), rows, bool(generative))
 
+    from ray_jobs.models import load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir(recipe.model, storage), recipe.model.revision,
+                               recipe.model.trust_remote_code)
     report: dict[str, Any] = {"recipe": recipe.name, "adapter": f"{name}@{version}", "base_model": recipe.model.base,
                               "dataset": dataset.uri, "eval_rows": len(rows), "models": {}}
     samples: dict[str, list[str]] = {}
     latency: dict[str, Any] = {}
-    for label in ("base", "adapter"):
-        if label == "adapter":
-            local = storage.local_view(adapter_prefix(name, version), cache_root() / "adapters" / name / version)
-            if (local / "adapter_config.json").exists():
-                model = PeftModel.from_pretrained(base, str(local))
-            else:  # train.method: full publishes a whole model in the same place
-                del base
-                model = load_model(recipe.model, str(local), device=device)
-        else:
-            model = base
-        loss = mean_loss(model, rows, device, recipe.eval.batch_size)
+    for label, result in results.items():
+        loss = result["loss_sum"] / max(result["tokens"], 1)
         entry: dict[str, Any] = {"eval_loss": loss, "perplexity": m.perplexity(loss)}
         if generative:
-            outputs, seconds = generate_answers(model, tokenizer, rows, recipe, device)
-            entry.update(task_metrics(recipe, rows, outputs, tokenizer))
-            samples[label] = outputs
-            latency[label] = m.latency_summary(seconds)
+            entry.update(task_metrics(recipe, rows, result["outputs"], tokenizer))
+            samples[label] = result["outputs"]
+            latency[label] = m.latency_summary(result["seconds"])
         report["models"][label] = entry
+    curves = training_curves(storage, name, version)
+    if curves:
+        report["training_curves"] = curves
 
     rel = report_prefix(f"{name}-{version}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,6 +249,8 @@ def run(recipe: Recipe, adapter: str | None = None) -> dict[str, Any]:
             (out / "performance.json").write_text(json.dumps(performance, indent=2, default=str) + "\n")
         (out / "report.md").write_text(render_markdown(report))
         plot_comparison(report, out / "before_after.png")
+        if curves:
+            plot_curves(curves, out / "loss_curves.png")
         storage.upload_dir(out, rel, info={"adapter": f"{name}@{version}"})
     report["uri"] = storage.uri(rel)
     return report
@@ -195,6 +270,54 @@ def _headline(entry: dict[str, Any]) -> dict[str, float]:
     return values
 
 
+def training_curves(storage: Storage, name: str, version: str) -> dict[str, list[list[float]]]:
+    """Training and eval loss by step ({"loss": [[step, value], ...], "eval_loss": ...}), read
+    from the TensorBoard logs of the run that produced the adapter; {} when there are none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    try:
+        lineage = json.loads(storage.read_text(posixpath.join(adapter_prefix(name, version), "lineage.json")))
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+    run = str(lineage.get("run") or "").rstrip("/")
+    if not run:
+        return {}
+    rel = posixpath.join(run_prefix(posixpath.basename(run)), "tensorboard")
+    curves: dict[str, list[list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = storage.local_view(rel, Path(tmp) / "tensorboard")
+        except (FileNotFoundError, OSError):
+            return {}
+        if not local.is_dir():
+            return {}
+        events = EventAccumulator(str(local))
+        events.Reload()
+        for key in ("loss", "eval_loss"):
+            if f"train/{key}" in events.Tags().get("scalars", []):
+                curves[key] = [[event.step, event.value] for event in events.Scalars(f"train/{key}")]
+    return curves
+
+
+def plot_curves(curves: dict[str, list[list[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for key, points in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None,
+                label={"loss": "training loss", "eval_loss": "eval loss"}.get(key, key))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per target token)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     base, after = _headline(report["models"]["base"]), _headline(report["models"]["adapter"])
     lines = [f"# Evaluation: {report['adapter']}", "",
@@ -203,6 +326,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     for key in base:
         lines.append(f"| {key} | {base[key]:.4f} | {after[key]:.4f} | {after[key] - base[key]:+.4f} |")
     lines += ["", "![before vs after](before_after.png)", ""]
+    if report.get("training_curves"):
+        lines += ["Training run's loss by step:", "", "![loss curves](loss_curves.png)", ""]
     return "\n".join(lines)
 
 
