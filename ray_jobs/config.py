@@ -247,9 +247,11 @@ class LoraConfig(Section):
 # --------------------------------------------------------------------------- train
 class TrackingConfig(Section):
     mlflow_uri: str | None = None
-    """MLflow tracking URI; empty: no MLflow (no network calls by default)."""
+    """MLflow tracking URI; empty: no MLflow (no network calls by default). Rank 0 logs the
+    progress metrics to an experiment named after the recipe, a run named after the run.
+    The driver's MLFLOW_* environment variables are passed to the workers."""
     wandb_project: str | None = None
-    """Weights & Biases project; empty: no W&B."""
+    """Weights & Biases project; empty: no W&B. The driver's WANDB_* variables reach the workers."""
 
 
 class TrainConfig(Section):

@@ -145,7 +145,11 @@ def run(recipe: Recipe, *, run_name: str | None = None, fault_at_step: int | Non
         "tensorboard_rel": posixpath.join(run_prefix(run_name), "tensorboard"),
         "fault_marker": str(scratch / "fault-injected"), "run_name": run_name,
     }
-    worker_env = {}
+    # The trackers a recipe configures read their credentials and settings from the environment
+    # (MLFLOW_TRACKING_TOKEN, WANDB_API_KEY, ...): hand the driver's to the workers.
+    tracking = recipe.train.tracking
+    prefixes = ("MLFLOW_",) * bool(tracking.mlflow_uri) + ("WANDB_",) * bool(tracking.wandb_project)
+    worker_env = {key: value for key, value in os.environ.items() if prefixes and key.startswith(prefixes)}
     if fault_at_step:
         worker_env["MEDTUNE_FAIL_AT_STEP"] = str(fault_at_step)
     use_gpu = recipe.train.gpus_per_worker > 0
