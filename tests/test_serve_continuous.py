@@ -8,7 +8,6 @@ greedy answers must be token for token the same, whatever the batch around them.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -145,11 +144,11 @@ def test_adapters_in_use_are_never_evicted_and_a_full_bank_is_a_clear_error(tiny
     engine = new_engine(tiny_llama_dir, max_loaded_adapters=1, max_batch_size=4)
     engine.ensure_adapter("qkvo@v1", str(adapters["qkvo@v1"]))
     running = request_for(oracle, adapters, "qkvo@v1", PROMPTS[0], max_tokens=10_000)
-    future = engine.submit(running)
-    time.sleep(0.2)
-    with pytest.raises(AdapterLoadError, match="running requests need"):
-        engine.ensure_adapter("mlp-rank4@v1", str(adapters["mlp-rank4@v1"]))
-    running.cancelled = True
+    with engine.wakeup:  # the decode loop cannot admit it while we hold this: it stays queued
+        future = engine.submit(running)
+        with pytest.raises(AdapterLoadError, match="queued or running requests need"):
+            engine.ensure_adapter("mlp-rank4@v1", str(adapters["mlp-rank4@v1"]))
+        running.cancelled = True
     assert future.result(60).finish_reason == "cancelled"
     engine.ensure_adapter("mlp-rank4@v1", str(adapters["mlp-rank4@v1"]))  # idle now: evictable
     assert list(engine.loaded) == ["mlp-rank4@v1"]
@@ -208,3 +207,20 @@ def test_a_corrupt_adapter_is_refused_with_the_file_that_is_broken(tmp_path, tin
         (folder / name).write_bytes(content)
     with pytest.raises(AdapterLoadError, match=reason):
         read_adapter(folder)
+
+
+@pytest.mark.parametrize("lora, expected", [
+    ({}, []),
+    ({"use_dora": True}, ["lora.use_dora"]),
+    ({"modules_to_save": ["score"], "bias": "lora_only"}, ["lora.modules_to_save", "lora.bias"]),
+])
+def test_a_recipe_whose_adapters_the_bank_cannot_apply_is_served_by_peft(tiny_llama_dir, lora, expected):
+    from ray_jobs.config import parse_recipe
+    from ray_jobs.serve.app import _engine, continuous_blockers
+    from ray_jobs.serve.engine import HFEngine
+
+    recipe = parse_recipe({"name": "x", "model": {"base": str(tiny_llama_dir), "dtype": "fp32"},
+                           "data": {"format": "qa", "train": "qa.jsonl"}, "lora": lora})
+    assert continuous_blockers(recipe) == expected
+    engine = _engine(str(tiny_llama_dir), recipe, lambda *event: None)
+    assert isinstance(engine, HFEngine if expected else ContinuousEngine)

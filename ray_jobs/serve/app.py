@@ -162,19 +162,33 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse
     return error_response(APIError(error.status_code, str(error.detail), kind, code=kind))
 
 
-def _engine(model_dir: str, model_cfg: Any, cfg: Any, on_adapter_event):
-    """The generation engine serve.batching names; a model the continuous engine cannot run
-    (sliding-window or recurrent cache layers) falls back to PEFT's static batches."""
+def continuous_blockers(recipe: Recipe) -> list[str]:
+    """What in the recipe's own adapters the continuous engine's LoRA bank cannot apply."""
+    lora = recipe.lora
+    found = ["lora.use_dora"] * lora.use_dora + ["lora.modules_to_save"] * bool(lora.modules_to_save)
+    return found + (["lora.bias"] if lora.bias != "none" else [])
+
+
+def _engine(model_dir: str, recipe: Recipe, on_adapter_event):
+    """The generation engine serve.batching names. A recipe whose adapters the continuous engine
+    cannot apply (DoRA, modules_to_save, trained biases), or a model whose KV cache has
+    sliding-window or recurrent layers, gets PEFT's static mixed batches instead, with a log line."""
     from ray_jobs.serve.engine import HFEngine
 
+    cfg, model_cfg = recipe.serve, recipe.model
     if cfg.batching == "continuous":
         from ray_jobs.serve.continuous import ContinuousEngine
 
-        try:
-            return ContinuousEngine(model_dir, model_cfg, cfg.max_loaded_adapters,
-                                    on_adapter_event=on_adapter_event, max_batch_size=cfg.max_batch_size)
-        except ValueError as error:
-            log.warning("%s; serving with static mixed batches instead", error)
+        blockers = continuous_blockers(recipe)
+        if blockers:
+            log.warning("the recipe's adapters use %s, which the continuous engine cannot apply; "
+                        "serving with static mixed batches (PEFT) instead", ", ".join(blockers))
+        else:
+            try:
+                return ContinuousEngine(model_dir, model_cfg, cfg.max_loaded_adapters,
+                                        on_adapter_event=on_adapter_event, max_batch_size=cfg.max_batch_size)
+            except ValueError as error:
+                log.warning("%s; serving with static mixed batches instead", error)
     return HFEngine(model_dir, model_cfg, cfg.max_loaded_adapters, on_adapter_event=on_adapter_event,
                     batching="mixed" if cfg.batching == "continuous" else cfg.batching)
 
@@ -192,7 +206,7 @@ class MedtuneServer:
         self.storage = Storage.from_uri(self.recipe.storage.root)
         self.metrics = ServeMetrics()
         model_dir = resolve_model_dir(self.recipe.model, self.storage)
-        self.engine = _engine(model_dir, self.recipe.model, cfg, self.metrics.record_adapter_event)
+        self.engine = _engine(model_dir, self.recipe, self.metrics.record_adapter_event)
         self.base_name = cfg.served_model_name or self.recipe.model.base
         self.api_keys = _read_keys(cfg.api_keys_file)
         self.versions_cache: dict[str, tuple[float, list[str]]] = {}

@@ -140,8 +140,8 @@ class ContinuousEngine:
             self.stats["evictions"] += 1
             self.on_adapter_event("evict", candidate, 0.0)
             return slot
-        raise AdapterLoadError(f"all {self.max_loaded} adapter slots hold adapters that running requests need; "
-                               "retry, or raise serve.max_loaded_adapters")
+        raise AdapterLoadError(f"all {self.max_loaded} adapter slots hold adapters that queued or running requests "
+                               "need; retry, or raise serve.max_loaded_adapters")
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: GenerationRequest) -> Future:
