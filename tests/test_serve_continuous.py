@@ -224,3 +224,13 @@ def test_a_recipe_whose_adapters_the_bank_cannot_apply_is_served_by_peft(tiny_ll
     assert continuous_blockers(recipe) == expected
     engine = _engine(str(tiny_llama_dir), recipe, lambda *event: None)
     assert isinstance(engine, HFEngine if expected else ContinuousEngine)
+
+
+def test_a_sliding_window_cache_is_refused_from_the_config_before_any_weights_load():
+    from transformers import LlamaConfig, MistralConfig
+
+    from ray_jobs.serve.continuous import UnsupportedModelError, check_cache_layout
+
+    check_cache_layout(LlamaConfig(num_hidden_layers=2))  # plain layers: accepted
+    with pytest.raises(UnsupportedModelError, match="DynamicSlidingWindowLayer.*serve.batching: mixed"):
+        check_cache_layout(MistralConfig(num_hidden_layers=2, sliding_window=64))

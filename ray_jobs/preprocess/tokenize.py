@@ -100,10 +100,9 @@ def pack_documents(docs: list[tuple[list[int], list[int]]], max_seq_len: int) ->
     Each row carries `position_ids` restarting per document and `seq_lens` (document lengths
     in order), so training can rebuild the document boundaries either way.
     """
-    order = range(len(docs))
     bins: list[list[int]] = []
     space: list[int] = []
-    for index in order:
+    for index in range(len(docs)):
         length = len(docs[index][0])
         target = next((b for b, free in enumerate(space) if free >= length), None)
         if target is None:
@@ -113,8 +112,7 @@ def pack_documents(docs: list[tuple[list[int], list[int]]], max_seq_len: int) ->
             bins[target].append(index)
             space[target] -= length
     rows = []
-    for members in bins:
-        members.sort()  # stable, input order within a row
+    for members in bins:  # indices in input order: each row keeps its documents' arrival order
         input_ids = np.concatenate([np.asarray(docs[i][0], dtype=np.int32) for i in members])
         labels = np.concatenate([np.asarray(docs[i][1], dtype=np.int32) for i in members])
         seq_lens = [len(docs[i][0]) for i in members]

@@ -164,9 +164,9 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse
 
 def continuous_blockers(recipe: Recipe) -> list[str]:
     """What in the recipe's own adapters the continuous engine's LoRA bank cannot apply."""
-    lora = recipe.lora
-    found = ["lora.use_dora"] * lora.use_dora + ["lora.modules_to_save"] * bool(lora.modules_to_save)
-    return found + (["lora.bias"] if lora.bias != "none" else [])
+    from ray_jobs.serve.lora_bank import unservable_fields
+
+    return [f"lora.{key}" for key in unservable_fields(recipe.lora.model_dump())]
 
 
 def _engine(model_dir: str, recipe: Recipe, on_adapter_event):
@@ -177,7 +177,7 @@ def _engine(model_dir: str, recipe: Recipe, on_adapter_event):
 
     cfg, model_cfg = recipe.serve, recipe.model
     if cfg.batching == "continuous":
-        from ray_jobs.serve.continuous import ContinuousEngine
+        from ray_jobs.serve.continuous import ContinuousEngine, UnsupportedModelError
 
         blockers = continuous_blockers(recipe)
         if blockers:
@@ -187,7 +187,7 @@ def _engine(model_dir: str, recipe: Recipe, on_adapter_event):
             try:
                 return ContinuousEngine(model_dir, model_cfg, cfg.max_loaded_adapters,
                                         on_adapter_event=on_adapter_event, max_batch_size=cfg.max_batch_size)
-            except ValueError as error:
+            except UnsupportedModelError as error:  # raised before any weights are loaded
                 log.warning("%s; serving with static mixed batches instead", error)
     return HFEngine(model_dir, model_cfg, cfg.max_loaded_adapters, on_adapter_event=on_adapter_event,
                     batching="mixed" if cfg.batching == "continuous" else cfg.batching)

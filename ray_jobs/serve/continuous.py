@@ -8,7 +8,7 @@ for the longest. Here one decode loop owns the model:
   them as one left-padded batch, and merges their KV cache into the running batch's cache
   (left-padding the shorter in time, so every row's newest token stays in the last column);
 - one decoding step then advances every running row by a token, each row with its own
-  adapter (`LoRABank`: stacked weights, one gather + two batched matmuls per layer), its
+  adapter (`LoRABank`: every adapter's weights side by side, three kernels per layer), its
   own sampling settings and, when it has a seed, its own random generator;
 - a row leaves as soon as it ends (end of turn, max_tokens, a stop string, cancelled), and
   cache columns that only padding still uses are dropped.
@@ -30,10 +30,31 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_jobs.serve.engine import AdapterLoadError, GenerationRequest, GenerationResult
+from ray_jobs.serve.engine import (AdapterLoadError, GenerationRequest, GenerationResult, cut_at_stops,
+                                   eos_token_ids)
 from ray_jobs.serve.lora_bank import LoRABank, read_adapter
 
 log = logging.getLogger("ray.serve")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's KV cache cannot be merged row by row; serve it with static batches."""
+
+
+def check_cache_layout(config: Any) -> None:
+    """Merging caches needs plain per-layer key/value tensors: refuse sliding-window or
+    recurrent layers up front (from the config alone) instead of generating wrong text later.
+
+    Raises:
+        UnsupportedModelError: naming the cache layer types the model uses.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    odd = {type(layer).__name__ for layer in DynamicCache(config=config).layers if type(layer) is not DynamicLayer}
+    if odd:
+        raise UnsupportedModelError(f"the continuous engine needs plain KV-cache layers, this model uses "
+                                    f"{sorted(odd)}; set serve.batching: mixed")
 
 
 @dataclass
@@ -59,9 +80,13 @@ class ContinuousEngine:
     def __init__(self, model_dir: str, model_cfg: Any, max_loaded_adapters: int = 8, device: str | None = None,
                  on_adapter_event: Callable[[str, str, float], None] | None = None, max_batch_size: int = 32):
         import torch
+        from transformers import AutoConfig
 
         from ray_jobs.models import load_model, load_tokenizer
 
+        # Before the weights: a model this engine cannot run must not be loaded twice.
+        check_cache_layout(AutoConfig.from_pretrained(model_dir, revision=model_cfg.revision,
+                                                      trust_remote_code=model_cfg.trust_remote_code))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(model_dir, model_cfg.revision, model_cfg.trust_remote_code)
         self.model = load_model(model_cfg, model_dir, device=self.device).eval()
@@ -73,31 +98,15 @@ class ContinuousEngine:
         self.stats = {"loads": 0, "evictions": 0}
         self.load_seconds: dict[str, float] = {}
         self.on_adapter_event = on_adapter_event or (lambda kind, key, seconds: None)
-        gen = getattr(self.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) or self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = set(eos_token_ids(self.model, self.tokenizer))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.context_length = getattr(self.model.config, "max_position_embeddings", 4096)
-        self._check_cache_layout()
         self.lock = threading.RLock()  # the model and the bank: one decoding step or one adapter write at a time
         self.waiting: deque[_Row] = deque()
         self.wakeup = threading.Condition()
         self.rows: list[_Row] = []
         self.cache = self.mask = self.positions = self.last = None
-        self.steps = 0
         threading.Thread(target=self._loop, name="medtune-decode", daemon=True).start()
-
-    def _check_cache_layout(self) -> None:
-        """Merging caches needs plain per-layer key/value tensors: refuse sliding-window or
-        recurrent layers up front instead of generating wrong text later."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        cache = DynamicCache(config=self.model.config)
-        odd = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
-        if odd:
-            raise ValueError(f"the continuous engine needs plain KV-cache layers, this model uses {sorted(odd)}; "
-                             "set serve.batching: mixed")
 
     # ------------------------------------------------------------------ adapters
     def ensure_adapter(self, key: str, local_path: str, pinned: Iterable[str] = ()) -> float:
@@ -271,7 +280,6 @@ class ContinuousEngine:
         self.positions = self.positions + 1
         tokens = self._sample(output.logits[:, -1], self.rows)
         self.last = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        self.steps += 1
         self._advance(self.rows, tokens)
 
     def _sample(self, logits, rows: list[_Row]) -> list[int]:
@@ -348,9 +356,6 @@ class ContinuousEngine:
         if error is not None:
             row.future.set_exception(error)
             return
-        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        for stop in row.request.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
+        text, finish = cut_at_stops(self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.request.stop,
+                                    finish)
         row.future.set_result(GenerationResult(text, len(row.tokens), finish))

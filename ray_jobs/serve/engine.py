@@ -74,6 +74,21 @@ class GenerationEngine(Protocol):
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
 
 
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a turn: the model's generation config, else the tokenizer's eos."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    return eos if isinstance(eos, list) else [eos]
+
+
+def cut_at_stops(text: str, stops: list[str], finish: str) -> tuple[str, str]:
+    """`text` up to the first of the request's stop strings, with finish "stop" if one occurs."""
+    for stop in stops:
+        cut = text.find(stop)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+    return text, finish
+
+
 class AdapterLoadError(RuntimeError):
     """An adapter exists but could not be loaded; only requests for it fail."""
 
@@ -199,9 +214,7 @@ class HFEngine:
         self.load_seconds: dict[str, float] = {}
         self.batching = batching
         self.on_adapter_event = on_adapter_event or (lambda kind, key, seconds: None)
-        gen = getattr(self.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) or self.tokenizer.eos_token_id
-        self.eos_ids = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.context_length = getattr(self.model.config, "max_position_embeddings", 4096)
 
     # ------------------------------------------------------------------ adapters
@@ -329,9 +342,5 @@ class HFEngine:
                 new_ids, finish = new_ids[:position], "stop"
                 break
         new_ids = new_ids[: request.max_tokens]
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        for stop in request.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
+        text, finish = cut_at_stops(self.tokenizer.decode(new_ids, skip_special_tokens=True), request.stop, finish)
         return GenerationResult(text, len(new_ids), finish)

@@ -36,6 +36,14 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def unservable_fields(lora: dict[str, Any]) -> list[str]:
+    """The LoRA settings the bank cannot apply exactly, among `use_dora`, `modules_to_save` and
+    `bias`: the same keys in a PEFT adapter_config.json and in a recipe's `lora` section."""
+    return [key for key, set_ in (("use_dora", bool(lora.get("use_dora"))),
+                                  ("modules_to_save", bool(lora.get("modules_to_save"))),
+                                  ("bias", (lora.get("bias") or "none") != "none")) if set_]
+
+
 def read_adapter(folder: str | Path) -> dict[str, tuple[Any, Any]]:
     """An adapter folder as {module name: (A (r, in), B (out, r) times its scaling)} in float32.
 
@@ -52,14 +60,12 @@ def read_adapter(folder: str | Path) -> dict[str, tuple[Any, Any]]:
         raise AdapterLoadError(f"adapter_config.json is unreadable: {type(exc).__name__}: {exc}") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterLoadError(f"peft_type {config.get('peft_type')} is not LoRA")
-    refusals = {"use_dora": "DoRA", "modules_to_save": "modules_to_save"}
-    for field, what in refusals.items():
-        if config.get(field):
-            raise AdapterLoadError(f"{what} adapters are not served by the continuous engine; "
-                                   "set serve.batching: mixed to serve them through PEFT")
-    if config.get("bias", "none") != "none":
-        raise AdapterLoadError(f"adapters with trained biases (bias={config['bias']!r}) are not served by the "
-                               "continuous engine; set serve.batching: mixed")
+    refused = unservable_fields(config)
+    if refused:
+        what = {"use_dora": "DoRA adapters", "modules_to_save": "modules_to_save adapters",
+                "bias": f"adapters with trained biases (bias={config.get('bias')!r})"}[refused[0]]
+        raise AdapterLoadError(f"{what} are not served by the continuous engine; "
+                               "set serve.batching: mixed to serve them through PEFT")
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.exists() and not (folder / "adapter_model.bin").exists():
         raise AdapterLoadError("no adapter_model.safetensors")
