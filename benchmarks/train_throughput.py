@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray_jobs.preprocess.tokenize import pack_documents  # noqa: E402
 from ray_jobs.train.loop import (  # noqa: E402
-    IGNORE_INDEX, autocast, build_model, checkpointing_needed, collate, enable_checkpointing, summed_loss)
+    IGNORE_INDEX, autocast, build_model, checkpoint_plan, collate, enable_checkpointing, summed_loss)
 
 SHAPES = {
     "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -86,12 +87,12 @@ def documents(count: int, vocab: int, seq_len: int, seed: int = 0) -> list[tuple
 
 
 def recipe_dict(model_dir: Path, *, quantized: bool, liger: bool, checkpointing, seq_len: int, micro_batch: int,
-                on_gpu: bool) -> dict:
+                on_gpu: bool, attn: str = "sdpa") -> dict:
     return {
         "model_dir": str(model_dir),
         "recipe": {
             "model": {"base": str(model_dir), "quantization": "4bit" if quantized else "none", "dtype": "bf16" if on_gpu else "fp32",
-                      "attn_implementation": "sdpa", "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "bf16"}},
+                      "attn_implementation": attn, "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "bf16"}},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "bias": "none", "targets": "attention",
                      "modules_to_save": [], "use_rslora": False, "use_dora": False},
             "train": {"method": "lora", "gradient_checkpointing": checkpointing, "liger_kernels": liger,
@@ -174,20 +175,22 @@ def seeds_variant(model_dir: Path, docs, args, device) -> dict:
     return result
 
 
-def medtune_variant(model_dir: Path, docs, args, device, *, quantized: bool, liger: bool, checkpointing) -> dict:
+def medtune_variant(model_dir: Path, docs, args, device, *, quantized: bool, liger: bool, checkpointing,
+                    attn: str = "sdpa", budget_gib: float | None = None) -> dict:
     """medtune's worker path: build_model + packed rows + summed_loss, as the training loop."""
     on_gpu = device.type == "cuda"
     cfg = recipe_dict(model_dir, quantized=quantized and on_gpu, liger=liger and on_gpu, checkpointing=checkpointing,
-                      seq_len=args.seq_len, micro_batch=args.micro_batch, on_gpu=on_gpu)
+                      seq_len=args.seq_len, micro_batch=args.micro_batch, on_gpu=on_gpu, attn=attn)
     model = build_model(cfg, device, zero3=False)
     fused = liger and on_gpu
     amp = lambda: autocast(cfg["recipe"]["model"], device)  # noqa: E731
-    chosen = checkpointing
-    if checkpointing == "auto":
-        chosen = checkpointing_needed(model, micro_batch=args.micro_batch, seq_len=args.seq_len, device=device,
-                                      fused=fused, full_finetune=False, autocast_ctx=amp)
-        if chosen:
-            enable_checkpointing(model, quantized)
+    layers = model.config.num_hidden_layers
+    chosen = layers if checkpointing is True else 0
+    if checkpointing == "auto":  # as train_loop_per_worker decides it
+        plan = checkpoint_plan(model, micro_batch=args.micro_batch, seq_len=args.seq_len, device=device, fused=fused,
+                               full_finetune=False, budget_gib=budget_gib, autocast_ctx=amp)
+        if plan != 0:
+            chosen = enable_checkpointing(model, quantized, plan)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rows = pack_documents(docs, args.seq_len)
@@ -205,7 +208,9 @@ def medtune_variant(model_dir: Path, docs, args, device, *, quantized: bool, lig
         return sum(len(r["input_ids"]) for r in batch), float(loss_sum) / max(count, 1)
 
     result = run_steps(step, batches, args.warmup, args.steps)
-    result["gradient_checkpointing"] = bool(chosen)
+    result["checkpointed_layers"] = f"{chosen}/{layers}"
+    result["attention"] = model.config._attn_implementation
+    result["memory_budget_gib"] = budget_gib
     with amp():
         result["guard"] = loss_guard(model, docs[:12], args.seq_len, device, fused)
     del model, optimizer
@@ -249,7 +254,8 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--variants", default="seeds,medtune-packed,medtune-packed-liger,medtune-packed-liger-auto,medtune-bf16-lora-liger-auto")
+    parser.add_argument("--variants", default="seeds,medtune-packed-liger-auto,medtune-varlen-liger-auto,"
+                        "medtune-varlen-liger-fit-seeds,medtune-bf16-lora-varlen-liger-auto")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -266,12 +272,25 @@ def main() -> int:
               "mean_doc_tokens": mean_len, "torch": torch.__version__, "variants": {},
               "mfu_formula": "tokens/s * (6N + 12*L*d*mean_doc_len) / peak_bf16 (dense)", "peak_flops": peak}
     flops = model_flops_per_token(args.shape, mean_len)
+    def fit_seeds():
+        """QLoRA held to the seeds' own peak memory (measured earlier in this run)."""
+        seeds_peak = report["variants"].get("seeds", {}).get("peak_gib")
+        if not seeds_peak:
+            raise RuntimeError("run the seeds variant first: this one's memory budget is its peak")
+        return medtune_variant(model_dir, docs, args, device, quantized=True, liger=True, checkpointing="auto",
+                               attn="auto", budget_gib=seeds_peak)
+
     variants = {
         "seeds": lambda: seeds_variant(model_dir, docs, args, device),
         "medtune-packed": lambda: medtune_variant(model_dir, docs, args, device, quantized=True, liger=False, checkpointing=True),
         "medtune-packed-liger": lambda: medtune_variant(model_dir, docs, args, device, quantized=True, liger=True, checkpointing=True),
         "medtune-packed-liger-auto": lambda: medtune_variant(model_dir, docs, args, device, quantized=True, liger=True, checkpointing="auto"),
+        "medtune-varlen-liger-auto": lambda: medtune_variant(model_dir, docs, args, device, quantized=True, liger=True,
+                                                             checkpointing="auto", attn="auto"),
+        "medtune-varlen-liger-fit-seeds": fit_seeds,
         "medtune-bf16-lora-liger-auto": lambda: medtune_variant(model_dir, docs, args, device, quantized=False, liger=True, checkpointing="auto"),
+        "medtune-bf16-lora-varlen-liger-auto": lambda: medtune_variant(model_dir, docs, args, device, quantized=False, liger=True,
+                                                                       checkpointing="auto", attn="auto"),
     }
     for name in args.variants.split(","):
         print(f"--- {name}", flush=True)
@@ -280,6 +299,10 @@ def main() -> int:
         except Exception as exc:  # one variant failing (e.g. OOM) must not lose the others
             result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             torch.cuda.empty_cache() if device.type == "cuda" else None
+        # The variant's model can outlive `del` through reference cycles (PEFT, hooks): free
+        # it before the next variant measures its memory.
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
         if "tokens_per_s" in result and peak:
             result["mfu"] = result["tokens_per_s"] * flops / peak
         report["variants"][name] = result
@@ -296,7 +319,7 @@ def main() -> int:
         mfu = f"{r['mfu'] * 100:5.1f}%" if "mfu" in r else "  n/a"
         guard = r.get("guard", {}).get("relative_difference")
         print(f"  {name:32s} {r['tokens_per_s']:9.0f} tok/s  {ratio}  {r['peak_gib']:6.1f} GiB  MFU {mfu}"
-              + (f"  ckpt={r['gradient_checkpointing']}  guard diff={guard:.2e}" if guard is not None else ""))
+              + (f"  ckpt={r['checkpointed_layers']}  {r['attention']}  guard diff={guard:.2e}" if guard is not None else ""))
         if base:
             r["ratio_to_seeds"] = r["tokens_per_s"] / base
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -30,6 +30,7 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -73,8 +74,12 @@ class ModelConfig(Section):
     """bitsandbytes quantisation of the frozen base weights (4bit + LoRA = QLoRA)."""
     quant: QuantConfig = Field(default_factory=QuantConfig)
     """Details of 4-bit quantisation."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
-    """Attention kernel. sdpa works everywhere and keeps packed documents apart."""
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """Attention kernel. `varlen`: training hands each packed row's document boundaries to
+    PyTorch's variable-length flash attention (no mask, documents kept apart; CUDA, PyTorch
+    >= 2.10). `auto`: varlen for training where it runs, sdpa otherwise. Evaluation and
+    serving always decode with sdpa unless another kernel is named here. sdpa works
+    everywhere and keeps packed documents apart with a mask."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust its author."""
     family: Literal["auto", "llama", "qwen2", "mistral", "gemma", "other"] = "auto"
@@ -283,8 +288,13 @@ class TrainConfig(Section):
     """none (DDP), zero2, zero3 (built-in configs in configs/deepspeed/) or a JSON path."""
     gradient_checkpointing: bool | Literal["auto"] = False
     """Recompute activations in the backward pass: less memory, ~30% more compute. `auto`
-    measures one full-size step on the GPU first and turns it on only when memory is short
-    (always on under DeepSpeed and with 8-bit weights, off on CPU)."""
+    measures one full-size step on the GPU without it first, then checkpoints just enough
+    decoder layers (spread over the depth) for a step to fit `max_gpu_memory_gib`, or 85%
+    of the GPU (always all layers under ZeRO-3 and with 8-bit weights, none on CPU)."""
+    max_gpu_memory_gib: PositiveFloat | None = None
+    """Peak GPU memory a training step may use, for `gradient_checkpointing: auto`: e.g. to
+    leave room for another process, or to size a recipe for the smallest GPU in the fleet.
+    Empty: 85% of the GPU."""
     liger_kernels: bool = False
     """Fused Triton kernels from Liger on GPU (RMSNorm, RoPE, SwiGLU, and a fused linear
     cross-entropy that never materialises the logits). Ignored on CPU."""

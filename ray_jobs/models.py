@@ -122,15 +122,22 @@ def quantization_config(model: ModelConfig, *, zero3: bool):
     )
 
 
-def load_model(model: ModelConfig, model_dir: str, *, device: Any = None, zero3: bool = False):
-    """Load the causal LM for training or inference, quantised as the recipe asks."""
+def load_model(model: ModelConfig, model_dir: str, *, device: Any = None, zero3: bool = False,
+               attn_implementation: str | None = None):
+    """Load the causal LM for training or inference, quantised as the recipe asks.
+
+    `attn_implementation`: what the caller resolved (training picks varlen); by default
+    the recipe's choice as inference can run it.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ray_jobs.train.attention import inference_attention
+
     on_gpu = device is not None and torch.device(device).type == "cuda"
     kwargs: dict[str, Any] = dict(
-        revision=model.revision, trust_remote_code=model.trust_remote_code,
-        dtype=torch_dtype(model, on_gpu), attn_implementation=model.attn_implementation,
+        revision=model.revision, trust_remote_code=model.trust_remote_code, dtype=torch_dtype(model, on_gpu),
+        attn_implementation=attn_implementation or inference_attention(model.attn_implementation),
     )
     quant = quantization_config(model, zero3=zero3)
     if quant is not None:

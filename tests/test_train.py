@@ -218,6 +218,18 @@ def test_a_configured_mlflow_receives_every_logged_step_from_rank_0_only(s3_lora
 
 
 @pytest.mark.slow
+def test_every_logged_step_is_also_kept_as_json_lines_with_the_run(s3_lora_run):
+    """metrics.jsonl needs neither TensorBoard nor a tracker; tokens/s counts both workers'
+    real tokens over each log window, so it can be compared across worker counts."""
+    recipe, result, storage, tmp = s3_lora_run
+    lines = storage.read_text(f"{run_prefix(result.run)}/tensorboard/metrics.jsonl").splitlines()
+    logged = [json.loads(line) for line in lines]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    assert all(m["tokens_per_s"] > 0 and m["loss"] > 0 for m in logged)
+    assert logged[-1]["final"] is True
+
+
+@pytest.mark.slow
 def test_the_published_adapter_reproduces_the_trained_weights_in_plain_peft(s3_lora_run, tiny_llama_dir):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM

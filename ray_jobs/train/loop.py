@@ -20,6 +20,7 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -39,6 +40,8 @@ STATE_FILE = "training_state.pt"
 ADAPTER_DIR = "adapter"
 SHUFFLE_BUFFER_ROWS = 256
 """Packed rows held for the per-epoch local shuffle (a few MB even at 4k-token rows)."""
+METRICS_FILE = "metrics.jsonl"
+"""Every logged step's metrics, one JSON object per line, in the run's tensorboard/ folder."""
 FAULT_ENV = "MEDTUNE_FAIL_AT_STEP"
 """Test hook: a worker exits hard at this optimizer step once, to exercise resume."""
 
@@ -98,15 +101,19 @@ def lora_targets(targets: str | list[str]) -> str | list[str]:
 def build_model(cfg: dict[str, Any], device, zero3: bool):
     """Load the base (quantised as asked), wrap it with LoRA unless full fine-tuning."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     from ray_jobs.config import ModelConfig
     from ray_jobs.models import load_model
+    from ray_jobs.train import attention
 
     recipe = cfg["recipe"]
     model_cfg = ModelConfig.model_validate(recipe["model"])
     train = recipe["train"]
-    model = load_model(model_cfg, cfg["model_dir"], device=device, zero3=zero3)
+    attn = attention.training_attention(model_cfg.attn_implementation, device)
+    if attn == attention.NAME:
+        attention.register()
+    model = load_model(model_cfg, cfg["model_dir"], device=device, zero3=zero3, attn_implementation=attn)
     model.config.use_cache = False
     if uses_liger(train, device):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -114,17 +121,13 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
         # Before PEFT wraps the modules; the patched forward computes the loss itself.
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=True)
-    # `auto` starts without; `choose_checkpointing` turns it on after a probe step if needed.
-    checkpointing = train["gradient_checkpointing"] is True
     if model_cfg.quantization != "none":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing,
-            # Non-reentrant checkpointing clashes with QLoRA under ZeRO-3; reentrant needs
-            # input grads, which prepare_model_for_kbit_training enables.
-            gradient_checkpointing_kwargs={"use_reentrant": True},
-        )
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # What PEFT's prepare_model_for_kbit_training does, less its cast of every
+        # non-quantised weight (embeddings, lm_head, norms) to fp32: those stay frozen, and
+        # in fp32 they carry the whole residual stream in fp32 (twice the activation memory,
+        # slower elementwise kernels) for no benefit to the LoRA weights.
+        for param in model.parameters():
+            param.requires_grad = False
     if train["method"] == "lora":
         lora = recipe["lora"]
         model = get_peft_model(model, LoraConfig(
@@ -132,8 +135,9 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
             target_modules=lora_targets(lora["targets"]), modules_to_save=lora["modules_to_save"] or None,
             use_rslora=lora["use_rslora"], use_dora=lora["use_dora"], task_type="CAUSAL_LM",
         ))
-        if checkpointing and model_cfg.quantization == "none":
-            model.enable_input_require_grads()
+    # `auto` starts without; train_loop_per_worker turns it on after a probe step if needed.
+    if train["gradient_checkpointing"] is True:
+        enable_checkpointing(model, quantized=model_cfg.quantization != "none")
     if device is not None and torch.device(device).type == "cpu":
         model = model.float() if model_cfg.quantization == "none" else model
     return model
@@ -142,8 +146,7 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
 def autocast(model_cfg: dict[str, Any], device):
     """bf16/fp16 autocast on GPU, as HF Trainer's `bf16=True` does.
 
-    PEFT keeps LoRA weights (and prepare_model_for_kbit_training the norms) in fp32; without
-    autocast their fp32 outputs promote the residual stream and attention to fp32, which
+    PEFT keeps LoRA weights in fp32; without autocast their fp32 outputs promote the residual stream and attention to fp32, which
     runs at a fraction of the bf16 tensor-core speed.
     """
     import contextlib
@@ -163,47 +166,82 @@ def uses_liger(train: dict[str, Any], device) -> bool:
     return bool(train.get("liger_kernels")) and device is not None and torch.device(device).type == "cuda"
 
 
-def enable_checkpointing(model, quantized: bool) -> None:
-    """Turn gradient checkpointing on after the model was built (the `auto` decision).
+def enable_checkpointing(model, quantized: bool, layers: int | None = None) -> int:
+    """Turn gradient checkpointing on for `layers` decoder layers (all when None).
 
-    Reentrant checkpointing for quantised bases (non-reentrant clashes with QLoRA under
-    ZeRO-3); it needs the embeddings' outputs to require grad, as PEFT leaves them frozen.
+    The checkpointed layers are spread evenly over the depth. Reentrant checkpointing for
+    quantised bases (non-reentrant clashes with QLoRA under ZeRO-3); it needs the
+    embeddings' outputs to require grad, as the base stays frozen. Returns how many
+    layers recompute their activations.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": quantized})
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    options = {"use_reentrant": quantized}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    chosen = len(blocks) if layers is None else max(0, min(layers, len(blocks)))
+    keep = {round(i * len(blocks) / chosen) for i in range(chosen)} if chosen else set()
+    for index, block in enumerate(blocks):
+        block.gradient_checkpointing = index in keep
+    return chosen
 
 
-def checkpointing_needed(model, *, micro_batch: int, seq_len: int, device, fused: bool,
-                         full_finetune: bool, headroom: float = 0.85, autocast_ctx=contextlib.nullcontext) -> bool:
-    """Run one full-size forward/backward without checkpointing and see if memory suffices.
+def layers_to_checkpoint(*, peak: float, static: float, layers: int, budget: float) -> int:
+    """How many of `layers` decoder layers to checkpoint so a step's peak fits `budget`.
 
-    Packed rows all have the same length, so one probe step is representative. AdamW's
-    states do not exist yet: for full fine-tuning their 8 bytes per trainable parameter are
-    added to the measured peak.
+    A probe step without checkpointing peaked at `peak` bytes with `static` bytes (weights,
+    optimizer states) resident before it; the rest is activations, taken as spread evenly
+    over the layers (an over-estimate per layer, as the logits' share is counted in it).
+    A checkpointed layer keeps only its input, so it frees about its whole share.
+    """
+    if peak <= budget:
+        return 0
+    per_layer = max(peak - static, 1.0) / layers
+    return min(layers, math.ceil((peak - budget) / per_layer))
+
+
+def checkpoint_plan(model, *, micro_batch: int, seq_len: int, device, fused: bool, full_finetune: bool,
+                    budget_gib: float | None = None, headroom: float = 0.85,
+                    autocast_ctx=contextlib.nullcontext) -> int | None:
+    """Decoder layers to checkpoint (0: none, None: all), from one probe step.
+
+    The probe runs one full-size forward/backward without checkpointing (packed rows all
+    have the same length, so one step is representative) and measures its peak. The step
+    must fit `budget_gib` (the recipe's memory limit) or else `headroom` of the GPU.
+    AdamW's states do not exist yet: their 8 bytes per trainable parameter are added.
     """
     import torch
 
     if torch.device(device).type != "cuda":
-        return False
+        return 0
     total = torch.cuda.get_device_properties(device).total_memory
+    budget = min(budget_gib * 2**30, headroom * total) if budget_gib else headroom * total
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+    states = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    static = torch.cuda.memory_allocated(device) + states
     ids = torch.randint(0, model.config.vocab_size, (micro_batch, seq_len), device=device)
     positions = torch.arange(seq_len, device=device).expand(micro_batch, -1)
     try:
         with autocast_ctx():
             loss, count = summed_loss(model, ids, ids, positions, fused=fused)
         (loss / max(count, 1)).backward()
-        peak = torch.cuda.max_memory_allocated(device)
+        peak = torch.cuda.max_memory_allocated(device) + states
     except torch.cuda.OutOfMemoryError:
-        peak = total
+        return None
     finally:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
     if full_finetune:
-        peak += 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return peak > headroom * total
+        return None if peak > budget else 0  # full fine-tuning: all or nothing
+    layers = getattr(model.config, "num_hidden_layers", None) or model.get_base_model().config.num_hidden_layers
+    chosen = layers_to_checkpoint(peak=peak, static=static, layers=layers, budget=budget)
+    return None if chosen >= layers else chosen
 
 
 def trainable_state(model) -> dict[str, Any]:
@@ -243,25 +281,27 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     autocast_ctx = (lambda: autocast(recipe["model"], device)) if not ds_config else contextlib.nullcontext
     if train["gradient_checkpointing"] == "auto":
         quantized = recipe["model"]["quantization"] != "none"
-        if ds_config:
-            needed = True  # ZeRO places weights inside deepspeed.initialize: nothing to probe yet
+        if zero3:
+            layers = None  # ZeRO-3 places the weights inside deepspeed.initialize: nothing to probe yet
         elif recipe["model"]["quantization"] == "8bit" and device.type == "cuda":
             # LLM.int8 allocates more after its first steps than the probe step shows: on an
             # H100 (8B shape, 4,096-token rows) the probe said off and the first real step ran
             # out of memory at 78 GiB (benchmarks/results/train_resume-8bit-ddp-h100-oom.txt).
-            needed = True
+            layers = None
         else:
-            needed = checkpointing_needed(model, micro_batch=train["micro_batch_size"],
-                                          seq_len=recipe["data"]["max_seq_len"], device=device, fused=fused,
-                                          full_finetune=train["method"] == "full", autocast_ctx=autocast_ctx)
-            if world > 1:  # every rank must make the same choice
-                flag = torch.tensor([float(needed)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                needed = bool(flag.item())
-        if needed:
-            enable_checkpointing(model, quantized)
+            layers = checkpoint_plan(model, micro_batch=train["micro_batch_size"], seq_len=recipe["data"]["max_seq_len"],
+                                     device=device, fused=fused, full_finetune=train["method"] == "full",
+                                     budget_gib=train["max_gpu_memory_gib"],
+                                     # Before DeepSpeed casts the model, the probe autocasts as DDP would.
+                                     autocast_ctx=lambda: autocast(recipe["model"], device))
+            if world > 1:  # every rank must make the same choice: the most checkpointing any needs
+                count = torch.tensor([float("inf") if layers is None else float(layers)], device=device)
+                dist.all_reduce(count, op=dist.ReduceOp.MAX)
+                layers = None if math.isinf(count.item()) else int(count.item())
+        chosen = enable_checkpointing(model, quantized, layers) if layers != 0 else 0
         if rank == 0:
-            print(f"[medtune] gradient checkpointing (auto): {'on' if needed else 'off'}", flush=True)
+            print(f"[medtune] gradient checkpointing (auto): {chosen} of "
+                  f"{model.config.num_hidden_layers} layers", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
     scheduler = get_scheduler(train["scheduler"], optimizer, num_warmup_steps=train["warmup_steps"],
@@ -327,7 +367,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     loss_sum, count = summed_loss(forward_model, ids, labels, pos, fused=False)
                 totals += torch.tensor([float(loss_sum), count], dtype=torch.float64)
         if world > 1:
-            dist.all_reduce(totals)
+            totals = summed_over_workers(totals, device)
         forward_model.train()
         return float(totals[0] / max(totals[1], 1))
 
@@ -338,12 +378,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if written else None)
         if writer:
             writer.flush()
-            if rank == 0:
-                sync_tensorboard(cfg)
+        if rank == 0:
+            sync_tensorboard(cfg)
 
     forward_model.train()
-    window_loss = torch.zeros(2, dtype=torch.float64)
-    tokens_seen, started = 0, time.perf_counter()
+    # Per log window, summed over ranks at each log: loss sum, target tokens, real tokens.
+    window = torch.zeros(3, dtype=torch.float64)
+    window_started = time.perf_counter()
     done = position.step >= total_steps
     # With max_steps the data is cycled as often as needed; otherwise `epochs` passes.
     max_epochs = train["epochs"] if train["max_steps"] is None else 10**9
@@ -371,8 +412,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 engine.step()
             else:
                 scaled.backward()
-            window_loss += torch.tensor([float(loss_sum), count], dtype=torch.float64)
-            tokens_seen += int((ids != pad_id).sum())
+            window += torch.tensor([float(loss_sum), count, int((ids != pad_id).sum())], dtype=torch.float64)
             position.micro_batches = index + 1
             micro_in_step += 1
             if micro_in_step < accum:
@@ -397,12 +437,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if not (at_log or at_eval):
                 continue
             if world > 1:
-                dist.all_reduce(window_loss)
-            elapsed = time.perf_counter() - started
+                window = summed_over_workers(window, device)
+            now = time.perf_counter()
             metrics: dict[str, Any] = {
                 "step": position.step, "epoch": position.epoch,
-                "loss": float(window_loss[0] / max(window_loss[1], 1)),
-                "lr": float(scheduler.get_last_lr()[0]), "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
+                "loss": float(window[0] / max(window[1], 1)),
+                "lr": float(scheduler.get_last_lr()[0]),
+                # Real (non-pad) tokens per second over all workers since the last log.
+                "tokens_per_s": float(window[2]) / max(now - window_started, 1e-9),
             }
             if grad_norm is not None:
                 metrics["grad_norm"] = grad_norm
@@ -410,7 +452,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 metrics["resumed_from_step"] = resumed_from
             if use_gpu:
                 metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            window_loss.zero_()
+            window.zero_()
             if at_eval:
                 eval_loss = evaluate()
                 if eval_loss is not None:
@@ -424,6 +466,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             stop_early = bool(patience and stale_evals >= patience)
             metrics["final"] = is_last or stop_early
             tracker.log(metrics, position.step)
+            if rank == 0 and cfg.get("tensorboard_dir"):
+                # Plain JSON lines next to the TensorBoard events: readable without TensorBoard.
+                Path(cfg["tensorboard_dir"]).mkdir(parents=True, exist_ok=True)
+                with open(Path(cfg["tensorboard_dir"]) / METRICS_FILE, "a") as handle:
+                    handle.write(json.dumps(metrics) + "\n")
             if writer:
                 for key, value in metrics.items():
                     if isinstance(value, (int, float)) and key not in ("step", "final"):
@@ -436,6 +483,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 save_and_report(metrics)
             else:
                 ray.train.report(metrics)
+            window_started = time.perf_counter()  # eval and checkpoint time is not training time
             if is_last or stop_early:
                 done = True
                 break
@@ -446,7 +494,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     tracker.close()
     if writer:
         writer.close()
+    if rank == 0:
         sync_tensorboard(cfg)
+
+
+def summed_over_workers(values, device):
+    """All-reduce (sum) a small CPU tensor through the process group's own device: NCCL has
+    no CPU tensors (the GPU error reads "No backend type associated with device type cpu")."""
+    import torch.distributed as dist
+
+    on_device = values.to(device)
+    dist.all_reduce(on_device)
+    return on_device.cpu()
 
 
 def skip_shm_collectives() -> None:
@@ -465,9 +524,11 @@ def skip_shm_collectives() -> None:
 
 
 def sync_tensorboard(cfg: dict[str, Any]) -> None:
-    """Copy the TensorBoard event files to <storage>/runs/<run>/tensorboard/."""
+    """Copy the TensorBoard event files and metrics.jsonl to <storage>/runs/<run>/tensorboard/."""
     from ray_jobs.storage import Storage
 
+    if not cfg.get("tensorboard_dir") or not Path(cfg["tensorboard_dir"]).is_dir():
+        return
     Storage.from_uri(cfg["storage_root"]).upload_dir(cfg["tensorboard_dir"], cfg["tensorboard_rel"], complete=False)
 
 
