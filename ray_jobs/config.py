@@ -270,6 +270,12 @@ class TrainConfig(Section):
     """Rows per worker per forward pass (a packed row holds several conversations)."""
     grad_accum: PositiveInt = 1
     """Forward passes per optimizer step."""
+    tokens_per_step: PositiveInt | None = None
+    """Tokens per optimizer step over all workers, instead of a count of rows: grad_accum
+    becomes tokens_per_step / (workers x micro_batch_size x data.max_seq_len), rounded (packed
+    rows are nearly full, so this is the step's token count; unpacked rows make it an upper
+    bound). Keeps the optimisation the same when the worker count or row length changes.
+    Set this or grad_accum."""
     lr: Annotated[float, Field(gt=0)] = 2e-4
     """Peak learning rate."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -372,8 +378,11 @@ class ServeConfig(Section):
     max_replicas: PositiveInt = 1
     target_ongoing_requests: PositiveInt = 16
     max_ongoing_requests: PositiveInt = 64
+    """Requests a replica works on at once (at most max_batch_size generate together; the
+    others wait in its engine's queue)."""
     max_queued_requests: PositiveInt = 256
-    """Requests waiting for a replica beyond this get 503 with Retry-After (Serve's backpressure)."""
+    """Requests a replica holds beyond max_ongoing_requests; past both, a request gets an
+    OpenAI-style 503 JSON error with Retry-After."""
     retry_after_s: PositiveInt = 1
     """Seconds a client is told to wait (Retry-After) after a 503 for a full queue."""
     request_timeout_s: Annotated[float, Field(gt=0)] = 120
@@ -428,6 +437,9 @@ class Recipe(Section):
         if problems:
             # Raised as one ValueError; `load_recipe` splits it back into lines.
             raise ValueError("\n".join(problems))
+        if self.train.tokens_per_step:
+            per_pass = self.train.workers * self.train.micro_batch_size * self.data.max_seq_len
+            object.__setattr__(self.train, "grad_accum", max(1, round(self.train.tokens_per_step / per_pass)))
         return self
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -448,6 +460,17 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     problems = []
     quant = recipe.model.quantization
     zero = recipe.train.deepspeed
+    train = recipe.train
+    if train.tokens_per_step:
+        per_pass = train.workers * train.micro_batch_size * recipe.data.max_seq_len
+        derived = max(1, round(train.tokens_per_step / per_pass))
+        # A dumped recipe carries the derived grad_accum: only a different one is a conflict.
+        if "grad_accum" in train.model_fields_set and train.grad_accum != derived:
+            problems.append(f"train.tokens_per_step: gives grad_accum {derived}, but train.grad_accum is "
+                            f"{train.grad_accum}; set one of them")
+        elif train.tokens_per_step < per_pass:
+            problems.append(f"train.tokens_per_step: {train.tokens_per_step} is less than one forward pass of all "
+                            f"workers (train.workers x train.micro_batch_size x data.max_seq_len = {per_pass})")
     if quant == "8bit" and zero == "zero3":
         problems.append(
             "train.deepspeed: zero3 cannot shard 8-bit weights (8-bit LoRA under ZeRO-3 trains "

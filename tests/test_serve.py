@@ -436,24 +436,50 @@ def test_api_keys_are_required_when_configured(strict_server):
     assert http("GET", strict_server.url("/healthz")).status == 200  # probes need no key
 
 
-def test_a_full_queue_answers_503_with_retry_after(strict_server):
+def test_a_full_replica_answers_an_openai_style_503_with_retry_after_and_frees_its_places(strict_server):
+    """strict_server holds 2 requests (max_ongoing_requests 1 + max_queued_requests 1)."""
     import aiohttp
 
-    async def burst():
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        async with aiohttp.ClientSession(headers=headers) as session:
-            async def one():
-                async with session.post(strict_server.url("/v1/completions"),
-                                        json={"model": BASE_NAME, "prompt": "hello", "max_tokens": 64}) as response:
-                    return response.status, dict(response.headers)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
 
-            return await asyncio.gather(*(one() for _ in range(12)))
+    async def burst():
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async def one(stream: bool):
+                body = {"model": BASE_NAME, "prompt": "hello", "max_tokens": 64, "stream": stream}
+                async with session.post(strict_server.url("/v1/completions"), json=body) as response:
+                    return response.status, dict(response.headers), await response.text()
+
+            return await asyncio.gather(*(one(stream=i % 2 == 1) for i in range(12)))
 
     results = asyncio.run(burst())
-    rejected = [headers for status, headers in results if status == 503]
-    assert rejected, [status for status, _ in results]
-    assert all(headers.get("Retry-After") == "3" for headers in rejected)
-    assert any(status == 200 for status, _ in results)
+    statuses = [status for status, _, _ in results]
+    rejected = [(headers, text) for status, headers, text in results if status == 503]
+    assert rejected and 200 in statuses and set(statuses) <= {200, 503}, statuses
+    for response_headers, text in rejected:
+        assert response_headers.get("Retry-After") == "3"
+        assert text.startswith("{"), text
+        error = json.loads(text)["error"]  # OpenAI's shape, not the proxy's plain text
+        assert error["code"] == "overloaded" and "serve.max_queued_requests" in error["message"]
+    # Every place was given back (streams included): more requests than the replica holds,
+    # one after another, all succeed.
+    for _ in range(3):
+        assert http("POST", strict_server.url("/v1/chat/completions"), chat_body(BASE_NAME, "hi", 2),
+                    {"Authorization": f"Bearer {API_KEY}"}).status == 200
+
+
+def test_a_place_left_behind_expires_at_its_deadline():
+    """A stream whose body never started cannot release its place; its deadline does."""
+    import time as clock
+
+    from ray_jobs.serve.admission import Admission
+
+    admission = Admission(limit=2, hold_s=0.2)
+    first, second = admission.enter(), admission.enter()
+    assert first and second and admission.enter() is None
+    admission.leave(first)
+    assert admission.enter() is not None and admission.enter() is None
+    clock.sleep(0.25)
+    assert admission.enter() is not None  # the places held past their deadline were dropped
 
 
 def test_a_request_over_the_timeout_is_a_504_and_stops_generating(strict_server):

@@ -219,3 +219,20 @@ def test_the_frozen_base_keeps_its_dtype_and_only_lora_weights_train(tiny_llama_
     assert trainable and all("lora_" in n for n in trainable)
     frozen_dtypes = {p.dtype for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen_dtypes == {torch.bfloat16}
+
+
+def test_a_token_budget_per_step_sets_grad_accum_from_workers_and_row_length():
+    recipe = {"name": "x", "model": {"base": "tiny:llama"},
+              "data": {"format": "entities", "train": ["a.json"], "max_seq_len": 4096}}
+    two_workers = parse_recipe({**recipe, "train": {"tokens_per_step": 65536, "workers": 2}})
+    assert two_workers.train.grad_accum == 8  # 65,536 / (2 workers x 1 row x 4,096 tokens)
+    four_workers = parse_recipe({**recipe, "train": {"tokens_per_step": 65536, "workers": 4}})
+    assert four_workers.train.grad_accum == 4  # same tokens per step on twice the workers
+    # A dumped recipe (what workers, lineage and `medtune submit` carry) parses to the same.
+    again = parse_recipe(two_workers.model_dump(mode="json"))
+    assert again.train.grad_accum == 8 and again.recipe_hash() == two_workers.recipe_hash()
+
+    with pytest.raises(RecipeError, match=r"train.tokens_per_step: gives grad_accum 16, but train.grad_accum is 4"):
+        parse_recipe({**recipe, "train": {"tokens_per_step": 65536, "grad_accum": 4}})
+    with pytest.raises(RecipeError, match=r"train.tokens_per_step: 1000 is less than one forward pass"):
+        parse_recipe({**recipe, "train": {"tokens_per_step": 1000}})

@@ -21,8 +21,10 @@ Design decisions:
   mixed` keeps the static `@serve.batch` + PEFT `adapter_names=` engine (DoRA and
   modules_to_save adapters); Serve's multiplexing would split batches per adapter
   (`per_adapter`; benchmarks/serve_load.py --design compares all three).
-- Overload is Serve's own backpressure (`max_queued_requests`, 503 + Retry-After at the
-  proxy); timeouts are ours (504 JSON, and the row stops generating).
+- Overload is answered by the replica (ray_jobs.serve.admission): at most
+  max_ongoing_requests + max_queued_requests held, beyond that an OpenAI-shaped 503 with
+  Retry-After (Serve's proxy would answer in plain text); timeouts are ours too (504 JSON,
+  and the row stops generating).
 - Errors are OpenAI-shaped (`{"error": {"message", "type", "param", "code"}}`) everywhere,
   including 404s for unknown routes, so OpenAI clients raise their usual exceptions.
 - Every request leaves one metric update and one structured log record (ray_jobs.serve.metrics),
@@ -49,6 +51,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_jobs.config import NAME_PATTERN, Recipe, load_recipe
+from ray_jobs.serve.admission import Admission
 from ray_jobs.serve.engine import AdapterLoadError, GenerationRequest, IncrementalDecoder
 from ray_jobs.serve.metrics import BASE_TAG, RequestRecord, ServeMetrics, log_request
 from ray_jobs.storage import Storage, adapter_prefix
@@ -209,6 +212,8 @@ class MedtuneServer:
         self.engine = _engine(model_dir, self.recipe, self.metrics.record_adapter_event)
         self.base_name = cfg.served_model_name or self.recipe.model.base
         self.api_keys = _read_keys(cfg.api_keys_file)
+        self.admission = Admission(cfg.max_ongoing_requests + cfg.max_queued_requests,
+                                   hold_s=cfg.request_timeout_s + 5)
         self.versions_cache: dict[str, tuple[float, list[str]]] = {}
         self.load_locks: dict[str, threading.Lock] = {}
         self.load_locks_guard = threading.Lock()
@@ -338,9 +343,14 @@ class MedtuneServer:
         deadline = started + self.cfg.request_timeout_s
         record = RequestRecord(endpoint="chat" if chat else "completions")
         request: GenerationRequest | None = None
-        streaming = False
+        streaming, place = False, None
         try:
             self._check_auth(http_request)
+            place = self.admission.enter()
+            if place is None:
+                raise APIError(503, f"this replica already holds {self.admission.limit} requests "
+                                    "(serve.max_ongoing_requests + serve.max_queued_requests); retry later",
+                               "server_error", "overloaded", headers={"Retry-After": str(self.cfg.retry_after_s)})
             body = await _parse(http_request, ChatRequest if chat else CompletionRequest)
             messages = [m.model_dump() for m in body.messages] if chat else None
             prompt = None if chat else body.prompt
@@ -357,7 +367,8 @@ class MedtuneServer:
             created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = self._sse(request, body.model, rid, created, chat, include_usage, record, started, deadline)
+                events = self._sse(request, body.model, rid, created, chat, include_usage, record, started, deadline,
+                                   place)
                 streaming = True  # from here on the stream records the request when it ends
                 return StreamingResponse(events, media_type="text/event-stream")
             try:
@@ -382,6 +393,7 @@ class MedtuneServer:
             if request is not None and not streaming:
                 request.cancelled = True  # a timed-out or abandoned row stops generating
             if not streaming:
+                self.admission.leave(place)
                 self._finish_record(record, started, request)
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": result.completion_tokens,
                  "total_tokens": len(prompt_ids) + result.completion_tokens}
@@ -395,7 +407,7 @@ class MedtuneServer:
                 "choices": [choice], "usage": usage}
 
     async def _sse(self, request: GenerationRequest, model: str, rid: str, created: int, chat: bool,
-                   include_usage: bool, record: RequestRecord, started: float, deadline: float):
+                   include_usage: bool, record: RequestRecord, started: float, deadline: float, place: object):
         """Server-sent events for one request, generated inside the shared batches."""
         kind = "chat.completion.chunk" if chat else "text_completion"
         loop = asyncio.get_running_loop()
@@ -475,6 +487,7 @@ class MedtuneServer:
             yield "data: [DONE]\n\n"
         finally:
             timer.cancel()
+            self.admission.leave(place)
             request.cancelled = True
             self._finish_record(record, started, request)
 
@@ -523,11 +536,23 @@ class MedtuneServer:
         return await self._run(request, chat=False)
 
 
+def routing_cap(admission_limit: int) -> int:
+    """How many requests Serve may route to one replica, and queue: far more than a replica
+    admits, so a burst's excess reaches the replica and is refused in JSON; Serve's proxy
+    (plain-text 503) refuses only past that."""
+    return max(1024, 4 * admission_limit)
+
+
 def deployment_options(recipe: Recipe) -> dict[str, Any]:
     """Serve deployment options from serve.*: replicas, autoscaling, queue bound, JSON logs."""
     cfg = recipe.serve
     options: dict[str, Any] = dict(
-        max_ongoing_requests=cfg.max_ongoing_requests, max_queued_requests=cfg.max_queued_requests,
+        # Every request reaches a replica, which admits or refuses it itself (Admission): Serve's
+        # own cap and router queue would refuse in plain text (and its queue fills for a moment
+        # on any burst, while the router assigns replicas). Its backpressure stays as a last
+        # resort with the same Retry-After.
+        max_ongoing_requests=routing_cap(cfg.max_ongoing_requests + cfg.max_queued_requests),
+        max_queued_requests=routing_cap(cfg.max_ongoing_requests + cfg.max_queued_requests),
         backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
         ray_actor_options={"num_gpus": cfg.gpus_per_replica, "num_cpus": cfg.cpus_per_replica},
         logging_config={"encoding": "JSON", "enable_access_log": True},
