@@ -19,6 +19,7 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,55 @@ def measure(engine, keys: list[str | None], adapters: dict[str, Path], batch: in
             "ms_per_step": round(1000 * wall / max(1, max(r.completion_tokens for r in results)), 2)}
 
 
+def profile(engine, keys: list[str], adapters: dict[str, Path], batch: int, prompt_ids: list[int]) -> dict[str, Any]:
+    """Where a decoding step's time goes, with and without adapters: launch-bound or kernel-bound.
+
+    The continuous engine's steps are driven from this thread (its own decode thread sleeps while
+    nothing is queued), so the profiler, which records the thread that starts it, sees them.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from ray_jobs.serve.continuous import ContinuousEngine, _Row
+    from ray_jobs.serve.engine import GenerationRequest
+
+    if not isinstance(engine, ContinuousEngine):
+        return {}
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    found: dict[str, Any] = {}
+    for label, chosen in (("adapters", keys), ("base", [None])):
+        with engine.lock, torch.inference_mode():
+            rows = [_Row(GenerationRequest(list(prompt_ids), chosen[i % len(chosen)], 10_000), Future(),
+                         slot=engine.slot_of.get(chosen[i % len(chosen)], 0)) for i in range(batch)]
+            engine._prefill(rows)
+            for _ in range(4):  # warm
+                engine._decode()
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(16):
+                engine._decode()
+            if cuda:
+                torch.cuda.synchronize()
+            step_ms = 1000 * (time.perf_counter() - started) / 16
+            with torch_profile(activities=activities) as prof:
+                for _ in range(8):
+                    engine._decode()
+                if cuda:
+                    torch.cuda.synchronize()
+            for row in list(engine.rows):
+                engine._end(row, "cancelled")
+            engine.rows, engine.cache = [], None
+        events = prof.key_averages()
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = events.table(sort_by=sort, row_limit=20) + "\n" + events.table(sort_by="cpu_time_total", row_limit=12)
+        found[label] = {"ms_per_step": round(step_ms, 2), "table": table}
+        print(f"--- profile {label} batch={batch}: {step_ms:.2f} ms per decoding step\n{table}", flush=True)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["tiny", "llama-8b-shape"], default="tiny")
@@ -73,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile-batch", type=int, default=0,
+                        help="after timing, profile 16 decoding steps of each engine at this batch size "
+                             "(torch.profiler; tables of the top CPU and GPU operators)")
     args = parser.parse_args(argv)
     engines = args.engines.split(",")
     if set(engines) - set(ENGINES):
@@ -110,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                 entry[label].append(row)
                 log(f"{kind:12s} {label:8s} batch={batch:<4d} {row}")
                 save()
+        if args.profile_batch:
+            entry["profile"] = profile(engine, list(adapters), adapters, args.profile_batch, prompt_ids)
+            save()
         del engine
         gc.collect()
         if torch.cuda.is_available():

@@ -63,10 +63,14 @@ def machine() -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     import peft
-    import ray
     import transformers
 
-    info.update(ray=ray.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    info.update(transformers=transformers.__version__, peft=peft.__version__)
+    try:  # serve_engines.py runs without Ray
+        import ray
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
     return info
 
 

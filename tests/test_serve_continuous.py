@@ -234,3 +234,41 @@ def test_a_sliding_window_cache_is_refused_from_the_config_before_any_weights_lo
     check_cache_layout(LlamaConfig(num_hidden_layers=2))  # plain layers: accepted
     with pytest.raises(UnsupportedModelError, match="DynamicSlidingWindowLayer.*serve.batching: mixed"):
         check_cache_layout(MistralConfig(num_hidden_layers=2, sliding_window=64))
+
+
+@pytest.mark.parametrize("same_input", [True, False])
+def test_siblings_share_one_lora_matmul_only_when_they_read_the_same_input(same_input):
+    """q/k/v (and gate/up) keep their A sides in one tensor and multiply once per forward; a
+    sibling called with another tensor must not reuse that product."""
+    import torch
+
+    from ray_jobs.serve.lora_bank import LoRABank
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj = torch.nn.Linear(8, 6), torch.nn.Linear(8, 4)
+
+        def forward(self, x, y):
+            return torch.cat([self.q_proj(x), self.k_proj(y)], dim=-1)
+
+    torch.manual_seed(0)
+    model = Attention()
+    generator = torch.Generator().manual_seed(1)
+    weights = {name: (torch.randn(3, 8, generator=generator), torch.randn(out, 3, generator=generator))
+               for name, out in (("q_proj", 6), ("k_proj", 4))}
+    bank = LoRABank(model, slots=3)
+    bank.check(weights)
+    bank.write(2, weights)
+    assert bank.groups["q_proj"] is bank.groups["k_proj"], "q and k should share one A tensor"
+    x = torch.randn(2, 5, 8)
+    y = x if same_input else torch.randn(2, 5, 8)
+    with torch.no_grad():
+        base = model(x, y)
+        bank.set_rows([2, 0])  # row 0 through the adapter, row 1 the base model
+        adapted = model(x, y)
+        bank.release_inputs()
+    delta_q = x[0] @ weights["q_proj"][0].T @ weights["q_proj"][1].T
+    delta_k = y[0] @ weights["k_proj"][0].T @ weights["k_proj"][1].T
+    torch.testing.assert_close(adapted[0], base[0] + torch.cat([delta_q, delta_k], dim=-1))
+    torch.testing.assert_close(adapted[1], base[1])

@@ -438,16 +438,24 @@ class MedtuneServer:
             if chat:
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield _event({"id": rid, "object": kind, "created": created, "model": model, "choices": [first]})
-            stopped = False
-            while (token := await queue.get()) is not None:
-                if stopped:
-                    continue
-                tokens += 1
-                pending += decoder.push(token)
-                cut = min((pending.find(s) for s in request.stop if s in pending), default=-1)
-                if cut >= 0:
-                    pending, finish, stopped = pending[:cut], "stop", True
-                    request.cancelled = True  # the client has its answer; free the row
+            stopped = ended = False
+            while not ended:
+                # Every token that arrived while the last chunk was on its way goes in one chunk:
+                # a chunk per token per stream costs the replica's event loop more than decoding
+                # costs the GPU once dozens of streams share a batch.
+                arrived = [await queue.get()]
+                while not queue.empty():
+                    arrived.append(queue.get_nowait())
+                ended = arrived[-1] is None
+                for token in arrived[:-1] if ended else arrived:
+                    if stopped:
+                        break
+                    tokens += 1
+                    pending += decoder.push(token)
+                    cut = min((pending.find(s) for s in request.stop if s in pending), default=-1)
+                    if cut >= 0:
+                        pending, finish, stopped = pending[:cut], "stop", True
+                        request.cancelled = True  # the client has its answer; free the row
                 safe = len(pending) if stopped else max(0, len(pending) - held_back)
                 if safe:
                     emitted += pending[:safe]

@@ -100,17 +100,41 @@ def read_adapter(folder: str | Path) -> dict[str, tuple[Any, Any]]:
     return weights
 
 
+# Sibling projections that read the same input: their A sides are multiplied in one matmul.
+SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"},
+                {"query", "key", "value"})
+
+
+class _Group:
+    """Targeted linear layers that read one input (q/k/v, gate/up), or a single layer.
+
+    A holds every member's A for every slot side by side, (in, members x slots x r); each
+    member keeps its own B, (slots x r, out). The first member's hook computes
+    `h = (x @ A) * mask` for all members; its siblings, seeing the same input tensor, reuse it.
+    """
+
+    def __init__(self, members: list[str], a, b: dict[str, Any]):
+        self.members, self.a, self.b = members, a, b
+        self.x = self.hidden = None
+
+    def columns(self, module: str, slot: int, rank: int, slots: int) -> slice:
+        start = self.members.index(module) * slots * rank + slot * rank
+        return slice(start, start + rank)
+
+
 class LoRABank:
     """Every loaded adapter's LoRA weights, concatenated per module; slot 0 is the base model.
 
-    Per targeted linear layer: A (in, slots x r) holds every slot's A transposed side by side,
-    B (slots x r, out) every slot's B (times its scaling) stacked. For a batch, a row mask
-    (batch, 1, slots x r) keeps each row's own slot's r columns, so one forward hook is three
-    kernels whatever the mix of adapters: `h = x @ A`, `h *= mask`, `out += h @ B`. Computing
-    x @ A for every slot costs slots x r columns per token, small next to the layer itself while
-    slots x r stays well below the hidden size (8 adapters of rank 16: 144 columns for 4,096).
-    An earlier gather-per-row design (index_select A and B, two bmm) cost twice the kernels and
-    was launch-bound on an H100 (adapters at 31% of base tokens/s).
+    Per targeted linear layer, B (slots x r, out) stacks every slot's B (times its scaling); A
+    (in, slots x r) holds every slot's A transposed side by side, and the A sides of siblings that
+    read one input (q/k/v, gate/up) sit in one tensor. For a batch, a row mask (batch, slots x r,
+    repeated per sibling) keeps each row's own slot's r columns, so whatever the mix of adapters
+    a group of siblings costs `h = x @ A`, `h *= mask` once, then one `out += h @ B` (addmm) per
+    member. Computing x @ A for every slot costs slots x r columns per token, small next to the
+    layer itself while slots x r stays well below the hidden size (8 adapters of rank 16: 144
+    columns for 4,096). Decoding is launch-bound, so the number of operators per hook is what
+    counts: an earlier gather-per-row design (index_select A and B, two bmm) reached 31% of base
+    tokens/s on an H100, one matmul-mask-matmul-add hook per module 29% on an H200.
     """
 
     def __init__(self, model: Any, slots: int):
@@ -125,12 +149,13 @@ class LoRABank:
         self.device = next(model.parameters()).device
         self.rank = 0
         """Columns per slot: the largest rank loaded so far (smaller ranks are zero-padded)."""
-        self.a: dict[str, Any] = {}
-        self.b: dict[str, Any] = {}
+        self.groups: dict[str, _Group] = {}
+        """Module name -> its group; siblings share one _Group."""
         self.hooks: dict[str, Any] = {}
         self.row_mask = None
-        """(batch, 1, columns up to the end of the batch's highest slot), set before every forward."""
+        """(batch, 1, slots x r) for the rows of the next forward; None while every row is a base-model row."""
         self._masks: dict[tuple[int, ...], Any] = {}
+        self._repeated: dict[int, Any] = {}  # members -> the row mask repeated for that many siblings
 
     @property
     def active(self) -> bool:
@@ -147,12 +172,19 @@ class LoRABank:
         if key not in self._masks:
             if len(self._masks) > 64:  # batch compositions change as rows come and go: keep a few
                 self._masks.clear()
-            mask = torch.zeros(len(slots), 1, (max(slots) + 1) * self.rank, dtype=self.dtype)
+            mask = torch.zeros(len(slots), 1, self.slots * self.rank, dtype=self.dtype)
             for row, slot in enumerate(slots):
                 if slot:
                     mask[row, 0, slot * self.rank:(slot + 1) * self.rank] = 1
             self._masks[key] = mask.to(self.device)
         self.row_mask = self._masks[key]
+        self._repeated = {1: self.row_mask}
+
+    def _mask_for(self, members: int):
+        mask = self._repeated.get(members)
+        if mask is None:
+            mask = self._repeated[members] = self.row_mask.repeat(1, 1, members)
+        return mask
 
     def check(self, weights: dict[str, tuple[Any, Any]]) -> None:
         """Raise AdapterLoadError unless every module exists in the base model with matching shapes."""
@@ -173,66 +205,110 @@ class LoRABank:
         rank = max(a.shape[0] for a, _ in weights.values())
         if rank > self.rank:
             self._widen(rank)
+        missing = [module for module in weights if module not in self.groups]
+        if missing:
+            self._allocate(missing)
         self.clear(slot)
-        columns = slice(slot * self.rank, slot * self.rank + rank)
         for module, (a, b) in weights.items():
-            if module not in self.a:
-                self._allocate(module)
-            r = a.shape[0]
+            group, r = self.groups[module], a.shape[0]
+            columns = group.columns(module, slot, self.rank, self.slots)
             with torch.no_grad():
-                self.a[module][:, columns][:, :r].copy_(a.T.to(self.device, self.dtype))
-                self.b[module][columns][:r].copy_(b.T.to(self.device, self.dtype))
+                group.a[:, columns][:, :r].copy_(a.T.to(self.device, self.dtype))
+                group.b[module][slot * self.rank:slot * self.rank + r].copy_(b.T.to(self.device, self.dtype))
 
     def clear(self, slot: int) -> None:
-        columns = slice(slot * self.rank, (slot + 1) * self.rank)
-        for module in self.a:
-            self.a[module][:, columns].zero_()
-            self.b[module][columns].zero_()
+        for group in {id(g): g for g in self.groups.values()}.values():
+            for module in group.members:
+                columns = group.columns(module, slot, self.rank, self.slots)
+                group.a[:, columns].zero_()
+                group.b[module][slot * self.rank:(slot + 1) * self.rank].zero_()
 
-    def _allocate(self, module: str) -> None:
+    def _allocate(self, modules: list[str]) -> None:
+        """Give `modules` (targeted for the first time) their tensors and hooks.
+
+        A new module joins no existing group (its siblings' hooks are already running with
+        theirs): siblings group only when first targeted together, which is the common case
+        of one recipe's adapters all targeting the same modules.
+        """
+        by_parent: dict[tuple[str, str], list[str]] = {}
+        for module in modules:
+            parent, _, leaf = module.rpartition(".")
+            family = next((",".join(sorted(f)) for f in SHARED_INPUT if leaf in f), module)
+            by_parent.setdefault((parent, family), []).append(module)
+        for members in by_parent.values():
+            members.sort()
+            width = self.slots * self.rank
+            inputs = {self.linear[m].in_features for m in members}
+            if len(inputs) > 1:  # not really siblings: one group each
+                for module in members:
+                    self._allocate_group([module], width)
+                continue
+            self._allocate_group(members, width)
+
+    def _allocate_group(self, members: list[str], width: int) -> None:
         import torch
 
-        layer = self.linear[module]
-        self.a[module] = torch.zeros(layer.in_features, self.slots * self.rank, dtype=self.dtype, device=self.device)
-        self.b[module] = torch.zeros(self.slots * self.rank, layer.out_features, dtype=self.dtype, device=self.device)
-        self.hooks[module] = layer.register_forward_hook(self._hook(module))
+        fan_in = self.linear[members[0]].in_features
+        group = _Group(members, torch.zeros(fan_in, len(members) * width, dtype=self.dtype, device=self.device),
+                       {m: torch.zeros(width, self.linear[m].out_features, dtype=self.dtype, device=self.device)
+                        for m in members})
+        for module in members:
+            self.groups[module] = group
+            self.hooks[module] = self.linear[module].register_forward_hook(self._hook(module, group))
 
     def _widen(self, rank: int) -> None:
-        """Re-lay every module's tensors with `rank` columns per slot, keeping what they hold."""
+        """Re-lay every group's tensors with `rank` columns per slot, keeping what they hold."""
         import torch
 
         old = self.rank
-        for module in list(self.a):
-            a, b = self.a[module], self.b[module]
-            wide_a = torch.zeros(a.shape[0], self.slots * rank, dtype=self.dtype, device=self.device)
-            wide_b = torch.zeros(self.slots * rank, b.shape[1], dtype=self.dtype, device=self.device)
-            for slot in range(self.slots):
-                wide_a[:, slot * rank:slot * rank + old] = a[:, slot * old:(slot + 1) * old]
-                wide_b[slot * rank:slot * rank + old] = b[slot * old:(slot + 1) * old]
-            self.a[module], self.b[module] = wide_a, wide_b
+        for group in {id(g): g for g in self.groups.values()}.values():
+            members = len(group.members)
+            a = torch.zeros(group.a.shape[0], members * self.slots * rank, dtype=self.dtype, device=self.device)
+            for m in range(members):
+                for slot in range(self.slots):
+                    source = (m * self.slots + slot) * old
+                    target = (m * self.slots + slot) * rank
+                    a[:, target:target + old] = group.a[:, source:source + old]
+            group.a = a
+            for module, b in group.b.items():
+                wide = torch.zeros(self.slots * rank, b.shape[1], dtype=self.dtype, device=self.device)
+                for slot in range(self.slots):
+                    wide[slot * rank:slot * rank + old] = b[slot * old:(slot + 1) * old]
+                group.b[module] = wide
+            group.x = group.hidden = None
         self.rank = rank
         self._masks.clear()
 
-    def _hook(self, module: str):
+    def _hook(self, module: str, group: _Group):
         import torch
 
-        views: dict[int, tuple[Any, Any]] = {}  # width -> (A, B) column views: no slicing per call
         same_dtype = self.linear[module].weight.dtype == self.dtype
+        first = group.members.index(module) * self.slots  # this member's first column, in units of rank
 
         def add_lora(_layer, args, output):
-            # Every dispatcher call here costs tens of microseconds of CPU on a launch-bound
-            # decoding step (128+ hooks per token): keep it to the three kernels.
+            # Decoding is launch-bound (every operator costs CPU time the GPU waits for): the
+            # first sibling pays matmul + mask for the group, each member one addmm.
             mask = self.row_mask
             if mask is None:
                 return output
-            width = mask.shape[-1]
-            pair = views.get(width)
-            if pair is None or pair[0].data_ptr() != self.a[module].data_ptr():  # new width, or widened bank
-                pair = views[width] = (self.a[module][:, :width], self.b[module][:width])
-            x = args[0] if same_dtype else args[0].to(self.dtype)
-            hidden = torch.matmul(x, pair[0]).mul_(mask)  # each row keeps only its own adapter's columns
+            x = args[0]
+            if x is not group.x or group.hidden is None:
+                hidden = torch.matmul(x if same_dtype else x.to(self.dtype), group.a)  # (batch, tokens, columns)
+                members_mask = self._mask_for(len(group.members))
+                hidden.mul_(members_mask if hidden.dim() == 3 else members_mask[:, 0])
+                group.x, group.hidden = x, hidden.view(-1, hidden.shape[-1])
+            width = self.slots * self.rank
+            hidden = group.hidden[:, first * self.rank:first * self.rank + width]
+            flat_out = output.view(-1, output.shape[-1])
             if same_dtype:
-                return output.add_(torch.matmul(hidden, pair[1]))
-            return output.add_(torch.matmul(hidden, pair[1]).to(output.dtype))
+                flat_out.addmm_(hidden, group.b[module])
+            else:
+                flat_out.add_(torch.mm(hidden, group.b[module]).to(output.dtype))
+            return output
 
         return add_lora
+
+    def release_inputs(self) -> None:
+        """Drop the inputs the groups remember (called after each forward, so they are not kept alive)."""
+        for group in self.groups.values():
+            group.x = group.hidden = None
