@@ -77,7 +77,9 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     """Attention kernel. `varlen`: training hands each packed row's document boundaries to
     PyTorch's variable-length flash attention (no mask, documents kept apart; CUDA, PyTorch
-    >= 2.10). `auto`: varlen for training where it runs, sdpa otherwise. Evaluation and
+    >= 2.10; plain causal attention only: a model with sliding-window layers or softcapped
+    attention logits is refused). `auto`: varlen for training where it runs and the model
+    allows it, sdpa otherwise (eager for softcapped logits, which sdpa lacks). Evaluation and
     serving always decode with sdpa unless another kernel is named here. sdpa works
     everywhere and keeps packed documents apart with a mask."""
     trust_remote_code: bool = False

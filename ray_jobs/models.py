@@ -130,14 +130,18 @@ def load_model(model: ModelConfig, model_dir: str, *, device: Any = None, zero3:
     the recipe's choice as inference can run it.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from ray_jobs.train.attention import inference_attention
 
     on_gpu = device is not None and torch.device(device).type == "cuda"
+    if attn_implementation is None:  # the config says whether sdpa can compute the model's attention
+        config = AutoConfig.from_pretrained(model_dir, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+        attn_implementation = inference_attention(model.attn_implementation, config)
     kwargs: dict[str, Any] = dict(
         revision=model.revision, trust_remote_code=model.trust_remote_code, dtype=torch_dtype(model, on_gpu),
-        attn_implementation=attn_implementation or inference_attention(model.attn_implementation),
+        attn_implementation=attn_implementation,
     )
     quant = quantization_config(model, zero3=zero3)
     if quant is not None:

@@ -101,6 +101,58 @@ def test_packed_documents_score_exactly_like_the_same_documents_one_by_one(tiny_
     assert abs(loss_of(naive)[0] - plain) > 20 * abs(packed[0] - plain) + 1e-2, "cross-document attention went unnoticed"
 
 
+def metrics_cfg(tmp_path: Path) -> dict:
+    """The part of the worker config the metrics.jsonl writer reads."""
+    return {"tensorboard_dir": str(tmp_path / "worker" / "tensorboard"), "storage_root": str(tmp_path / "store"),
+            "tensorboard_rel": "runs/r1/tensorboard"}
+
+
+def logged_steps(path: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_a_resumed_run_logs_each_step_once_in_metrics_jsonl(tmp_path: Path):
+    """The failed attempt logged past its last checkpoint (and tore a line as it died); the
+    resumed attempt logs those steps again, and they must not stand there twice."""
+    from ray_jobs.train.loop import METRICS_FILE, append_metrics, resume_metrics
+
+    cfg = metrics_cfg(tmp_path)
+    path = Path(cfg["tensorboard_dir"]) / METRICS_FILE
+    for step in range(1, 6):
+        append_metrics(path, {"step": step, "loss": 2.0 - step / 10})
+    with open(path, "a") as handle:
+        handle.write('{"step": 6, "lo')
+    resume_metrics(cfg, 3)  # the checkpoint the restart found was step 3's
+    for step in range(4, 7):
+        append_metrics(path, {"step": step, "loss": 1.5, "resumed_from_step": 3})
+    assert logged_steps(path) == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(line).get("resumed_from_step") for line in path.read_text().splitlines()][2:4] == [None, 3]
+
+
+def test_a_run_resumed_on_another_node_continues_the_metrics_synced_to_storage(tmp_path: Path):
+    from ray_jobs.train.loop import METRICS_FILE, metrics_line, resume_metrics
+
+    cfg = metrics_cfg(tmp_path)
+    synced = "".join(metrics_line({"step": step, "loss": 1.0}) for step in range(1, 5))
+    Storage.from_uri(cfg["storage_root"]).write_text(f"{cfg['tensorboard_rel']}/{METRICS_FILE}", synced)
+    resume_metrics(cfg, 2)  # this node never held the file
+    assert logged_steps(Path(cfg["tensorboard_dir"]) / METRICS_FILE) == [1, 2]
+
+
+def test_a_diverged_loss_is_logged_as_null_in_valid_json(tmp_path: Path):
+    from ray_jobs.train.loop import append_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    append_metrics(path, {"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-4, "final": False})
+
+    def not_json(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
+    (line,) = path.read_text().splitlines()
+    assert json.loads(line, parse_constant=not_json) == {"step": 1, "loss": None, "grad_norm": None, "lr": 1e-4,
+                                                          "final": False}
+
+
 def test_zero3_with_8bit_weights_is_refused_naming_the_key():
     from ray_jobs.config import RecipeError
 
@@ -284,6 +336,9 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_where_an_unbroken_
     # step-4 checkpoint or (if the crash won the race) step 2; never a fresh start.
     assert lineage["final_metrics"].get("resumed_from_step") in (2, 4)
     assert "resumed_from_step" not in json.loads(Path(unbroken.adapter_uri, "lineage.json").read_text())["final_metrics"]
+    # Each step logged once, though the failed attempt logged steps past the checkpoint too.
+    metrics = Storage.from_uri(root).read_text(f"{run_prefix(broken.run)}/tensorboard/metrics.jsonl").splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3, 4, 5, 6]
     # Same data order and RNG after the restart: the same weights as the run that never broke.
     expected, got = adapter_tensors(Path(unbroken.adapter_uri)), adapter_tensors(Path(broken.adapter_uri))
     assert expected.keys() == got.keys()

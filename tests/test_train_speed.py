@@ -21,7 +21,8 @@ import torch
 from ray_jobs.config import RecipeError, parse_recipe
 from ray_jobs.preprocess.tokenize import pack_documents
 from ray_jobs.train import attention
-from ray_jobs.train.loop import build_model, collate, enable_checkpointing, layers_to_checkpoint, summed_loss
+from ray_jobs.train.loop import (build_model, collate, enable_checkpointing, layers_to_checkpoint,
+                                 optimizer_bytes_per_param, summed_loss)
 
 
 def random_documents(lengths, seed: int = 0):
@@ -98,13 +99,94 @@ def test_varlen_attention_refuses_generation_with_a_cache(tiny_llama_dir: Path):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
 
 
+def test_varlen_attention_treats_each_unpacked_row_as_one_document(tiny_llama_dir: Path):
+    """Called without position_ids, transformers passes one [1, S] arange for the whole batch:
+    every row is then a single document, as sdpa attends too."""
+    ids = torch.randint(5, 600, (3, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = load(tiny_llama_dir, "sdpa").eval()(input_ids=ids).logits
+        got = load(tiny_llama_dir, attention.NAME).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def attend(batch: int = 2, width: int = 6, **kwargs):
+    """The varlen forward on random q/k/v (4 query heads, 2 key/value heads)."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(batch, 4, width, 8, generator=generator)
+    key, value = (torch.randn(batch, 2, width, 8, generator=generator) for _ in range(2))
+    return attention.varlen_attention_forward(None, query, key, value, None, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 6), (3, 5), (3, 2, 6)], ids=["fewer-rows", "other-width", "3d-multimodal"])
+def test_varlen_attention_refuses_position_ids_that_do_not_match_the_rows(shape):
+    positions = torch.arange(shape[-1]).expand(*shape)
+    with pytest.raises(ValueError, match=r"position_ids of shape .* do not match the query's 3 rows of 6 tokens"):
+        attend(batch=3, width=6, position_ids=positions)
+    out, _ = attend(batch=3, width=6, position_ids=torch.arange(6).expand(3, 6))
+    assert out.shape == (3, 6, 4, 8)
+
+
+@pytest.mark.parametrize("setting", [{"sliding_window": 4}, {"softcap": 50.0}])
+def test_varlen_attention_refuses_a_sliding_window_or_softcap_instead_of_ignoring_it(setting):
+    positions = torch.arange(6).expand(2, 6)
+    with pytest.raises(ValueError, match=rf"cannot apply {next(iter(setting))}=.*model.attn_implementation: auto"):
+        attend(position_ids=positions, **setting)
+    attend(position_ids=positions, sliding_window=None, softcap=None)  # what Llama-style layers pass
+
+
+def test_a_sliding_window_model_loaded_with_varlen_by_hand_fails_at_its_first_forward():
+    """transformers hands the window to the attention function: varlen must not drop it."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    attention.register()
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.NAME)
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        model(input_ids=torch.randint(0, 64, (1, 20)), position_ids=torch.arange(20)[None])
+
+
 def test_auto_attention_is_varlen_only_where_the_flash_kernel_runs():
-    assert attention.training_attention("auto", torch.device("cpu")) == "sdpa"
-    assert attention.training_attention("varlen", torch.device("cpu")) == attention.NAME
-    assert attention.training_attention("eager", None) == "eager"
+    from transformers import LlamaConfig
+
+    llama = LlamaConfig()
+    assert attention.training_attention("auto", torch.device("cpu"), llama) == "sdpa"
+    assert attention.training_attention("varlen", torch.device("cpu"), llama) == attention.NAME
+    assert attention.training_attention("eager", None, llama) == "eager"
     # Evaluation and serving decode with a KV cache.
     assert attention.inference_attention("auto") == attention.inference_attention("varlen") == "sdpa"
     assert attention.inference_attention("flex_attention") == "flex_attention"
+
+
+def model_configs():
+    from transformers import (Gemma2Config, Gemma3Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
+                              Qwen2Config)
+
+    return {
+        # (config, what `auto` picks on a GPU where the flash kernel runs)
+        "llama": (LlamaConfig(), attention.NAME),
+        "qwen2": (Qwen2Config(), attention.NAME),  # use_sliding_window: false, as Qwen2.5 ships
+        "mistral-v0.3": (MistralConfig(sliding_window=None), attention.NAME),
+        "mistral-v0.1": (MistralConfig(sliding_window=4096), "sdpa"),
+        "qwen2-windowed": (Qwen2Config(use_sliding_window=True, num_hidden_layers=4, max_window_layers=2), "sdpa"),
+        "gemma3": (Gemma3TextConfig(), "sdpa"),
+        "gemma3-multimodal": (Gemma3Config(), "sdpa"),
+        "gemma2": (Gemma2Config(), "eager"),  # softcapped logits: sdpa has no softcap either
+    }
+
+
+@pytest.mark.parametrize("arch", list(model_configs()))
+def test_auto_attention_keeps_sliding_window_and_softcapped_models_off_varlen(monkeypatch, arch: str):
+    config, expected = model_configs()[arch]
+    monkeypatch.setattr(attention, "available_on", lambda device: True)  # as on an H100
+    assert attention.training_attention("auto", torch.device("cuda"), config) == expected
+    if expected == attention.NAME:
+        assert attention.training_attention("varlen", torch.device("cuda"), config) == attention.NAME
+    else:
+        with pytest.raises(ValueError, match=rf"model.attn_implementation: varlen .*; use auto or {expected}"):
+            attention.training_attention("varlen", torch.device("cuda"), config)
+    # Evaluation and serving decode with sdpa, or eager where the model softcaps its logits.
+    assert attention.inference_attention("auto", config) == ("sdpa" if expected == attention.NAME else expected)
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["bf16-base", "quantised-base"])
@@ -186,15 +268,26 @@ def test_a_short_run_has_the_same_loss_curve_packed_with_varlen_as_document_by_d
     assert plain[-1] < plain[0] - 0.05, "the run must learn, or matching curves prove nothing"
 
 
-@pytest.mark.parametrize(("peak", "budget", "expected"), [
-    (30, 40, 0),    # fits: no recompute at all
-    (50, 40, 10),   # 32 layers share 32 GiB of activations: free 10 GiB -> 10 layers
-    (50, 41.5, 9),  # rounds up, never under-checkpoints
-    (90, 15, 32),   # more than all the activations: every layer
+@pytest.mark.parametrize(("peak", "budget", "logits", "expected"), [
+    (30, 40, 0, 0),     # fits: no recompute at all
+    (50, 40, 0, 11),    # 32 layers share 32 GiB of activations: free 10 GiB -> 10 layers, + 1 for the inputs kept
+    (50, 41.5, 0, 10),  # rounds up, never under-checkpoints
+    (90, 15, 0, 32),    # more than all the activations: every layer
+    # 16 of the 32 GiB are logits, which checkpointing never frees: each layer frees 0.5 GiB,
+    # not 1, so freeing 10 GiB takes 20 layers (+ 1), twice what spreading the logits gave.
+    (50, 40, 16, 21),
+    (50, 49.9, 0, 2),   # just over: the one-layer margin
 ])
-def test_auto_checkpoints_just_enough_layers_to_fit_the_budget(peak, budget, expected):
+def test_auto_checkpoints_enough_layers_to_fit_the_budget(peak, budget, logits, expected):
     gib = 2**30
-    assert layers_to_checkpoint(peak=peak * gib, static=18 * gib, layers=32, budget=budget * gib) == expected
+    assert layers_to_checkpoint(peak=peak * gib, static=18 * gib, layers=32, budget=budget * gib,
+                                logits=logits * gib) == expected
+
+
+def test_optimizer_states_count_deepspeeds_fp32_master_copy_partitioned_over_workers():
+    assert optimizer_bytes_per_param(deepspeed=False, workers=4) == 8   # AdamW moments on every DDP worker
+    assert optimizer_bytes_per_param(deepspeed=True, workers=1) == 12   # + fp32 master weights
+    assert optimizer_bytes_per_param(deepspeed=True, workers=4) == 3    # ZeRO-2 partitions all of it
 
 
 def test_a_memory_limit_must_be_positive_and_is_named_when_wrong():
@@ -204,21 +297,46 @@ def test_a_memory_limit_must_be_positive_and_is_named_when_wrong():
         parse_recipe({**recipe, "train": {"max_gpu_memory_gib": 0}})
 
 
+def bf16_lora_cfg(model_dir: Path, **lora) -> dict:
+    """build_model's config for LoRA on a bf16 base (4-bit needs a GPU; bf16 shows the same on CPU)."""
+    return {"model_dir": str(model_dir), "recipe": {
+        "model": {"base": str(model_dir), "quantization": "none", "dtype": "bf16", "attn_implementation": "auto",
+                  "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "bf16"}},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "bias": "none", "targets": "attention", "modules_to_save": [],
+                 "use_rslora": False, "use_dora": False, **lora},
+        "train": {"method": "lora", "gradient_checkpointing": True, "liger_kernels": False, "micro_batch_size": 1},
+        "data": {"max_seq_len": 128}}}
+
+
 def test_the_frozen_base_keeps_its_dtype_and_only_lora_weights_train(tiny_llama_dir: Path):
     """What prepare_model_for_kbit_training would have done, less the fp32 cast (checked in
     bf16 on CPU; 4-bit needs a GPU). The LoRA weights are PEFT's fp32 ones."""
-    cfg = {"model_dir": str(tiny_llama_dir), "recipe": {
-        "model": {"base": str(tiny_llama_dir), "quantization": "none", "dtype": "bf16", "attn_implementation": "auto",
-                  "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "bf16"}},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "bias": "none", "targets": "attention", "modules_to_save": [],
-                 "use_rslora": False, "use_dora": False},
-        "train": {"method": "lora", "gradient_checkpointing": True, "liger_kernels": False, "micro_batch_size": 1},
-        "data": {"max_seq_len": 128}}}
-    model = build_model(cfg, None, zero3=False)
+    model = build_model(bf16_lora_cfg(tiny_llama_dir), None, zero3=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     frozen_dtypes = {p.dtype for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen_dtypes == {torch.bfloat16}
+
+
+def test_modules_to_save_copies_train_in_fp32_beside_the_bf16_base(tiny_llama_dir: Path):
+    """PEFT copies modules_to_save in the base's bf16, where AdamW's small updates round away:
+    like the LoRA weights, they train in fp32 (under autocast, as on a GPU)."""
+    model = build_model(bf16_lora_cfg(tiny_llama_dir, modules_to_save=["lm_head"]), None, zero3=False)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    copies = {n: p for n, p in trainable.items() if "modules_to_save" in n}
+    assert list(copies) == ["base_model.model.lm_head.modules_to_save.default.weight"]
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+    before = {n: p.detach().clone() for n, p in copies.items()}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, count = summed_loss(model.train(), *packed_batch(random_documents((40, 70)), width=128))
+    (total / count).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+    optimizer.step()
+    for name, param in copies.items():
+        assert not torch.equal(param, before[name]), name
 
 
 def test_a_token_budget_per_step_sets_grad_accum_from_workers_and_row_length():

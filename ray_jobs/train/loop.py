@@ -102,6 +102,7 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
     """Load the base (quantised as asked), wrap it with LoRA unless full fine-tuning."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
 
     from ray_jobs.config import ModelConfig
     from ray_jobs.models import load_model
@@ -110,7 +111,10 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
     recipe = cfg["recipe"]
     model_cfg = ModelConfig.model_validate(recipe["model"])
     train = recipe["train"]
-    attn = attention.training_attention(model_cfg.attn_implementation, device)
+    # The config alone (no weights) says whether the model's attention is one varlen computes.
+    config = AutoConfig.from_pretrained(cfg["model_dir"], revision=model_cfg.revision,
+                                        trust_remote_code=model_cfg.trust_remote_code)
+    attn = attention.training_attention(model_cfg.attn_implementation, device, config)
     if attn == attention.NAME:
         attention.register()
     model = load_model(model_cfg, cfg["model_dir"], device=device, zero3=zero3, attn_implementation=attn)
@@ -135,12 +139,32 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
             target_modules=lora_targets(lora["targets"]), modules_to_save=lora["modules_to_save"] or None,
             use_rslora=lora["use_rslora"], use_dora=lora["use_dora"], task_type="CAUSAL_LM",
         ))
+        trainable_in_fp32(model)
     # `auto` starts without; train_loop_per_worker turns it on after a probe step if needed.
     if train["gradient_checkpointing"] is True:
         enable_checkpointing(model, quantized=model_cfg.quantization != "none")
     if device is not None and torch.device(device).type == "cpu":
         model = model.float() if model_cfg.quantization == "none" else model
     return model
+
+
+def trainable_in_fp32(model) -> None:
+    """Cast the trainable parameters that PEFT left in the base's dtype to fp32.
+
+    PEFT makes the LoRA weights fp32 (its `autocast_adapter_dtype`), but copies
+    `modules_to_save` and leaves trained biases in the base's bf16/fp16:
+    AdamW updates smaller than bf16's resolution then round away, and the fp32 cast of
+    prepare_model_for_kbit_training, which used to cover them, is no longer applied. The
+    frozen base keeps its dtype; autocast (GPU) or DeepSpeed's own cast meets the mix. (A
+    trained copy of the embeddings puts out fp32, so the residual stream runs in fp32 then,
+    as under any fp32-master mixed precision.)
+    """
+    import torch
+
+    for param in model.parameters():
+        # Plain parameters only: a bitsandbytes weight (a Parameter subclass) is packed storage.
+        if param.requires_grad and param.dtype != torch.float32 and type(param) is torch.nn.Parameter:
+            param.data = param.data.float()
 
 
 def autocast(model_cfg: dict[str, Any], device):
@@ -191,29 +215,50 @@ def enable_checkpointing(model, quantized: bool, layers: int | None = None) -> i
     return chosen
 
 
-def layers_to_checkpoint(*, peak: float, static: float, layers: int, budget: float) -> int:
+LOSS_BYTES_PER_LOGIT = 16
+"""What the unfused loss holds per [token x vocab] logit at its peak, an upper bound: the
+logits, their fp32 copy, cross-entropy's fp32 log-probabilities and their gradient (12
+bytes with bf16 logits, up to 16 with fp32 ones)."""
+
+
+def layers_to_checkpoint(*, peak: float, static: float, layers: int, budget: float, logits: float = 0.0) -> int:
     """How many of `layers` decoder layers to checkpoint so a step's peak fits `budget`.
 
     A probe step without checkpointing peaked at `peak` bytes with `static` bytes (weights,
-    optimizer states) resident before it; the rest is activations, taken as spread evenly
-    over the layers (an over-estimate per layer, as the logits' share is counted in it).
-    A checkpointed layer keeps only its input, so it frees about its whole share.
+    optimizer states) resident before it, `logits` of it the unfused loss's logits and
+    their buffers (0 when fused), which no checkpointing frees. The rest is the layers'
+    activations, taken as spread evenly over them. Counting the logits there would
+    over-estimate what each checkpointed layer frees and checkpoint too few, so they are
+    left out; over-estimating `logits` only checkpoints more. A checkpointed layer keeps
+    its input, so it frees a little less than its share: one layer more than the shares
+    add up to covers that.
     """
     if peak <= budget:
         return 0
-    per_layer = max(peak - static, 1.0) / layers
-    return min(layers, math.ceil((peak - budget) / per_layer))
+    per_layer = max(peak - static - logits, 1.0) / layers
+    return min(layers, math.ceil((peak - budget) / per_layer) + 1)
+
+
+def optimizer_bytes_per_param(*, deepspeed: bool, workers: int) -> float:
+    """Bytes per trainable parameter one worker holds for AdamW once it has stepped.
+
+    AdamW keeps two moments: 8 bytes in fp32 (4 with a bf16 model's bf16 moments; counting 8
+    stays on the safe side). DeepSpeed ZeRO-1/2 adds an fp32 master copy of the weights (4
+    bytes) and partitions all 12 over the workers.
+    """
+    return 12 / workers if deepspeed else 8
 
 
 def checkpoint_plan(model, *, micro_batch: int, seq_len: int, device, fused: bool, full_finetune: bool,
                     budget_gib: float | None = None, headroom: float = 0.85,
-                    autocast_ctx=contextlib.nullcontext) -> int | None:
+                    autocast_ctx=contextlib.nullcontext, state_bytes_per_param: float = 8) -> int | None:
     """Decoder layers to checkpoint (0: none, None: all), from one probe step.
 
     The probe runs one full-size forward/backward without checkpointing (packed rows all
     have the same length, so one step is representative) and measures its peak. The step
     must fit `budget_gib` (the recipe's memory limit) or else `headroom` of the GPU.
-    AdamW's states do not exist yet: their 8 bytes per trainable parameter are added.
+    The optimizer's states do not exist yet: `state_bytes_per_param` (see
+    `optimizer_bytes_per_param`) per trainable parameter are added.
     """
     import torch
 
@@ -223,7 +268,7 @@ def checkpoint_plan(model, *, micro_batch: int, seq_len: int, device, fused: boo
     budget = min(budget_gib * 2**30, headroom * total) if budget_gib else headroom * total
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    states = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    states = state_bytes_per_param * sum(p.numel() for p in model.parameters() if p.requires_grad)
     static = torch.cuda.memory_allocated(device) + states
     ids = torch.randint(0, model.config.vocab_size, (micro_batch, seq_len), device=device)
     positions = torch.arange(seq_len, device=device).expand(micro_batch, -1)
@@ -237,10 +282,13 @@ def checkpoint_plan(model, *, micro_batch: int, seq_len: int, device, fused: boo
     finally:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
+        # The probe's peak is no training step's: the logged gpu_mem_gib starts afresh.
+        torch.cuda.reset_peak_memory_stats(device)
     if full_finetune:
         return None if peak > budget else 0  # full fine-tuning: all or nothing
     layers = getattr(model.config, "num_hidden_layers", None) or model.get_base_model().config.num_hidden_layers
-    chosen = layers_to_checkpoint(peak=peak, static=static, layers=layers, budget=budget)
+    logits = 0 if fused else micro_batch * seq_len * model.config.vocab_size * LOSS_BYTES_PER_LOGIT
+    chosen = layers_to_checkpoint(peak=peak, static=static, layers=layers, budget=budget, logits=logits)
     return None if chosen >= layers else chosen
 
 
@@ -292,6 +340,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             layers = checkpoint_plan(model, micro_batch=train["micro_batch_size"], seq_len=recipe["data"]["max_seq_len"],
                                      device=device, fused=fused, full_finetune=train["method"] == "full",
                                      budget_gib=train["max_gpu_memory_gib"],
+                                     state_bytes_per_param=optimizer_bytes_per_param(deepspeed=bool(ds_config),
+                                                                                     workers=world),
                                      # Before DeepSpeed casts the model, the probe autocasts as DDP would.
                                      autocast_ctx=lambda: autocast(recipe["model"], device))
             if world > 1:  # every rank must make the same choice: the most checkpointing any needs
@@ -346,13 +396,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[medtune] resumed from step {position.step} (epoch {position.epoch}, "
                   f"micro-batch {position.micro_batches})", flush=True)
+            if cfg.get("tensorboard_dir"):
+                resume_metrics(cfg, position.step)
 
     pad_id = cfg["pad_id"]
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if cfg["has_eval"] else None
     total_steps, accum = cfg["total_steps"], train["grad_accum"]
     fail_at = int(os.environ.get(FAULT_ENV, "0"))
-    writer = _tensorboard(cfg, rank)
+    writer = _tensorboard(cfg, rank, resumed_from)
     tracker = Tracker(cfg, rank)
 
     def evaluate() -> float | None:
@@ -468,9 +520,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             tracker.log(metrics, position.step)
             if rank == 0 and cfg.get("tensorboard_dir"):
                 # Plain JSON lines next to the TensorBoard events: readable without TensorBoard.
-                Path(cfg["tensorboard_dir"]).mkdir(parents=True, exist_ok=True)
-                with open(Path(cfg["tensorboard_dir"]) / METRICS_FILE, "a") as handle:
-                    handle.write(json.dumps(metrics) + "\n")
+                append_metrics(Path(cfg["tensorboard_dir"]) / METRICS_FILE, metrics)
             if writer:
                 for key, value in metrics.items():
                     if isinstance(value, (int, float)) and key not in ("step", "final"):
@@ -496,6 +546,57 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         writer.close()
     if rank == 0:
         sync_tensorboard(cfg)
+
+
+def metrics_line(metrics: dict[str, Any]) -> str:
+    """One metrics.jsonl line. A non-finite float (a diverged loss) is written as null:
+    json.dumps would write NaN or Infinity, which no strict JSON reader accepts."""
+    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+              for key, value in metrics.items()}
+    return json.dumps(finite) + "\n"
+
+
+def append_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(metrics_line(metrics))
+
+
+def keep_metrics_through(path: Path, step: int) -> None:
+    """Drop the lines logged after `step`: a run resumed from the checkpoint at `step` logs
+    those steps again, and the failed attempt's lines would stand beside them twice."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by the crash that this run resumes from
+        if logged <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    path.write_text("".join(kept))
+
+
+def resume_metrics(cfg: dict[str, Any], step: int) -> None:
+    """Rank 0's metrics.jsonl as a run resumed at `step` continues it.
+
+    A restarted worker may land on another node, without the failed attempt's local file:
+    the copy synced to storage at the last checkpoint then carries the earlier steps on
+    (the next sync would otherwise overwrite it with the resumed steps alone).
+    """
+    import posixpath
+
+    from ray_jobs.storage import Storage
+
+    path = Path(cfg["tensorboard_dir"]) / METRICS_FILE
+    if not path.exists():
+        storage = Storage.from_uri(cfg["storage_root"])
+        synced = posixpath.join(cfg["tensorboard_rel"], METRICS_FILE)
+        if storage.exists(synced):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(storage.read_text(synced))
+    keep_metrics_through(path, step)
 
 
 def summed_over_workers(values, device):
@@ -634,7 +735,7 @@ class Tracker:
             self.wandb.finish()
 
 
-def _tensorboard(cfg: dict[str, Any], rank: int):
+def _tensorboard(cfg: dict[str, Any], rank: int, resumed_from: int | None):
     if rank != 0 or not cfg.get("tensorboard_dir"):
         return None
     try:
@@ -642,4 +743,6 @@ def _tensorboard(cfg: dict[str, Any], rank: int):
     except ImportError:  # tensorboard is a dependency; stay alive if an image lacks it
         return None
     Path(cfg["tensorboard_dir"]).mkdir(parents=True, exist_ok=True)
-    return SummaryWriter(cfg["tensorboard_dir"])
+    # As for metrics.jsonl: TensorBoard hides the failed attempt's events past the checkpoint.
+    purge = resumed_from + 1 if resumed_from is not None else None
+    return SummaryWriter(cfg["tensorboard_dir"], purge_step=purge)
