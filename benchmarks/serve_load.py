@@ -199,7 +199,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: Path, storage_root: Path, port: int, max_batch: int, batching: str, app_name: str):
+def start_server(model_dir: Path, storage_root: Path, port: int, max_batch: int, batching: str, app_name: str,
+                 stream_interval: float = 0.0):
     import torch
     from ray import serve
 
@@ -213,7 +214,8 @@ def start_server(model_dir: Path, storage_root: Path, port: int, max_batch: int,
         "serve": {"served_model_name": "base", "host": "127.0.0.1", "port": port, "gpus_per_replica": 1 if gpu else 0,
                   "cpus_per_replica": 1, "max_batch_size": max_batch, "max_ongoing_requests": max(2 * max_batch, 8),
                   "max_queued_requests": 4096, "batch_wait_timeout_s": 0.01, "request_timeout_s": 3600,
-                  "max_loaded_adapters": 64, "adapter_refresh_s": 3600, "batching": batching},
+                  "max_loaded_adapters": 64, "adapter_refresh_s": 3600, "batching": batching,
+                  "stream_interval_s": stream_interval},
     })
     serve.run(build_app(recipe), name=app_name, route_prefix="/")
     return f"http://127.0.0.1:{port}"
@@ -283,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated serve.batching engines to compare: continuous (the default engine), "
                              "mixed (static @serve.batch + PEFT adapter_names), per_adapter (what Serve "
                              "multiplexing gives); 'all' for the three")
+    parser.add_argument("--stream-intervals", default="0",
+                        help="comma-separated serve.stream_interval_s values; each design runs once per value "
+                             "(labelled design+VALUE when not 0)")
     parser.add_argument("--workdir", default=None, help="where the model and adapters are written (default: a temp dir)")
     parser.add_argument("--out", default=None, help="JSON results file (rewritten after every measurement)")
     args = parser.parse_args(argv)
@@ -334,12 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     designs = DESIGNS if args.design == "all" else args.design.split(",")
     results["designs"] = {}
     try:
-        for design in designs:
-            log(f"starting the Serve app (batching={design})")
+        intervals = [float(value) for value in args.stream_intervals.split(",")]
+        for design, interval in ((d, i) for d in designs for i in intervals):
+            label = design if not interval else f"{design}+{interval:g}"
+            log(f"starting the Serve app (batching={design}, stream_interval_s={interval:g})")
             started = time.perf_counter()
-            base_url = start_server(model_dir, work / "storage", port, max(levels), design, f"bench-{design}")
-            entry: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "adapters": [], "base": []}
-            results["designs"][design] = entry
+            base_url = start_server(model_dir, work / "storage", port, max(levels), design, f"bench-{design}",
+                                    stream_interval=interval)
+            entry: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "adapters": [], "base": [],
+                                     "batching": design, "stream_interval_s": interval}
+            results["designs"][label] = entry
             names = list(adapters)
             for name in names:  # first use loads the adapter; the replica times it
                 asyncio.run(drive(base_url, [name], 1, 1, 2, prompt))
@@ -348,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             save()
             for concurrency in levels:
                 requests = args.requests or max(16, 4 * concurrency)
-                for label, models in (("adapters", names), ("base", ["base"])):
+                for kind, models in (("adapters", names), ("base", ["base"])):
                     asyncio.run(drive(base_url, models, concurrency, min(concurrency, 4), 4, prompt))  # warm up
                     row = asyncio.run(drive(base_url, models, concurrency, requests, max_tokens, prompt))
-                    entry[label].append(row)
-                    log(f"{design} {label:8s} c={concurrency:<3d} {row}")
+                    entry[kind].append(row)
+                    log(f"{label} {kind:8s} c={concurrency:<3d} {row}")
                     save()
             serve.delete(f"bench-{design}")
     finally:
@@ -370,17 +379,17 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"serve_load: model={results['model']} adapters={results['adapters']} rank={results['rank']} "
              f"max_tokens={results['max_tokens']} on {results['machine'].get('gpu') or results['machine']['platform']}",
              f"(a) sequential PEFT generate: {sequential:.1f} tok/s, p50 {results['sequential']['latency_p50_s']:.3f}s",
-             f"{'design':12s} {'conc':>4s} {'tok/s':>9s} {'p50 s':>8s} {'p95 s':>8s} {'ttft50':>8s} {'ttft95':>8s} "
+             f"{'design':16s} {'conc':>4s} {'tok/s':>9s} {'p50 s':>8s} {'p95 s':>8s} {'ttft50':>8s} {'ttft95':>8s} "
              f"{'base tok/s':>10s} {'x (a)':>7s} {'% of (b)':>8s} {'errors':>6s}"]
     for design, entry in results.get("designs", {}).items():
         for row, base in zip(entry["adapters"], entry["base"]):
-            lines.append(f"{design:12s} {row['concurrency']:4d} {row['tokens_per_s']:9.1f} {row['latency_p50_s']:8.3f} "
+            lines.append(f"{design:16s} {row['concurrency']:4d} {row['tokens_per_s']:9.1f} {row['latency_p50_s']:8.3f} "
                          f"{row['latency_p95_s']:8.3f} {row['ttft_p50_s']:8.3f} {row['ttft_p95_s']:8.3f} "
                          f"{base['tokens_per_s']:10.1f} {row['tokens_per_s'] / sequential:7.2f} "
                          f"{100 * row['tokens_per_s'] / base['tokens_per_s']:7.1f}% {row['errors'] + base['errors']:6d}")
         loads = entry.get("adapter_first_load_s", {})
         if loads:
-            lines.append(f"{design:12s} adapter first load: max {max(loads.values()):.3f}s over {len(loads)} adapters")
+            lines.append(f"{design:16s} adapter first load: max {max(loads.values()):.3f}s over {len(loads)} adapters")
     return "\n".join(lines)
 
 

@@ -392,6 +392,11 @@ class ServeConfig(Section):
     generation stops (a stream ends with an error event)."""
     max_batch_size: PositiveInt = 32
     """Rows generated together on a replica; further requests wait their turn in order."""
+    stream_interval_s: Annotated[float, Field(ge=0, le=5)] = 0.0
+    """Streaming: the least time between two chunks of one answer (the first is sent at once);
+    tokens generated meanwhile travel together. 0: a chunk as soon as tokens are there. Every
+    chunk costs the replica's event loop, which shares the CPU with decoding; on an H200 an
+    interval of 0.1 changed tokens/s by less than the run-to-run spread (benchmarks/README.md)."""
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
     """mixed / per_adapter only: how long @serve.batch waits to fill a batch."""
     batching: Literal["continuous", "mixed", "per_adapter"] = "continuous"

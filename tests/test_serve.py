@@ -181,7 +181,8 @@ def server(serve_port, tmp_path_factory, tiny_llama_dir, adapter_dirs, oracle) -
 
 @pytest.fixture(scope="module")
 def strict_server(serve_port, s3_server, tmp_path_factory, tiny_llama_dir, adapter_dirs, oracle) -> Server:
-    """Adapters from the S3 test server, API keys, a queue of one and a 2 s timeout."""
+    """Adapters from the S3 test server, API keys, a queue of one, a 2 s timeout and streams
+    that send at most a chunk per 0.5 s."""
     import boto3
 
     bucket = f"medtune-serve-{uuid.uuid4().hex[:12]}"
@@ -192,7 +193,8 @@ def strict_server(serve_port, s3_server, tmp_path_factory, tiny_llama_dir, adapt
     keys.write_text(f"# one key per line\n{API_KEY}\n")
     recipe = serve_recipe(storage.root_uri, tiny_llama_dir, serve_port, route_prefix="/strict",
                           api_keys_file=str(keys), max_ongoing_requests=1, max_queued_requests=1,
-                          retry_after_s=3, request_timeout_s=2, max_batch_size=1, adapters=["s3ner"])
+                          retry_after_s=3, request_timeout_s=2, max_batch_size=1, adapters=["s3ner"],
+                          stream_interval_s=0.5)
     base_url = f"http://127.0.0.1:{serve_port}/strict"
     health_log = deploy(recipe, "strict", f"{base_url}/healthz")
     yield Server(base_url, storage, {"s3ner": adapter_dirs["s3ner"]}, oracle, health_log)
@@ -504,6 +506,18 @@ def test_a_stream_over_the_timeout_ends_with_an_error_event(strict_server):
     with pytest.raises(APIError):
         for _ in stream:
             pass
+
+
+def test_a_stream_interval_sends_the_tokens_of_the_interval_together(strict_server):
+    """The first text goes out at once; then at most one chunk per 0.5 s carries what was generated."""
+    client = openai_client(strict_server, API_KEY)
+    whole = client.completions.create(model=BASE_NAME, prompt="hello", max_tokens=48, temperature=0)
+    started = time.monotonic()
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=BASE_NAME, prompt="hello", max_tokens=48, temperature=0, stream=True) if c.choices and c.choices[0].text]
+    took = time.monotonic() - started
+    assert "".join(pieces) == whole.choices[0].text
+    assert len(pieces) <= 2 + took / 0.5 < whole.usage.completion_tokens, (len(pieces), took, pieces)
 
 
 # ---------------------------------------------------------------------- metrics and logs

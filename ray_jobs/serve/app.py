@@ -37,6 +37,7 @@ Design decisions:
 import asyncio
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -439,11 +440,14 @@ class MedtuneServer:
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield _event({"id": rid, "object": kind, "created": created, "model": model, "choices": [first]})
             stopped = ended = False
+            interval, last_sent = self.cfg.stream_interval_s, -math.inf
             while not ended:
-                # Every token that arrived while the last chunk was on its way goes in one chunk:
-                # a chunk per token per stream costs the replica's event loop more than decoding
-                # costs the GPU once dozens of streams share a batch.
+                # Every token that arrived while the last chunk was on its way (or within
+                # serve.stream_interval_s of it) goes in one chunk: each chunk costs the replica's
+                # event loop, which competes with decoding once dozens of streams share a batch.
                 arrived = [await queue.get()]
+                if interval and arrived[0] is not None and (wait := last_sent + interval - loop.time()) > 0:
+                    await asyncio.sleep(wait)
                 while not queue.empty():
                     arrived.append(queue.get_nowait())
                 ended = arrived[-1] is None
@@ -460,7 +464,7 @@ class MedtuneServer:
                 if safe:
                     emitted += pending[:safe]
                     yield chunk(pending[:safe])
-                    pending = pending[safe:]
+                    pending, last_sent = pending[safe:], loop.time()
             result = batch.result()
             if pending:
                 emitted += pending
