@@ -272,3 +272,18 @@ def test_siblings_share_one_lora_matmul_only_when_they_read_the_same_input(same_
     delta_k = y[0] @ weights["k_proj"][0].T @ weights["k_proj"][1].T
     torch.testing.assert_close(adapted[0], base[0] + torch.cat([delta_q, delta_k], dim=-1))
     torch.testing.assert_close(adapted[1], base[1])
+
+
+def test_decoding_on_gpu_leaves_cudnn_attention_out_and_cpu_untouched():
+    """cuDNN's SDPA builds a plan per key length, i.e. per decoding step (see decoding_attention)."""
+    import torch
+
+    from ray_jobs.models import decoding_attention
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with decoding_attention("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    with decoding_attention("cuda:0"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()

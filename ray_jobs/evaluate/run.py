@@ -158,6 +158,8 @@ def generate_answers(model, tokenizer, rows: list[dict[str, Any]], recipe: Recip
     metrics unless the recipe samples, then with the model family's settings."""
     import torch
 
+    from ray_jobs.models import decoding_attention
+
     gen = recipe.eval.generation
     tokenizer.padding_side = "left"
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
@@ -170,7 +172,7 @@ def generate_answers(model, tokenizer, rows: list[dict[str, Any]], recipe: Recip
         kwargs: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "eos_token_id": eos,
                                   "pad_token_id": tokenizer.pad_token_id, **sampling_kwargs(gen, recipe.model)}
         started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), decoding_attention(device):
             out = model.generate(**encoded, **kwargs)
         elapsed = time.perf_counter() - started
         new = out[:, encoded["input_ids"].shape[1]:]

@@ -308,6 +308,8 @@ class HFEngine:
         settings run in separate sub-batches, since one `generate` call takes one setting."""
         import torch
 
+        from ray_jobs.models import decoding_attention
+
         groups: dict[tuple, list[int]] = {}
         for index, r in enumerate(requests):
             split = (r.adapter,) if self.batching == "per_adapter" else ()
@@ -325,7 +327,8 @@ class HFEngine:
                     kwargs = self._generate_kwargs(live, ids.shape[1])
                     if any(r.on_token for r in live):  # streaming rows ride in the same batch
                         kwargs["streamer"] = _RowStreamer(live, self.eos_ids)
-                    output = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                    with decoding_attention(self.model.device):
+                        output = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
                 new_tokens = {id(r): output[row, ids.shape[1]:].tolist() for row, r in enumerate(live)}
             for index in members:
                 request = requests[index]
