@@ -19,7 +19,10 @@ Printed per variant: real (non-pad) tokens/s, peak GPU memory, MFU and the ratio
 parameters, L layers, d hidden size and s the mean document length (attention is within a
 document); 6N is the usual convention even though LoRA skips the frozen weights' gradients,
 and checkpointing's recompute is not counted. The correctness guard compares medtune's
-packed loss with the plain unpacked loss of the same documents on the same model.
+packed loss with the plain unpacked loss of the same documents on the same model, both
+through the variant's own attention kernel: it shows that packing keeps documents apart (a
+leak between documents changes the packed loss), not that the kernel equals sdpa; that is
+tests/test_train_speed.py's job (varlen against sdpa, on CPU through its per-document path).
 """
 
 from __future__ import annotations
@@ -219,7 +222,8 @@ def medtune_variant(model_dir: Path, docs, args, device, *, quantized: bool, lig
 
 
 def loss_guard(model, docs, seq_len: int, device, fused: bool) -> dict:
-    """Packed loss through the optimised path vs plain per-document loss, same model."""
+    """Packed loss through the optimised path vs plain per-document loss, same model and
+    attention kernel (one document per row: the kernel sees no packing there)."""
     model.eval()  # Liger's fused loss is used in training mode only; compare train-mode too
     with torch.no_grad():
         plain_sum, plain_count = 0.0, 0
