@@ -151,6 +151,7 @@ class LoRABank:
         """Columns per slot: the largest rank loaded so far (smaller ranks are zero-padded)."""
         self.groups: dict[str, _Group] = {}
         """Module name -> its group; siblings share one _Group."""
+        self._distinct: list[_Group] = []  # each group once, in allocation order
         self.hooks: dict[str, Any] = {}
         self.row_mask = None
         """(batch, 1, slots x r) for the rows of the next forward; None while every row is a base-model row."""
@@ -217,7 +218,7 @@ class LoRABank:
                 group.b[module][slot * self.rank:slot * self.rank + r].copy_(b.T.to(self.device, self.dtype))
 
     def clear(self, slot: int) -> None:
-        for group in {id(g): g for g in self.groups.values()}.values():
+        for group in self._distinct:
             for module in group.members:
                 columns = group.columns(module, slot, self.rank, self.slots)
                 group.a[:, columns].zero_()
@@ -235,9 +236,9 @@ class LoRABank:
             parent, _, leaf = module.rpartition(".")
             family = next((",".join(sorted(f)) for f in SHARED_INPUT if leaf in f), module)
             by_parent.setdefault((parent, family), []).append(module)
+        width = self.slots * self.rank
         for members in by_parent.values():
             members.sort()
-            width = self.slots * self.rank
             inputs = {self.linear[m].in_features for m in members}
             if len(inputs) > 1:  # not really siblings: one group each
                 for module in members:
@@ -252,6 +253,7 @@ class LoRABank:
         group = _Group(members, torch.zeros(fan_in, len(members) * width, dtype=self.dtype, device=self.device),
                        {m: torch.zeros(width, self.linear[m].out_features, dtype=self.dtype, device=self.device)
                         for m in members})
+        self._distinct.append(group)
         for module in members:
             self.groups[module] = group
             self.hooks[module] = self.linear[module].register_forward_hook(self._hook(module, group))
@@ -261,14 +263,13 @@ class LoRABank:
         import torch
 
         old = self.rank
-        for group in {id(g): g for g in self.groups.values()}.values():
-            members = len(group.members)
-            a = torch.zeros(group.a.shape[0], members * self.slots * rank, dtype=self.dtype, device=self.device)
-            for m in range(members):
+        for group in self._distinct:
+            a = torch.zeros(group.a.shape[0], len(group.members) * self.slots * rank, dtype=self.dtype,
+                            device=self.device)
+            for module in group.members:
                 for slot in range(self.slots):
-                    source = (m * self.slots + slot) * old
-                    target = (m * self.slots + slot) * rank
-                    a[:, target:target + old] = group.a[:, source:source + old]
+                    target = group.columns(module, slot, rank, self.slots)
+                    a[:, target.start:target.start + old] = group.a[:, group.columns(module, slot, old, self.slots)]
             group.a = a
             for module, b in group.b.items():
                 wide = torch.zeros(self.slots * rank, b.shape[1], dtype=self.dtype, device=self.device)
@@ -310,5 +311,5 @@ class LoRABank:
 
     def release_inputs(self) -> None:
         """Drop the inputs the groups remember (called after each forward, so they are not kept alive)."""
-        for group in self.groups.values():
+        for group in self._distinct:
             group.x = group.hidden = None
