@@ -35,20 +35,20 @@ def new_engine(kind: str, model_dir: Path):
     import torch
 
     from ray_jobs.config import ModelConfig
-    from ray_jobs.serve.continuous import ContinuousEngine
-    from ray_jobs.serve.engine import HFEngine
+    from ray_jobs.serve.engines.hf_continuous import ContinuousEngine
+    from ray_jobs.serve.engines.hf_static import StaticEngine
 
     model_cfg = ModelConfig(base=str(model_dir), dtype="bf16" if torch.cuda.is_available() else "fp32")
     if kind == "continuous":
         return ContinuousEngine(str(model_dir), model_cfg, max_loaded_adapters=8, max_batch_size=256)
-    return HFEngine(str(model_dir), model_cfg, max_loaded_adapters=8, batching=kind)
+    return StaticEngine(str(model_dir), model_cfg, max_loaded_adapters=8, batching=kind)
 
 
 def measure(engine, keys: list[str | None], adapters: dict[str, Path], batch: int, max_tokens: int,
             prompt_ids: list[int]) -> dict[str, Any]:
     import torch
 
-    from ray_jobs.serve.engine import GenerationRequest
+    from ray_jobs.serve.engines.base import GenerationRequest
 
     requests = [GenerationRequest(list(prompt_ids), keys[i % len(keys)], max_tokens,
                                   adapter_path=str(adapters[keys[i % len(keys)]]) if keys[i % len(keys)] else None)
@@ -73,8 +73,8 @@ def profile(engine, keys: list[str], adapters: dict[str, Path], batch: int, prom
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from ray_jobs.serve.continuous import ContinuousEngine, _Row
-    from ray_jobs.serve.engine import GenerationRequest
+    from ray_jobs.serve.engines.hf_continuous import ContinuousEngine, _Row
+    from ray_jobs.serve.engines.base import GenerationRequest
 
     if not isinstance(engine, ContinuousEngine):
         return {}

@@ -3,6 +3,8 @@
     python benchmarks/serve_load.py --model tiny --out benchmarks/results/serve_load-cpu-tiny.json
     python benchmarks/serve_load.py --model llama-8b-shape --out benchmarks/results/serve_load-h100.json
     python benchmarks/serve_load.py --model tiny --design all      # continuous vs static mixed vs per-adapter
+    python benchmarks/serve_load.py --model llama-8b-shape --engine vllm,hf --design continuous --bare-vllm \
+        --concurrency 32,64 --sequential-requests 0                 # vLLM vs the HF engine, same GPU, one run
 
 What it measures, on one model (built offline, random weights; nothing is downloaded):
 - (a) sequential: one request at a time through plain PEFT `generate` with `set_adapter`,
@@ -200,12 +202,12 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, storage_root: Path, port: int, max_batch: int, batching: str, app_name: str,
-                 stream_interval: float = 0.0):
+                 stream_interval: float = 0.0, engine: str = "hf"):
     import torch
     from ray import serve
 
     from ray_jobs.config import parse_recipe
-    from ray_jobs.serve.app import build_app
+    from ray_jobs.serve.deployment import build_app
 
     gpu = torch.cuda.is_available()
     recipe = parse_recipe({
@@ -215,10 +217,42 @@ def start_server(model_dir: Path, storage_root: Path, port: int, max_batch: int,
                   "cpus_per_replica": 1, "max_batch_size": max_batch, "max_ongoing_requests": max(2 * max_batch, 8),
                   "max_queued_requests": 4096, "batch_wait_timeout_s": 0.01, "request_timeout_s": 3600,
                   "max_loaded_adapters": 64, "adapter_refresh_s": 3600, "batching": batching,
-                  "stream_interval_s": stream_interval},
+                  "stream_interval_s": stream_interval, "engine": engine,
+                  # vLLM: one GPU slot per benchmark adapter, as many sequences as the deepest level
+                  "vllm": {"max_loras": 4, "max_num_seqs": max(max_batch, 8)}},
     })
     serve.run(build_app(recipe), name=app_name, route_prefix="/")
     return f"http://127.0.0.1:{port}"
+
+
+def bare_vllm(model_dir: Path, adapters: dict[str, Path], levels: list[int], max_tokens: int, prompt: str,
+              rank: int) -> dict[str, Any]:
+    """vLLM's offline engine alone (`LLM.generate`), adapters round-robin: the ceiling the endpoint
+    is compared with. Runs in its own process so that its GPU memory is freed before Serve starts."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    llm = LLM(model=str(model_dir), dtype="bfloat16", enable_lora=True, max_loras=4, max_lora_rank=max(16, rank),
+              max_num_seqs=max(levels), disable_log_stats=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    loras = [LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items())]
+    rows = []
+    for concurrency in levels:
+        for kind in ("adapters", "base"):
+            prompts = [{"prompt_token_ids": prompt_ids} for _ in range(concurrency)]
+            lora = [loras[i % len(loras)] for i in range(concurrency)] if kind == "adapters" else None
+            llm.generate(prompts, params, lora_request=lora, use_tqdm=False)  # warm
+            started = time.perf_counter()
+            outputs = llm.generate(prompts * 4, params, lora_request=lora * 4 if lora else None, use_tqdm=False)
+            wall = time.perf_counter() - started
+            tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+            rows.append({"kind": kind, "concurrency": concurrency, "tokens": tokens, "wall_s": round(wall, 3),
+                         "tokens_per_s": round(tokens / wall, 1)})
+            log(f"bare vLLM {kind:8s} c={concurrency:<3d} {rows[-1]}")
+    return {"rows": rows}
 
 
 async def drive(base_url: str, models: list[str], concurrency: int, requests: int, max_tokens: int,
@@ -231,7 +265,7 @@ async def drive(base_url: str, models: list[str], concurrency: int, requests: in
 
     async def one(session, index: int) -> None:
         body = {"model": models[index % len(models)], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}
+                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
         async with limit:
             started = time.perf_counter()
             first, tokens, status = None, 0, 0
@@ -271,7 +305,7 @@ def http_json(url: str) -> Any:
 
 
 # ---------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["tiny", "llama-8b-shape"], default="tiny")
     parser.add_argument("--adapters", type=int, default=4, help="number of adapters the load is spread over")
@@ -280,9 +314,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(16, 4 x concurrency))")
     parser.add_argument("--max-tokens", type=int, default=0, help="tokens per answer (default: 32 tiny, 128 8b)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--sequential-requests", type=int, default=0, help="requests for baseline (a) (default: 2 x adapters)")
+    parser.add_argument("--sequential-requests", type=int, default=-1,
+                        help="requests for baseline (a); 0 skips it (default: 2 x adapters)")
+    parser.add_argument("--engine", default="hf",
+                        help="comma-separated serve.engine values to run behind the endpoint: hf, vllm")
+    parser.add_argument("--bare-vllm", action="store_true",
+                        help="also measure vLLM's offline engine alone (LLM.generate), in its own process")
     parser.add_argument("--design", default="continuous,mixed",
-                        help="comma-separated serve.batching engines to compare: continuous (the default engine), "
+                        help="hf engine: comma-separated serve.batching values to compare: continuous (the default), "
                              "mixed (static @serve.batch + PEFT adapter_names), per_adapter (what Serve "
                              "multiplexing gives); 'all' for the three")
     parser.add_argument("--stream-intervals", default="0",
@@ -290,11 +329,62 @@ def main(argv: list[str] | None = None) -> int:
                              "(labelled design+VALUE when not 0)")
     parser.add_argument("--workdir", default=None, help="where the model and adapters are written (default: a temp dir)")
     parser.add_argument("--out", default=None, help="JSON results file (rewritten after every measurement)")
+    parser.add_argument("--bare-results", default=None,
+                        help="a bare-vLLM JSON measured earlier on the same machine (--bare-only), for the table")
+    parser.add_argument("--bare-only", default=None, help="measure only vLLM's offline engine, into this JSON file")  # the --bare-vllm child process
     args = parser.parse_args(argv)
     unknown = set(args.design.split(",")) - {*DESIGNS, "all"}
     if unknown:
         parser.error(f"--design: unknown engine(s) {sorted(unknown)}; choose from {DESIGNS} or all")
+    if set(args.engine.split(",")) - {"hf", "vllm"}:
+        parser.error("--engine: choose from hf, vllm")
+    return args
 
+
+def runs(args) -> list[tuple[str, str, str, float]]:
+    """(label, serve.engine, serve.batching, stream interval) for every server to measure."""
+    designs = DESIGNS if args.design == "all" else args.design.split(",")
+    intervals = [float(value) for value in args.stream_intervals.split(",")]
+    out = []
+    for engine in args.engine.split(","):
+        for design in designs if engine == "hf" else ["continuous"]:
+            for interval in intervals:
+                label = engine if engine == "vllm" else design
+                out.append((label if not interval else f"{label}+{interval:g}", engine, design, interval))
+    return out
+
+
+def run_bare_vllm(args, work: Path, levels: list[int], results: dict[str, Any]) -> None:
+    import subprocess
+
+    out = work / "bare.json"
+    command = [sys.executable, __file__, "--model", args.model, "--workdir", str(work), "--adapters",
+               str(args.adapters), "--rank", str(args.rank), "--concurrency", args.concurrency, "--max-tokens",
+               str(args.max_tokens), "--prompt-tokens", str(args.prompt_tokens), "--bare-only", str(out)]
+    log("bare vLLM engine, in its own process")
+    subprocess.run(command, check=True)
+    results["bare_vllm"] = json.loads(out.read_text())
+
+
+def measure(base_url: str, label: str, entry: dict[str, Any], names: list[str], levels: list[int], args,
+            max_tokens: int, prompt: str, save) -> None:
+    for name in names:  # first use loads the adapter; the replica times it
+        asyncio.run(drive(base_url, [name], 1, 1, 2, prompt))
+    entry["adapter_first_load_s"] = http_json(f"{base_url}/healthz")["adapter_load_seconds"]
+    log(f"adapter first loads (s): {entry['adapter_first_load_s']}")
+    save()
+    for concurrency in levels:
+        requests = args.requests or max(16, 4 * concurrency)
+        for kind, models in (("adapters", names), ("base", ["base"])):
+            asyncio.run(drive(base_url, models, concurrency, min(concurrency, 4), 4, prompt))  # warm up
+            row = asyncio.run(drive(base_url, models, concurrency, requests, max_tokens, prompt))
+            entry[kind].append(row)
+            log(f"{label} {kind:8s} c={concurrency:<3d} {row}")
+            save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import ray
     from ray import serve
 
@@ -302,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     max_tokens = args.max_tokens or (32 if args.model == "tiny" else 128)
+    args.max_tokens = max_tokens
     prompt = prompt_text(args.prompt_tokens)
     results: dict[str, Any] = {"benchmark": "serve_load", "model": args.model, "adapters": args.adapters,
                                "rank": args.rank, "max_tokens": max_tokens, "prompt_tokens_approx": args.prompt_tokens,
@@ -312,58 +403,53 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
-    save()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="serve-load-"))
     os.environ.setdefault("MEDTUNE_CACHE", str(work / "cache"))
     model_dir = work / "model"
     if not (model_dir / "config.json").exists():  # a --workdir from an earlier run keeps its model
         build_model(args.model, model_dir)
+    adapters = {f"bench-{i}": work / "adapters" / f"bench-{i}" for i in range(args.adapters)}
+    for index, (name, local) in enumerate(adapters.items()):
+        if not (local / "adapter_config.json").exists():
+            write_adapter(model_dir, local, seed=index + 1, rank=args.rank, base_name=args.model)
+    if args.bare_only:
+        Path(args.bare_only).write_text(json.dumps(bare_vllm(model_dir, adapters, levels, max_tokens, prompt,
+                                                             args.rank)))
+        return 0
+    if args.bare_results:  # measured earlier on the same machine (bare_vllm's own process)
+        results["bare_vllm"] = json.loads(Path(args.bare_results).read_text())
+    save()
     storage = Storage.from_uri(str(work / "storage"))
-    adapters = {}
-    for index in range(args.adapters):
-        name = f"bench-{index}"
-        local = write_adapter(model_dir, work / "adapters" / name, seed=index + 1, rank=args.rank, base_name=args.model)
+    for name, local in adapters.items():
         storage.upload_dir(local, adapter_prefix(name, "v1"))
-        adapters[name] = local
     log(f"{args.adapters} rank-{args.rank} adapters written under {storage.root_uri}")
 
-    sequential = args.sequential_requests or 2 * args.adapters
-    log(f"(a) sequential PEFT generate, {sequential} requests")
-    results["sequential"] = sequential_baseline(model_dir, adapters, sequential, max_tokens, prompt)
-    log(f"(a) {results['sequential']}")
-    save()
+    sequential = 2 * args.adapters if args.sequential_requests < 0 else args.sequential_requests
+    if sequential:
+        log(f"(a) sequential PEFT generate, {sequential} requests")
+        results["sequential"] = sequential_baseline(model_dir, adapters, sequential, max_tokens, prompt)
+        log(f"(a) {results['sequential']}")
+        save()
+    if args.bare_vllm:
+        run_bare_vllm(args, work, levels, results)
+        save()
 
     ray.init(include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    designs = DESIGNS if args.design == "all" else args.design.split(",")
     results["designs"] = {}
     try:
-        intervals = [float(value) for value in args.stream_intervals.split(",")]
-        for design, interval in ((d, i) for d in designs for i in intervals):
-            label = design if not interval else f"{design}+{interval:g}"
-            log(f"starting the Serve app (batching={design}, stream_interval_s={interval:g})")
+        for label, engine, design, interval in runs(args):
+            log(f"starting the Serve app ({label}: engine={engine}, batching={design}, stream_interval_s={interval:g})")
             started = time.perf_counter()
-            base_url = start_server(model_dir, work / "storage", port, max(levels), design, f"bench-{design}",
-                                    stream_interval=interval)
+            app = f"bench-{label.replace('+', '-')}"
+            base_url = start_server(model_dir, work / "storage", port, max(levels), design, app,
+                                    stream_interval=interval, engine=engine)
             entry: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "adapters": [], "base": [],
-                                     "batching": design, "stream_interval_s": interval}
+                                     "engine": engine, "batching": design, "stream_interval_s": interval}
             results["designs"][label] = entry
-            names = list(adapters)
-            for name in names:  # first use loads the adapter; the replica times it
-                asyncio.run(drive(base_url, [name], 1, 1, 2, prompt))
-            entry["adapter_first_load_s"] = http_json(f"{base_url}/healthz")["adapter_load_seconds"]
-            log(f"adapter first loads (s): {entry['adapter_first_load_s']}")
-            save()
-            for concurrency in levels:
-                requests = args.requests or max(16, 4 * concurrency)
-                for kind, models in (("adapters", names), ("base", ["base"])):
-                    asyncio.run(drive(base_url, models, concurrency, min(concurrency, 4), 4, prompt))  # warm up
-                    row = asyncio.run(drive(base_url, models, concurrency, requests, max_tokens, prompt))
-                    entry[kind].append(row)
-                    log(f"{label} {kind:8s} c={concurrency:<3d} {row}")
-                    save()
-            serve.delete(f"bench-{design}")
+            measure(base_url, label, entry, list(adapters), levels, args, max_tokens, prompt, save)
+            serve.delete(app)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -375,21 +461,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(results: dict[str, Any]) -> str:
-    sequential = results["sequential"]["tokens_per_s"]
+    sequential = results.get("sequential", {}).get("tokens_per_s")
     lines = [f"serve_load: model={results['model']} adapters={results['adapters']} rank={results['rank']} "
              f"max_tokens={results['max_tokens']} on {results['machine'].get('gpu') or results['machine']['platform']}",
-             f"(a) sequential PEFT generate: {sequential:.1f} tok/s, p50 {results['sequential']['latency_p50_s']:.3f}s",
+             f"(a) sequential PEFT generate: {sequential:.1f} tok/s, p50 {results['sequential']['latency_p50_s']:.3f}s"
+             if sequential else "(a) sequential PEFT generate: not measured",
              f"{'design':16s} {'conc':>4s} {'tok/s':>9s} {'p50 s':>8s} {'p95 s':>8s} {'ttft50':>8s} {'ttft95':>8s} "
              f"{'base tok/s':>10s} {'x (a)':>7s} {'% of (b)':>8s} {'errors':>6s}"]
+    bare = {(r["kind"], r["concurrency"]): r["tokens_per_s"] for r in results.get("bare_vllm", {}).get("rows", [])}
+    if bare:
+        lines[-1] += f" {'% bare vLLM':>11s}"
     for design, entry in results.get("designs", {}).items():
         for row, base in zip(entry["adapters"], entry["base"]):
-            lines.append(f"{design:16s} {row['concurrency']:4d} {row['tokens_per_s']:9.1f} {row['latency_p50_s']:8.3f} "
-                         f"{row['latency_p95_s']:8.3f} {row['ttft_p50_s']:8.3f} {row['ttft_p95_s']:8.3f} "
-                         f"{base['tokens_per_s']:10.1f} {row['tokens_per_s'] / sequential:7.2f} "
-                         f"{100 * row['tokens_per_s'] / base['tokens_per_s']:7.1f}% {row['errors'] + base['errors']:6d}")
+            line = (f"{design:16s} {row['concurrency']:4d} {row['tokens_per_s']:9.1f} {row['latency_p50_s']:8.3f} "
+                    f"{row['latency_p95_s']:8.3f} {row['ttft_p50_s']:8.3f} {row['ttft_p95_s']:8.3f} "
+                    f"{base['tokens_per_s']:10.1f} "
+                    f"{row['tokens_per_s'] / sequential if sequential else float('nan'):7.2f} "
+                    f"{100 * row['tokens_per_s'] / base['tokens_per_s']:7.1f}% {row['errors'] + base['errors']:6d}")
+            if ("adapters", row["concurrency"]) in bare:
+                line += f" {100 * row['tokens_per_s'] / bare[('adapters', row['concurrency'])]:10.1f}%"
+            lines.append(line)
         loads = entry.get("adapter_first_load_s", {})
         if loads:
             lines.append(f"{design:16s} adapter first load: max {max(loads.values()):.3f}s over {len(loads)} adapters")
+    for (kind, concurrency), tokens_per_s in bare.items():
+        lines.append(f"bare vLLM LLM.generate {kind:8s} c={concurrency:<3d} {tokens_per_s:9.1f} tok/s")
     return "\n".join(lines)
 
 

@@ -46,7 +46,7 @@ def _stage(name: str) -> Callable[[Recipe], object]:
     elif name == "evaluate":
         from ray_jobs.evaluate.run import main
     elif name == "serve":
-        from ray_jobs.serve.app import main
+        from ray_jobs.serve.deployment import main
     else:  # pragma: no cover - argparse restricts the names
         raise ValueError(name)
     return main

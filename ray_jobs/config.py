@@ -343,6 +343,9 @@ class EvalConfig(Section):
     max_samples: PositiveInt | None = 200
     """Evaluate on at most this many eval rows (None: all)."""
     batch_size: PositiveInt = 8
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """What generates the answers task metrics score: as serve.engine, vLLM on a GPU with vLLM
+    installed, else transformers `generate`. Perplexity always uses transformers."""
     workers: PositiveInt | Literal["auto"] = "auto"
     """Ray tasks the eval rows are split over, each with its own copy of the model. `auto`: one
     per GPU in the cluster, or one per CPU (at most 8) on a CPU-only cluster."""
@@ -368,7 +371,38 @@ class StorageConfig(Section):
 
 
 # --------------------------------------------------------------------------- serve
+class VLLMConfig(Section):
+    """vLLM's engine settings (serve.engine: vllm, or auto on a GPU with vLLM installed)."""
+
+    max_loras: PositiveInt | None = None
+    """Adapters one batch may mix (vLLM's GPU LoRA slots). Empty: the number of serve.adapters
+    (at most 16), or 4 when none are listed."""
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = None
+    """Largest adapter rank served. Empty: the smallest vLLM value that covers lora.r and the
+    ranks of serve.adapters (read at start-up)."""
+    max_cpu_loras: PositiveInt | None = None
+    """Adapters vLLM keeps in host memory. Empty: max(max_loras, serve.max_loaded_adapters)."""
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    """Share of the GPU's memory vLLM may take (weights, KV cache, CUDA graphs)."""
+    max_model_len: PositiveInt | None = None
+    """Context length served. Empty: the model's own."""
+    max_num_seqs: PositiveInt | None = None
+    """Sequences decoded together. Empty: vLLM's default for the GPU."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (system prompts, few-shot examples)."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs and torch.compile (faster start-up, slower decoding)."""
+
+
 class ServeConfig(Section):
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """auto: vLLM when it is importable and the replica has a GPU (and the recipe's adapters are
+    plain LoRA), else hf. vllm: refuse to start without it. hf: transformers + PEFT, CPU or GPU
+    (the continuous engine, or PEFT's static batches per serve.batching)."""
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    keep_quantization: bool = False
+    """Serve a quantised recipe's adapters on the 4-bit base it trained on. Off: on the
+    unquantised base, the usual practice (better answers, faster decoding, more memory)."""
     adapters: list[str] = Field(default_factory=list)
     """Adapters to load at start-up (others load on first request)."""
     max_loaded_adapters: PositiveInt = 8
@@ -391,7 +425,8 @@ class ServeConfig(Section):
     """Seconds a request may wait and generate; beyond it the answer is a 504 JSON error and the
     generation stops (a stream ends with an error event)."""
     max_batch_size: PositiveInt = 32
-    """Rows generated together on a replica; further requests wait their turn in order."""
+    """HF engine: rows generated together on a replica; further requests wait their turn in
+    order (vLLM: serve.vllm.max_num_seqs)."""
     stream_interval_s: Annotated[float, Field(ge=0, le=5)] = 0.0
     """Streaming: the least time between two chunks of one answer (the first is sent at once);
     tokens generated meanwhile travel together. 0: a chunk as soon as tokens are there. Every
@@ -400,8 +435,8 @@ class ServeConfig(Section):
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
     """mixed / per_adapter only: how long @serve.batch waits to fill a batch."""
     batching: Literal["continuous", "mixed", "per_adapter"] = "continuous"
-    """continuous: requests join and leave the running batch between tokens, every row with its
-    own adapter through stacked LoRA weights (ray_jobs.serve.continuous; plain LoRA only);
+    """The HF engine's batching (vLLM batches continuously itself). continuous: requests join and leave the running batch between tokens, every row with its
+    own adapter through stacked LoRA weights (ray_jobs.serve.engines.hf_continuous; plain LoRA only);
     mixed: static @serve.batch batches, one PEFT generate call whatever the adapters
     (adapter_names=; also DoRA and modules_to_save adapters);
     per_adapter: static batches split into one call per adapter, as Serve's multiplexing

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray_jobs.evaluate.run import main as evaluate
     from ray_jobs.preprocess.pipeline import main as preprocess
-    from ray_jobs.serve.app import start
+    from ray_jobs.serve.deployment import start
     from ray_jobs.train.run import run as train
 
     overrides = [f"storage.root={args.storage}"] if args.storage else []

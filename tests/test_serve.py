@@ -113,7 +113,7 @@ def deploy(recipe, app_name: str, health_url: str) -> list[tuple[int, str]]:
     """Deploy the app while polling its health URL; returns every (status, body) seen until ready."""
     from ray import serve
 
-    from ray_jobs.serve.app import build_app
+    from ray_jobs.serve.deployment import build_app
 
     seen: list[tuple[int, str]] = []
 
@@ -378,7 +378,7 @@ def test_invalid_json_is_a_400(server, body):
     {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
     {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
     {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "top_p": 0},
-    {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "n": 3},
+    {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "n": 0},
     {"model": 7, "messages": [{"role": "user", "content": "hi"}]},
     {"messages": [{"role": "user", "content": "hi"}]},
     [1, 2, 3],

@@ -11,8 +11,8 @@ import json
 import pytest
 
 from ray_jobs.config import RecipeError, parse_recipe
-from ray_jobs.serve.engine import AdapterLoadError, check_adapter_dir
-from ray_jobs.serve.vllm_compat import vllm_problems
+from ray_jobs.serve.engines.base import AdapterLoadError, check_adapter_dir
+from ray_jobs.serve.engines.vllm_adapters import vllm_problems
 from ray_jobs.storage import COMPLETE_MARKER, Storage, adapter_prefix
 
 PRODUCTION_BASE = "meta-llama/Llama-3.1-8B-Instruct"
@@ -105,7 +105,7 @@ def test_a_corrupt_adapter_folder_is_refused_before_peft_touches_the_model(tmp_p
 
 
 def test_incremental_decoding_streams_exactly_the_full_text():
-    from ray_jobs.serve.engine import IncrementalDecoder
+    from ray_jobs.serve.engines.base import IncrementalDecoder
     from ray_jobs.tiny_model import train_tokenizer
 
     tokenizer = train_tokenizer()

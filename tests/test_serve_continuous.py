@@ -13,9 +13,9 @@ import pytest
 
 from lora_adapters import Oracle, make_adapter
 from ray_jobs.config import ModelConfig
-from ray_jobs.serve.continuous import ContinuousEngine
-from ray_jobs.serve.engine import AdapterLoadError, GenerationRequest
-from ray_jobs.serve.lora_bank import read_adapter
+from ray_jobs.serve.engines.hf_continuous import ContinuousEngine
+from ray_jobs.serve.engines.base import AdapterLoadError, GenerationRequest
+from ray_jobs.serve.engines.lora_bank import read_adapter
 
 PROMPTS = ["The patient has diabetes", "Prescribed metformin twice daily", "Chest pain and fever",
            "SDTM domain AE", "Adverse event: headache"]
@@ -76,7 +76,7 @@ def test_rows_joining_a_running_batch_do_not_change_anyones_answer(engine, oracl
     long_request = request_for(oracle, adapters, "qkvo@v1", PROMPTS[1], max_tokens=60)
     tokens, produced = [], threading.Event()
 
-    def on_token(token: int) -> None:
+    def on_token(token: int, logprob) -> None:
         tokens.append(token)
         if len(tokens) == 20:
             produced.set()
@@ -126,7 +126,7 @@ def test_a_stop_string_or_a_cancel_ends_the_row_early(engine, oracle, adapters):
     assert result.completion_tokens < 30
 
     request = request_for(oracle, adapters, None, PROMPTS[0], max_tokens=10_000)
-    request.on_token = lambda token: setattr(request, "cancelled", True)
+    request.on_token = lambda token, logprob: setattr(request, "cancelled", True)
     assert engine.submit(request).result(60).finish_reason == "cancelled"
 
 
@@ -185,9 +185,9 @@ def test_an_adapter_for_another_architecture_fails_alone(engine, tmp_path, tiny_
 
 def test_the_static_peft_engine_answers_mixed_batches_like_the_oracle_too(tiny_llama_dir, oracle, adapters):
     """serve.batching: mixed (PEFT adapter_names=) stays available for adapters the bank refuses."""
-    from ray_jobs.serve.engine import HFEngine
+    from ray_jobs.serve.engines.hf_static import StaticEngine
 
-    engine = HFEngine(str(tiny_llama_dir), ModelConfig(base=str(tiny_llama_dir), dtype="fp32"), device="cpu")
+    engine = StaticEngine(str(tiny_llama_dir), ModelConfig(base=str(tiny_llama_dir), dtype="fp32"), device="cpu")
     keys = [None, "qkvo@v1", "mlp-rank4@v1"]
     for key in keys[1:]:
         engine.ensure_adapter(key, str(adapters[key]))
@@ -216,20 +216,20 @@ def test_a_corrupt_adapter_is_refused_with_the_file_that_is_broken(tmp_path, tin
 ])
 def test_a_recipe_whose_adapters_the_bank_cannot_apply_is_served_by_peft(tiny_llama_dir, lora, expected):
     from ray_jobs.config import parse_recipe
-    from ray_jobs.serve.app import _engine, continuous_blockers
-    from ray_jobs.serve.engine import HFEngine
+    from ray_jobs.serve.engines.hf_static import StaticEngine
+    from ray_jobs.serve.engines.hf_streams import continuous_blockers, hf_engine
 
     recipe = parse_recipe({"name": "x", "model": {"base": str(tiny_llama_dir), "dtype": "fp32"},
                            "data": {"format": "qa", "train": "qa.jsonl"}, "lora": lora})
     assert continuous_blockers(recipe) == expected
-    engine = _engine(str(tiny_llama_dir), recipe, lambda *event: None)
-    assert isinstance(engine, HFEngine if expected else ContinuousEngine)
+    engine = hf_engine(str(tiny_llama_dir), recipe, recipe.model, lambda *event: None)
+    assert isinstance(engine, StaticEngine if expected else ContinuousEngine)
 
 
 def test_a_sliding_window_cache_is_refused_from_the_config_before_any_weights_load():
     from transformers import LlamaConfig, MistralConfig
 
-    from ray_jobs.serve.continuous import UnsupportedModelError, check_cache_layout
+    from ray_jobs.serve.engines.hf_continuous import UnsupportedModelError, check_cache_layout
 
     check_cache_layout(LlamaConfig(num_hidden_layers=2))  # plain layers: accepted
     with pytest.raises(UnsupportedModelError, match="DynamicSlidingWindowLayer.*serve.batching: mixed"):
@@ -242,7 +242,7 @@ def test_siblings_share_one_lora_matmul_only_when_they_read_the_same_input(same_
     sibling called with another tensor must not reuse that product."""
     import torch
 
-    from ray_jobs.serve.lora_bank import LoRABank
+    from ray_jobs.serve.engines.lora_bank import LoRABank
 
     class Attention(torch.nn.Module):
         def __init__(self):

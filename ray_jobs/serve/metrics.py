@@ -40,6 +40,8 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    user: str | None = None
+    """A hash of the request's `user` field, never the value."""
     prompt: Any = field(default=None, repr=False)
     completion: str | None = field(default=None, repr=False)
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_jobs.models import decoding_attention
-from ray_jobs.serve.engine import (AdapterLoadError, GenerationRequest, GenerationResult, cut_at_stops,
-                                   eos_token_ids)
-from ray_jobs.serve.lora_bank import LoRABank, read_adapter
+from ray_jobs.serve.engines.base import (AdapterLoadError, GenerationRequest, GenerationResult, TokenLogprobs,
+                                         cut_at_stops, eos_token_ids)
+from ray_jobs.serve.engines.lora_bank import LoRABank, read_adapter
 
 log = logging.getLogger("ray.serve")
 
@@ -65,6 +65,7 @@ class _Row:
     slot: int
     generator: Any = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     ended: bool = False
 
 
@@ -248,9 +249,9 @@ class ContinuousEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         output = self._forward(ids, mask, positions, DynamicCache(config=self.model.config), [r.slot for r in rows])
-        tokens = self._sample(output.logits[:, -1], rows)
+        tokens, logprobs = self._sample(output.logits[:, -1], rows)
         self._merge(rows, output.past_key_values, mask, mask.sum(-1), tokens)
-        self._advance(rows, tokens)
+        self._advance(rows, tokens, logprobs)
 
     def _merge(self, rows: list[_Row], cache, mask, positions, tokens: list[int]) -> None:
         """Append prefilled rows to the running batch; the shorter cache is left-padded in time."""
@@ -283,12 +284,14 @@ class ContinuousEngine:
         output = self._forward(self.last, self.mask, self.positions[:, None], self.cache, [r.slot for r in self.rows])
         self.cache = output.past_key_values
         self.positions = self.positions + 1
-        tokens = self._sample(output.logits[:, -1], self.rows)
+        tokens, logprobs = self._sample(output.logits[:, -1], self.rows)
         self.last = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-        self._advance(self.rows, tokens)
+        self._advance(self.rows, tokens, logprobs)
 
-    def _sample(self, logits, rows: list[_Row]) -> list[int]:
-        """Greedy rows take the argmax; sampled rows use their own temperature, top_p and generator."""
+    def _sample(self, logits, rows: list[_Row]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Greedy rows take the argmax; sampled rows use their own temperature, top_p and generator.
+        Rows that asked for log-probabilities get them from the model's own distribution (before
+        temperature and top_p, as vLLM reports them)."""
         import torch
 
         chosen = logits.argmax(-1)
@@ -302,24 +305,36 @@ class ContinuousEngine:
                 outside = sorted_probs.cumsum(-1) - sorted_probs > request.top_p
                 probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
             chosen[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-        return chosen.tolist()
+        tokens = chosen.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        for i, row in enumerate(rows):
+            top = row.request.logprobs
+            if top is None:
+                continue
+            scores = torch.log_softmax(logits[i].float(), dim=-1)
+            best = scores.topk(top) if top else None
+            logprobs[i] = TokenLogprobs(tokens[i], float(scores[tokens[i]]),
+                                        list(zip(best.indices.tolist(), best.values.tolist())) if best else [])
+        return tokens, logprobs
 
-    def _advance(self, rows: list[_Row], tokens: list[int]) -> None:
+    def _advance(self, rows: list[_Row], tokens: list[int], logprobs: list[TokenLogprobs | None]) -> None:
         """Hand each row its new token; end the rows that are done and drop them from the batch."""
         now = time.perf_counter()
-        for row, token in zip(rows, tokens):
+        for row, token, logprob in zip(rows, tokens, logprobs):
             request = row.request
             if request.first_token_at is None:
                 request.first_token_at = now
             if request.cancelled:
                 self._end(row, "cancelled")
                 continue
-            if token in self.eos_ids:
+            if token in self.eos_ids and not request.ignore_eos:
                 self._end(row, "stop")
                 continue
             row.tokens.append(token)
+            if logprob is not None:
+                row.logprobs.append(logprob)
             if request.on_token is not None:
-                request.on_token(token)
+                request.on_token(token, logprob)
             if request.stop and self._hits_stop(row):
                 self._end(row, "stop")
             elif len(row.tokens) >= request.max_tokens:
@@ -363,4 +378,4 @@ class ContinuousEngine:
             return
         text, finish = cut_at_stops(self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.request.stop,
                                     finish)
-        row.future.set_result(GenerationResult(text, len(row.tokens), finish))
+        row.future.set_result(GenerationResult(text, len(row.tokens), finish, row.logprobs))

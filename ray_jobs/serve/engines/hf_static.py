@@ -1,4 +1,4 @@
-"""The transformers + PEFT generation engine: one base model, many LoRA adapters.
+"""PEFT's static batches: one base model, many LoRA adapters, `generate` per batch.
 
 Design decisions:
 - The base model is loaded once per replica; adapters are loaded into the same PeftModel on
@@ -13,108 +13,24 @@ Design decisions:
   ends when every row is done, so a timed-out request frees the model at once.
 - Adapter files are checked (config parses, weights readable) before PEFT touches the
   model: a corrupt adapter fails alone and leaves the model as it was.
-- The engine is the seam for other backends (e.g. vLLM through Ray Serve LLM): the app
-  depends only on `GenerationEngine`.
+- It generates from a thread; `HFEngineStreams` (ray_jobs.serve.engines.hf_streams) turns it
+  into the async `Engine` protocol the app uses.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
+from ray_jobs.serve.engines.base import (AdapterLoadError, GenerationRequest, GenerationResult, check_adapter_dir,
+                                         cut_at_stops, eos_token_ids)
 
 log = logging.getLogger("ray.serve")
 BASE = "__base__"
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    adapter: str | None
-    """Resolved adapter key (`name@version`) or None for the base model."""
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    adapter_path: str | None = None
-    """Local directory of the adapter, so the engine can reload it if it was evicted."""
-    cancelled: bool = False
-    """Set by the caller (timeout, client gone); the engine stops this row at the next token."""
-    first_token_at: float | None = None
-    """perf_counter() when the first new token of this row was produced (time to first token)."""
-    on_token: Callable[[int], None] | None = None
-    """Streaming: called from the generating thread with each new token id of this row."""
-
-    def sampling_key(self) -> tuple:
-        # Greedy decoding ignores seed and top_p: such requests share one batch.
-        return (0.0, 1.0, None) if self.temperature == 0 else (self.temperature, self.top_p, self.seed)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    completion_tokens: int
-    finish_reason: str
-    """stop, length, or cancelled."""
-
-
-class GenerationEngine(Protocol):
-    tokenizer: Any
-    context_length: int
-    loaded: OrderedDict[str, str]
-
-    def ensure_adapter(self, key: str, local_path: str) -> float: ...
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The ids that end a turn: the model's generation config, else the tokenizer's eos."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
-    return eos if isinstance(eos, list) else [eos]
-
-
-def cut_at_stops(text: str, stops: list[str], finish: str) -> tuple[str, str]:
-    """`text` up to the first of the request's stop strings, with finish "stop" if one occurs."""
-    for stop in stops:
-        cut = text.find(stop)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
-    return text, finish
-
-
-class AdapterLoadError(RuntimeError):
-    """An adapter exists but could not be loaded; only requests for it fail."""
-
-
-def check_adapter_dir(path: str) -> None:
-    """Raise AdapterLoadError unless `path` holds a readable PEFT LoRA adapter."""
-    from peft import PeftConfig
-    from safetensors import safe_open
-
-    folder = Path(path)
-    try:
-        json.loads((folder / "adapter_config.json").read_text())
-        PeftConfig.from_pretrained(str(folder))
-    except Exception as exc:
-        raise AdapterLoadError(f"adapter_config.json is unreadable: {type(exc).__name__}: {exc}") from None
-    weights = folder / "adapter_model.safetensors"
-    if not weights.exists():
-        if (folder / "adapter_model.bin").exists():
-            return
-        raise AdapterLoadError("no adapter_model.safetensors")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            for name in handle.keys():  # reads every tensor: truncated files fail here, not in PEFT
-                handle.get_tensor(name)
-    except Exception as exc:
-        raise AdapterLoadError(f"adapter_model.safetensors is unreadable: {type(exc).__name__}: {exc}") from None
 
 
 class _RowsDone:
@@ -157,7 +73,7 @@ class _RowStreamer:
             if token in self.eos_ids or request.cancelled:
                 self.ended[row] = True
                 continue
-            request.on_token(token)
+            request.on_token(token, None)
             self.counts[row] += 1
             if self.counts[row] >= request.max_tokens:
                 self.ended[row] = True
@@ -166,31 +82,8 @@ class _RowStreamer:
         pass
 
 
-class IncrementalDecoder:
-    """Turns a stream of token ids into text pieces, never splitting a UTF-8 character.
-
-    Decodes only a short window (the offsets scheme of TGI and vLLM): the previous piece's
-    tokens give the context that tokenizers with word-start markers need, and the cost per
-    token stays constant however long the answer grows.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer, self.ids = tokenizer, []
-        self.prefix_offset = self.read_offset = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
-        full = decode(self.ids[self.prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):  # nothing new, or half a character
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix):]
-
-
-class HFEngine:
-    """Batched generation with transformers + PEFT on CPU or GPU.
+class StaticEngine:
+    """Static batches with transformers + PEFT on CPU or GPU (serve.batching: mixed / per_adapter).
 
     Args:
         on_adapter_event: called with ("load", key, seconds) and ("evict", key, 0.0), for metrics.

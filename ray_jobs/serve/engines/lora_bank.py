@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.serve.engine import AdapterLoadError
+from ray_jobs.serve.engines.base import AdapterLoadError, unservable_fields
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
@@ -34,14 +34,6 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({pattern})$", module):
             return value
     return default
-
-
-def unservable_fields(lora: dict[str, Any]) -> list[str]:
-    """The LoRA settings the bank cannot apply exactly, among `use_dora`, `modules_to_save` and
-    `bias`: the same keys in a PEFT adapter_config.json and in a recipe's `lora` section."""
-    return [key for key, set_ in (("use_dora", bool(lora.get("use_dora"))),
-                                  ("modules_to_save", bool(lora.get("modules_to_save"))),
-                                  ("bias", (lora.get("bias") or "none") != "none")) if set_]
 
 
 def read_adapter(folder: str | Path) -> dict[str, tuple[Any, Any]]:
