@@ -245,10 +245,14 @@ def bare_vllm(model_dir: Path, adapters: dict[str, Path], levels: list[int], max
             prompts = [{"prompt_token_ids": prompt_ids} for _ in range(concurrency)]
             lora = [loras[i % len(loras)] for i in range(concurrency)] if kind == "adapters" else None
             llm.generate(prompts, params, lora_request=lora, use_tqdm=False)  # warm
+            # Four waves of exactly `concurrency` sequences (one generate call with more prompts
+            # would run max_num_seqs of them at once, not `concurrency`).
             started = time.perf_counter()
-            outputs = llm.generate(prompts * 4, params, lora_request=lora * 4 if lora else None, use_tqdm=False)
+            tokens = 0
+            for _ in range(4):
+                outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+                tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
             wall = time.perf_counter() - started
-            tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
             rows.append({"kind": kind, "concurrency": concurrency, "tokens": tokens, "wall_s": round(wall, 3),
                          "tokens_per_s": round(tokens / wall, 1)})
             log(f"bare vLLM {kind:8s} c={concurrency:<3d} {rows[-1]}")

@@ -392,6 +392,10 @@ class VLLMConfig(Section):
     """Reuse the KV cache of shared prompt prefixes (system prompts, few-shot examples)."""
     enforce_eager: bool = False
     """Skip CUDA graphs and torch.compile (faster start-up, slower decoding)."""
+    json_whitespace: bool = True
+    """Let response_format JSON answers put whitespace between tokens, as the model chooses
+    (what adapters trained on `json.dumps` output expect). Off: compact JSON only, fewer tokens,
+    and no whitespace a weak model can repeat until max_tokens."""
 
 
 class ServeConfig(Section):

@@ -292,6 +292,68 @@ def test_stop_strings_cut_the_answer_streamed_and_not(server):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
 
 
+def test_content_parts_and_the_developer_role_are_read_as_current_clients_send_them(server):
+    client = openai_client(server)
+    parts = client.chat.completions.create(
+        model="ner", max_tokens=12, temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "The patient"},
+                                                {"type": "text", "text": "has diabetes"}]}])
+    assert parts.choices[0].message.content == server.oracle.answer(server.adapters["ner"],
+                                                                    "The patient\nhas diabetes", 12)
+    as_developer, as_system = (
+        http("POST", server.url("/v1/chat/completions"), {
+            "model": "qa", "max_tokens": 12, "temperature": 0,
+            "messages": [{"role": role, "content": "Answer briefly."}, {"role": "user", "content": PROMPTS[1]}]})
+        for role in ("developer", "system"))
+    assert as_developer.status == 200, as_developer.text
+    assert as_developer.json()["choices"][0]["message"] == as_system.json()["choices"][0]["message"]
+
+
+def test_logprobs_describe_the_greedy_tokens_in_openai_shape(server):
+    answer = openai_client(server).chat.completions.create(
+        model="ner", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=8, temperature=0,
+        logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert answer.choices[0].message.content == server.oracle.answer(server.adapters["ner"], PROMPTS[0], 8)
+    assert len(content) == answer.usage.completion_tokens
+    for token in content:
+        assert len(token.top_logprobs) == 3 and token.logprob <= 0
+        assert token.top_logprobs[0].token == token.token, "greedy picks the most likely token"
+        assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob >= token.top_logprobs[2].logprob
+    completion = openai_client(server).completions.create(model="qa", prompt=PROMPTS[2], max_tokens=6,
+                                                          temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == completion.usage.completion_tokens
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs) and logprobs.text_offset[0] == 0
+
+
+def test_n_choices_are_reproducible_with_a_seed(server):
+    def sample():
+        return openai_client(server).chat.completions.create(
+            model="qa", messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=10, temperature=1.0,
+            n=3, seed=11)
+
+    first, again = sample(), sample()
+    assert [choice.index for choice in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in first.choices}) > 1, "each choice samples with its own seed"
+    assert first.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"made_up_option": True}, "made_up_option"),
+])
+def test_a_field_the_engine_does_not_honour_is_a_400_naming_it(server, extra, param):
+    """Never accepted and then ignored: the HF engine has no constrained decoding or tools."""
+    reply = http("POST", server.url("/v1/chat/completions"), chat_body("ner", PROMPTS[0], **extra))
+    error = assert_openai_error(reply, 400, "unsupported_field")
+    assert error["param"] == param and param in error["message"]
+
+
 @pytest.mark.parametrize("model", ["qa@v1", f"{BASE_NAME}:qa", f"{BASE_NAME}:qa@v1", "base:qa"])
 def test_raw_http_accepts_name_at_version_and_base_colon_adapter(server, model):
     reply = http("POST", server.url("/v1/chat/completions"), chat_body(model, PROMPTS[0]))

@@ -8,7 +8,9 @@ chaotic, and PEFT itself in fp16 agrees with PEFT in fp32 on only 6 of 20 prompt
 - greedy answers through each adapter equal plain PEFT `generate` (fp32, one request at a time)
   for at least 90% of the prompts, compared over their first 16 tokens (as text without
   whitespace: vLLM detokenizes incrementally, which may space tokens differently);
-- `response_format` json_schema and json_object answers parse, the first against its schema;
+- `response_format` json_schema and json_object answers parse, the first against its schema
+  (compact JSON, serve.vllm.json_whitespace false: random weights otherwise repeat newlines
+  inside the object until max_tokens);
 - log-probabilities, `n` and seeds come back as the OpenAI API describes them.
 
     PYTHONPATH=/tmp/vllm-site:/tmp/gpu-site:$PWD python -m pytest -m gpu tests/test_serve_vllm_gpu.py
@@ -70,7 +72,7 @@ def vllm_server(tmp_path_factory):
         "name": "vllm-test", "model": {"base": str(base), "dtype": os.environ.get("MEDTUNE_VLLM_TEST_DTYPE", "fp16")},
         "data": {"format": "chat", "train": "unused.jsonl"}, "storage": {"root": str(work / "storage")},
         "serve": {"engine": "vllm", "served_model_name": BASE, "port": port, "gpus_per_replica": 1,
-                  "adapters": ["ner"], "vllm": {"enforce_eager": True, "gpu_memory_utilization": 0.3}},
+                  "adapters": ["ner"], "vllm": {"enforce_eager": True, "gpu_memory_utilization": 0.3, "json_whitespace": False}},
     })
     ray.init(include_dashboard=False, log_to_driver=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -124,7 +126,9 @@ def test_a_json_schema_answer_parses_against_its_schema(vllm_server):
         answer = client(url).chat.completions.create(
             model="ner", messages=[{"role": "user", "content": prompt}], max_tokens=128, temperature=0,
             response_format={"type": "json_schema", "json_schema": {"name": "entities", "schema": SCHEMA}})
-        parsed = json.loads(answer.choices[0].message.content)
+        text = answer.choices[0].message.content
+        assert answer.choices[0].finish_reason == "stop", text
+        parsed = json.loads(text)
         assert set(parsed) == {"entities", "severity"}, parsed
         assert set(parsed["entities"]) <= {"fever", "anemia", "fatigue"} and len(parsed["entities"]) <= 3
         assert parsed["severity"] in ("mild", "moderate", "severe")
@@ -132,6 +136,7 @@ def test_a_json_schema_answer_parses_against_its_schema(vllm_server):
         model="qa", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=128, temperature=0,
         response_format={"type": "json_object"})
     text = anything.choices[0].message.content
+    print(f"json_object: {text[:80]!r}... ({anything.choices[0].finish_reason})")
     # Random weights may fill a JSON string until max_tokens; a finished answer must parse.
     assert text.startswith("{")
     if anything.choices[0].finish_reason == "stop":

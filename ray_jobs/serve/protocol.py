@@ -55,7 +55,8 @@ class ChatMessage(_Strict):
 
     def for_template(self) -> dict[str, str]:
         """The message as chat templates take it: text content, `developer` as `system`."""
-        text = self.content if isinstance(self.content, str) else "".join(p["text"] for p in self.content)
+        # Parts joined by newlines, as vLLM's OpenAI server does.
+        text = self.content if isinstance(self.content, str) else "\n".join(p["text"] for p in self.content)
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 

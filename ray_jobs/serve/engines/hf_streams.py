@@ -27,6 +27,10 @@ from ray_jobs.serve.engines.base import (AdapterEvent, Delta, GenerationRequest,
 log = logging.getLogger("ray.serve")
 
 
+CONTINUOUS_SUPPORTS = frozenset({"logprobs", "ignore_eos"})
+"""Optional request features the continuous engine honours (PEFT's static batches: none)."""
+
+
 def continuous_blockers(recipe: Recipe) -> list[str]:
     """What in the recipe's own adapters the continuous engine's LoRA bank cannot apply."""
     return [f"lora.{key}" for key in unservable_fields(recipe.lora.model_dump())]
@@ -84,7 +88,7 @@ class HFEngineStreams:
         self.device, self.load_seconds = self.inner.device, self.inner.load_seconds
         # Per-token log-probabilities and ignoring end of turn are the continuous engine's;
         # PEFT's generate batches share one setting for all rows.
-        self.supports = frozenset({"logprobs", "ignore_eos"}) if self.continuous else frozenset()
+        self.supports = CONTINUOUS_SUPPORTS if self.continuous else frozenset()
         self.batcher = None if self.continuous else _StaticBatcher(self.inner, recipe.serve.max_batch_size,
                                                                    recipe.serve.batch_wait_timeout_s)
 

@@ -117,16 +117,18 @@ def lora_request_fields(key: str, lora_id: int, local_path: str) -> dict[str, An
     return {"lora_name": key, "lora_int_id": lora_id, "lora_path": str(Path(local_path).resolve())}
 
 
-def structured_output_fields(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+def structured_output_fields(response_format: dict[str, Any] | None,
+                             json_whitespace: bool = True) -> dict[str, Any] | None:
     """vLLM StructuredOutputsParams fields for an OpenAI response_format (None: free text)."""
     if not response_format or response_format.get("type") == "text":
         return None
+    spacing = {} if json_whitespace else {"disable_any_whitespace": True}
     if response_format["type"] == "json_object":
-        return {"json_object": True}
-    return {"json": response_format["json_schema"]["schema"]}
+        return {"json_object": True, **spacing}
+    return {"json": response_format["json_schema"]["schema"], **spacing}
 
 
-def sampling_fields(request: GenerationRequest) -> dict[str, Any]:
+def sampling_fields(request: GenerationRequest, json_whitespace: bool = True) -> dict[str, Any]:
     """vLLM SamplingParams fields for one generation request (structured outputs as a dict)."""
     fields: dict[str, Any] = dict(
         max_tokens=request.max_tokens, temperature=request.temperature,
@@ -134,7 +136,7 @@ def sampling_fields(request: GenerationRequest) -> dict[str, Any]:
         ignore_eos=request.ignore_eos, logprobs=request.logprobs, presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty, skip_special_tokens=True,
     )
-    structured = structured_output_fields(request.response_format)
+    structured = structured_output_fields(request.response_format, json_whitespace)
     if structured is not None:
         fields["structured_outputs"] = structured
     return fields

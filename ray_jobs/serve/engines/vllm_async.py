@@ -55,6 +55,7 @@ class VLLMEngine:
         self.load_seconds: dict[str, float] = {}
         self.on_adapter_event = on_adapter_event
         self.lock = asyncio.Lock()
+        self.json_whitespace = recipe.serve.vllm.json_whitespace
 
     def loaded_adapters(self) -> list[str]:
         return list(self.loaded)
@@ -107,7 +108,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        fields = sampling_fields(request)
+        fields = sampling_fields(request, self.json_whitespace)
         if "structured_outputs" in fields:
             fields["structured_outputs"] = StructuredOutputsParams(**fields["structured_outputs"])
         params = SamplingParams(**fields, output_kind=RequestOutputKind.DELTA)
