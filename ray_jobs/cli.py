@@ -25,10 +25,12 @@ EXIT_USER_ERROR = 2
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is the whole story for the user."""
+    from ray_jobs.core.engines import EngineUnavailableError
     from ray_jobs.preprocess.pipeline import PreprocessError
     from ray_jobs.train.run import TrainError
 
-    errors: list[type[BaseException]] = [RecipeError, PreprocessError, TrainError, FileNotFoundError]
+    errors: list[type[BaseException]] = [RecipeError, PreprocessError, TrainError, FileNotFoundError,
+                                         EngineUnavailableError]
     try:
         from ray_jobs.evaluate.run import EvaluateError
 

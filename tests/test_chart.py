@@ -422,6 +422,16 @@ def test_images_follow_the_variant_and_app_version(chart: helm.Chart) -> None:
         assert images == {expected}, name
 
 
+def test_the_serving_cluster_can_run_the_vllm_image_while_training_keeps_the_gpu_image(chart: helm.Chart) -> None:
+    values = _merge(EVERYTHING_ON, {"serving": {"imageVariant": "vllm"}})
+    images: dict[str, set[str]] = {}
+    for where, template in all_pod_templates(objects(render(chart, values))):
+        images.setdefault(where.split("/")[0], set()).update(c["image"] for c in template["spec"]["containers"])
+    version = chart.metadata["appVersion"]
+    assert images["RayService"] == {f"ghcr.io/medtune/medtune:{version}-vllm"}
+    assert images["RayJob"] == images["RayCluster"] == {f"ghcr.io/medtune/medtune:{version}"}
+
+
 # --------------------------------------------------------------------------- recipe, jobs, serving
 def test_recipe_configmap_is_a_valid_recipe_mounted_everywhere(case: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> None:
     _, _, objs = case

@@ -58,6 +58,7 @@ def test_the_report_is_the_same_whether_one_or_two_ray_tasks_evaluate(published,
         assert two["models"][label]["entities"] == one["models"][label]["entities"]
     assert [p["raw_output"] for p in pairs_two] == [p["raw_output"] for p in pairs_one]
     assert one["models"]["adapter"]["eval_loss"] != one["models"]["base"]["eval_loss"]  # the adapter was applied
+    assert one["models"]["adapter"]["generation_engine"] == "hf"  # eval.engine auto without a GPU
     report_dir = Path(two["uri"])
     for name in ("report.json", "report.md", "before_after.png", "performance.json", "true_pred_entities.json"):
         assert (report_dir / name).is_file(), name
@@ -67,3 +68,10 @@ def test_the_report_is_the_same_whether_one_or_two_ray_tasks_evaluate(published,
 def test_a_missing_adapter_names_the_ones_that_exist(published, tiny_llama_dir):
     with pytest.raises(EvaluateError, match="eval-test"):
         evaluate_run.run(recipe_for(published, tiny_llama_dir), adapter="no-such-adapter")
+
+
+def test_asking_for_vllm_where_it_cannot_run_says_why(published, tiny_llama_dir):
+    from ray_jobs.core.engines import EngineUnavailableError
+
+    with pytest.raises(EngineUnavailableError, match="engine vllm cannot run here: vLLM is not installed"):
+        evaluate_run.run(recipe_for(published, tiny_llama_dir, workers=1, engine="vllm"))

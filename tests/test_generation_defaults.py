@@ -45,3 +45,13 @@ def test_values_in_the_recipe_override_the_family_defaults():
     kwargs = sampling_kwargs(GenerationConfig(greedy=False, temperature=0.2, top_k=5),
                              ModelConfig(base="meta-llama/Llama-3.1-8B-Instruct"))
     assert kwargs == {"do_sample": True, "temperature": 0.2, "min_p": 0.1, "top_k": 5}
+
+
+def test_vllm_answers_use_the_same_settings_as_transformers_generate():
+    from ray_jobs.evaluate.vllm_generate import vllm_sampling_fields
+
+    greedy = vllm_sampling_fields(GenerationConfig(max_new_tokens=64), ModelConfig(base="unsloth/gemma-3-4b-it"))
+    assert greedy == {"max_tokens": 64, "skip_special_tokens": True, "temperature": 0.0}
+    sampled = vllm_sampling_fields(GenerationConfig(greedy=False, top_p=0.9),
+                                   ModelConfig(base="meta-llama/Llama-3.1-8B-Instruct"))
+    assert sampled == {"max_tokens": 256, "skip_special_tokens": True, "temperature": 1.5, "min_p": 0.1, "top_p": 0.9}

@@ -21,6 +21,10 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "images"
 DOCKERFILES = {"gpu": IMAGES / "gpu.Dockerfile", "cpu": IMAGES / "cpu.Dockerfile"}
+"""The training-capable images, built from the same pins."""
+ALL_DOCKERFILES = {**DOCKERFILES, "vllm": IMAGES / "vllm.Dockerfile"}
+"""... and the vLLM serving image, whose torch and transformers are vLLM's."""
+VLLM_PINS = {"VLLM_VERSION": "vllm", "VLLM_TORCH_VERSION": "torch", "VLLM_TRANSFORMERS_VERSION": "transformers"}
 
 # versions.env key -> distribution in pyproject.toml's dependencies
 PACKAGE_PINS = {
@@ -161,31 +165,57 @@ def test_chart_and_images_agree(pins: dict[str, str]) -> None:
     assert values["rayVersion"] == pins["RAY_VERSION"] == chart["annotations"]["medtune.io/ray-version"]
 
 
-@pytest.mark.parametrize("variant", sorted(DOCKERFILES))
+@pytest.mark.parametrize("variant", sorted(ALL_DOCKERFILES))
 def test_images_never_switch_back_to_root(variant: str) -> None:
-    users = [arguments.split(":")[0] for name, arguments in instructions(DOCKERFILES[variant]) if name == "USER"]
+    users = [arguments.split(":")[0] for name, arguments in instructions(ALL_DOCKERFILES[variant]) if name == "USER"]
     assert users and not {"root", "0"} & set(users), f"{variant}.Dockerfile: USER {users}"
 
 
-@pytest.mark.parametrize("variant", sorted(DOCKERFILES))
+@pytest.mark.parametrize("variant", sorted(ALL_DOCKERFILES))
 def test_ray_extras_match_pyproject(variant: str) -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     (ray,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "ray"]
-    installed = re.findall(r'"ray\[([^\]]*)\]==', DOCKERFILES[variant].read_text())
+    installed = re.findall(r'"ray\[([^\]]*)\]==', ALL_DOCKERFILES[variant].read_text())
     assert installed and all(set(e.split(",")) == ray.extras for e in installed), f"{variant}: ray[{installed}] vs {ray.extras}"
 
 
-@pytest.mark.parametrize("variant", sorted(DOCKERFILES))
+@pytest.mark.parametrize("variant", sorted(ALL_DOCKERFILES))
 def test_image_user_and_caches_fit_the_charts_read_only_pods(variant: str) -> None:
     """The chart runs uid 1000 (the image's `ray` user) with a read-only root filesystem and
     writable emptyDirs at /tmp and ~/.cache only: the image's caches must live there."""
     values = yaml.safe_load((REPO / "charts" / "medtune" / "values.yaml").read_text())
     assert values["podSecurityContext"]["runAsUser"] == values["containerSecurityContext"]["runAsUser"] == 1000
     assert values["containerSecurityContext"]["readOnlyRootFilesystem"] is True
-    steps = instructions(DOCKERFILES[variant])
+    steps = instructions(ALL_DOCKERFILES[variant])
     assert [a for n, a in steps if n == "USER"][-1] == "ray"  # uid 1000 in rayproject/ray images
     env = dict(re.findall(r"([A-Z_]+)=(\S+)", " ".join(a for n, a in steps if n == "ENV")))
     assert env["HF_HOME"].startswith("/home/ray/.cache/"), "HF_HOME must sit on the chart's cache emptyDir"
     assert env.get("PYTHONDONTWRITEBYTECODE") == "1", "no .pyc writes into a read-only site-packages"
     helpers = (REPO / "charts" / "medtune" / "templates" / "_helpers.tpl").read_text()
     assert f"- name: HF_HOME\n  value: {env['HF_HOME']}" in helpers
+
+
+def test_the_vllm_image_pins_sit_inside_the_vllm_extra_and_the_package_ranges(pins: dict[str, str],
+                                                                              ranges: dict[str, SpecifierSet]) -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (vllm,) = [Requirement(d) for d in project["optional-dependencies"]["vllm"]]
+    extra_ranges = {**ranges, "vllm": vllm.specifier}
+    for key, package in VLLM_PINS.items():
+        assert extra_ranges[package].contains(Version(pins[key])), f"{key}={pins[key]} outside {package}{extra_ranges[package]}"
+    assert Version(pins["VLLM_TORCH_VERSION"]) != Version(pins["TORCH_VERSION"]), \
+        "if vLLM's torch equals training's, serve from the gpu image and drop this one"
+
+
+def test_the_vllm_image_installs_vllm_and_its_torch_first_then_medtune_with_the_extra(pins: dict[str, str]) -> None:
+    path = ALL_DOCKERFILES["vllm"]
+    args = dockerfile_args(path)
+    for key, defaults in args.items():
+        assert key in pins and defaults == {pins[key]}, f"vllm.Dockerfile ARG {key}: {defaults} vs versions.env"
+    steps = instructions(path)
+    (base,) = [arguments for name, arguments in steps if name == "FROM"]
+    assert re.sub(r"\$\{([A-Z_]+)\}", lambda m: pins[m.group(1)], base) == "rayproject/ray:2.60.0-py311-cu128"
+    pip_runs = [a for n, a in steps if n == "RUN" and "pip install" in a]
+    first, package = pip_runs[0], pip_runs[-1]
+    assert '"vllm==${VLLM_VERSION}"' in first and '"torch==${VLLM_TORCH_VERSION}"' in first
+    assert '".[vllm]"' in package and '"torch==${VLLM_TORCH_VERSION}"' in package
+    assert '"transformers==${VLLM_TRANSFORMERS_VERSION}"' in package and "TORCH_VERSION}" not in package.replace("VLLM_TORCH", "")

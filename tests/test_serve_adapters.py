@@ -12,7 +12,7 @@ import pytest
 
 from ray_jobs.config import RecipeError, parse_recipe
 from ray_jobs.serve.engines.base import AdapterLoadError, check_adapter_dir
-from ray_jobs.serve.engines.vllm_adapters import vllm_problems
+from ray_jobs.core.engines import vllm_problems
 from ray_jobs.storage import COMPLETE_MARKER, Storage, adapter_prefix
 
 PRODUCTION_BASE = "meta-llama/Llama-3.1-8B-Instruct"

@@ -11,10 +11,11 @@ import pytest
 
 from lora_adapters import make_adapter
 from ray_jobs.config import parse_recipe
-from ray_jobs.serve.engines import EngineUnavailableError, choose_engine, serving_model
+from ray_jobs.core.engines import EngineUnavailableError, choose_engine
+from ray_jobs.serve.engines import serving_model
 from ray_jobs.serve.engines.base import GenerationRequest
 from ray_jobs.serve.engines.hf_streams import CONTINUOUS_SUPPORTS
-from ray_jobs.serve.engines.vllm_adapters import (adapter_rank, engine_args, lora_limits, lora_request_fields,
+from ray_jobs.core.engines import (adapter_rank, engine_args, lora_limits, lora_request_fields,
                                                   sampling_fields, vllm_problems, vllm_rank)
 from ray_jobs.serve.engines.vllm_async import VLLMEngine
 from ray_jobs.serve.protocol import APIError, ChatRequest, check_features

@@ -13,7 +13,8 @@ base model and the adapter itself:
   entity-extraction seed's `true_pred_entities.json` and `performance.json`;
 - reasoning: format compliance, reasoning length, final-answer exact match;
 - sdtm: accuracy per step; qa_safety: refusal / escalation rates.
-Generation is greedy by default, so metrics are reproducible. A model output that is not
+Answers come from vLLM on a GPU with vLLM installed (eval.engine: auto), else from
+transformers `generate`; generation is greedy by default, so metrics are reproducible. A model output that is not
 valid JSON counts as a miss, never a crash.
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_jobs.config import Recipe
+from ray_jobs.core.engines import choose_engine, vllm_available
 from ray_jobs.evaluate.generation import sampling_kwargs
 from ray_jobs.storage import Storage, adapter_prefix, report_prefix, run_prefix
 
@@ -92,8 +94,13 @@ def evaluate_shard(recipe_json: dict[str, Any], adapter: tuple[str, str], rows: 
     model_dir = resolve_model_dir(recipe.model, storage)
     tokenizer = load_tokenizer(model_dir, recipe.model.revision, recipe.model.trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine, why = "hf", "no generated answers to score"
+    if generative:
+        engine, why = choose_engine(recipe.eval.engine, recipe, has_vllm=vllm_available(), has_gpu=device == "cuda")
+        print(f"[medtune] evaluation answers from {engine} ({why})", flush=True)
     base = load_model(recipe.model, model_dir, device=device)
     results: dict[str, dict[str, Any]] = {}
+    local = None
     for label in ("base", "adapter"):
         if label == "adapter":
             local = storage.local_view(adapter_prefix(name, version), cache_root() / "adapters" / name / version)
@@ -105,11 +112,29 @@ def evaluate_shard(recipe_json: dict[str, Any], adapter: tuple[str, str], rows: 
         else:
             model = base
         total, count = loss_sums(model, rows, device, recipe.eval.batch_size)
-        entry: dict[str, Any] = {"loss_sum": total, "tokens": count, "outputs": [], "seconds": []}
-        if generative:
+        entry: dict[str, Any] = {"loss_sum": total, "tokens": count, "outputs": [], "seconds": [], "engine": engine}
+        if generative and engine == "hf":
             entry["outputs"], entry["seconds"] = generate_answers(model, tokenizer, rows, recipe, device)
         results[label] = entry
+    if generative and engine == "vllm":
+        from ray_jobs.evaluate.vllm_generate import free_gpu_memory, generate_with_vllm
+
+        model = base = None  # transformers out of GPU memory before vLLM sizes its cache
+        free_gpu_memory()
+        answers = generate_with_vllm(recipe, model_dir, Path(local), prompt_token_ids(tokenizer, rows))
+        for label, (outputs, seconds) in answers.items():
+            results[label].update(outputs=outputs, seconds=seconds)
     return results
+
+
+def prompt_token_ids(tokenizer, rows: list[dict[str, Any]]) -> list[list[int]]:
+    """Each row's prompt (its messages without the last assistant turn) as the model reads it."""
+    return [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompt_texts(tokenizer, rows)]
+
+
+def prompt_texts(tokenizer, rows: list[dict[str, Any]]) -> list[str]:
+    return [tokenizer.apply_chat_template(json.loads(r["messages"])[:-1], tokenize=False, add_generation_prompt=True)
+            for r in rows]
 
 
 def eval_workers(recipe: Recipe, rows: int) -> int:
@@ -146,7 +171,7 @@ def evaluate_rows(recipe: Recipe, adapter: tuple[str, str], rows: list[dict[str,
     parts = ray.get([task.remote(payload, adapter, shard, generative) for shard in shards])
     merged: dict[str, dict[str, Any]] = {}
     for label in ("base", "adapter"):
-        merged[label] = {"loss_sum": sum(p[label]["loss_sum"] for p in parts),
+        merged[label] = {"engine": parts[0][label]["engine"], "loss_sum": sum(p[label]["loss_sum"] for p in parts),
                          "tokens": sum(p[label]["tokens"] for p in parts),
                          "outputs": [o for p in parts for o in p[label]["outputs"]],
                          "seconds": [t for p in parts for t in p[label]["seconds"]]}
@@ -166,8 +191,7 @@ def generate_answers(model, tokenizer, rows: list[dict[str, Any]], recipe: Recip
     outputs, seconds = [], []
     for start in range(0, len(rows), recipe.eval.batch_size):
         chunk = rows[start:start + recipe.eval.batch_size]
-        prompts = [tokenizer.apply_chat_template(json.loads(r["messages"])[:-1], tokenize=False,
-                                                 add_generation_prompt=True) for r in chunk]
+        prompts = prompt_texts(tokenizer, chunk)
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         kwargs: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "eos_token_id": eos,
                                   "pad_token_id": tokenizer.pad_token_id, **sampling_kwargs(gen, recipe.model)}
@@ -228,6 +252,7 @@ def run(recipe: Recipe, adapter: str | None = None) -> dict[str, Any]:
         loss = result["loss_sum"] / max(result["tokens"], 1)
         entry: dict[str, Any] = {"eval_loss": loss, "perplexity": m.perplexity(loss)}
         if generative:
+            entry["generation_engine"] = result["engine"]
             entry.update(task_metrics(recipe, rows, result["outputs"], tokenizer))
             samples[label] = result["outputs"]
             latency[label] = m.latency_summary(result["seconds"])

@@ -85,7 +85,7 @@ class MedtuneServer:
     async def __init__(self, recipe: dict[str, Any]):
         from ray_jobs.models import resolve_model_dir
         from ray_jobs.serve.engines import build_engine
-        from ray_jobs.serve.engines.vllm_adapters import adapter_rank
+        from ray_jobs.core.engines import adapter_rank
 
         self.recipe = Recipe.model_validate(recipe)
         self.cfg = cfg = self.recipe.serve

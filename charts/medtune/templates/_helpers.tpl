@@ -42,12 +42,16 @@ app.kubernetes.io/part-of: medtune
 {{- end }}
 {{- end }}
 
+{{- /* The image of a pod: (dict "root" $ "variant" V); an empty variant is image.variant.
+The gpu variant is the plain tag; cpu and vllm add their suffix (0.1.0-cpu, 0.1.0-vllm). */ -}}
 {{- define "medtune.image" -}}
-{{- $tag := default .Chart.AppVersion .Values.image.tag }}
-{{- if and (eq .Values.image.variant "cpu") (not (hasSuffix "-cpu" $tag)) }}
-{{- $tag = printf "%s-cpu" $tag }}
+{{- $root := .root }}
+{{- $variant := .variant | default $root.Values.image.variant }}
+{{- $tag := default $root.Chart.AppVersion $root.Values.image.tag }}
+{{- if and (ne $variant "gpu") (not (hasSuffix (printf "-%s" $variant) $tag)) }}
+{{- $tag = printf "%s-%s" $tag $variant }}
 {{- end }}
-{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- printf "%s:%s" $root.Values.image.repository $tag }}
 {{- end }}
 
 {{- define "medtune.recipeConfigMap" -}}
@@ -247,7 +251,7 @@ spec:
   {{- end }}
   containers:
     - name: ray-{{ .nodeType }}
-      image: {{ include "medtune.image" $root }}
+      image: {{ include "medtune.image" (dict "root" $root "variant" (ternary $root.Values.serving.imageVariant "" (eq .component "serve"))) }}
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
       securityContext:
         {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}

@@ -5,56 +5,20 @@ PEFT everywhere else.
     serve.engine: vllm    # refuse to start without vLLM and a GPU
     serve.engine: hf      # the continuous HF engine (or PEFT's static batches, see .hf_streams)
 
-A recipe whose adapters vLLM cannot apply (DoRA, modules_to_save, trained biases) is served by
+The choice itself (ray_jobs.core.engines.choose_engine) is shared with evaluation. A recipe
+whose adapters vLLM cannot apply (DoRA, modules_to_save, trained biases) is served by
 the HF engine under `auto`, with a log line; under `vllm` it is refused at start-up.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 from ray_jobs.config import Recipe
+from ray_jobs.core.engines import EngineUnavailableError, choose_engine, gpu_available, vllm_available
 from ray_jobs.serve.engines.base import AdapterEvent, Engine
 
 log = logging.getLogger("ray.serve")
-
-
-class EngineUnavailableError(RuntimeError):
-    """serve.engine names an engine this replica cannot run."""
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def gpu_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def choose_engine(choice: str, recipe: Recipe, *, has_vllm: bool, has_gpu: bool) -> tuple[str, str]:
-    """("vllm" | "hf", why) for serve.engine / eval.engine `choice`.
-
-    Raises:
-        EngineUnavailableError: `vllm` was asked for and cannot run here.
-    """
-    from ray_jobs.serve.engines.hf_streams import continuous_blockers
-
-    blockers = continuous_blockers(recipe)
-    if choice == "hf":
-        return "hf", "asked for"
-    missing = [what for what, ok in (("vLLM is not installed (pip install 'medtune[vllm]')", has_vllm),
-                                     ("no GPU is visible to this process", has_gpu),
-                                     (f"the recipe's adapters use {', '.join(blockers)}", not blockers),
-                                     ("model.dtype fp32: vLLM's LoRA kernels take bf16 or fp16",
-                                      recipe.model.dtype != "fp32")) if not ok]
-    if choice == "vllm" and missing:
-        raise EngineUnavailableError(f"engine vllm cannot run here: {'; '.join(missing)}")
-    if missing:
-        return "hf", "; ".join(missing)
-    return "vllm", "vLLM and a GPU are available"
 
 
 def serving_model(recipe: Recipe):
@@ -76,3 +40,6 @@ def build_engine(recipe: Recipe, model_dir: str, adapter_ranks: list[int], on_ad
     from ray_jobs.serve.engines.hf_streams import HFEngineStreams
 
     return HFEngineStreams(model_dir, recipe, serving_model(recipe), on_adapter_event)
+
+
+__all__ = ["EngineUnavailableError", "build_engine", "choose_engine", "serving_model"]

@@ -132,15 +132,6 @@ def cut_at_stops(text: str, stops: list[str], finish: str) -> tuple[str, str]:
     return text, finish
 
 
-def unservable_fields(lora: dict[str, Any]) -> list[str]:
-    """The LoRA settings that vLLM and the stacked LoRA bank cannot apply, among `use_dora`,
-    `modules_to_save` and `bias`: the same keys in a PEFT adapter_config.json and in a recipe's
-    `lora` section. Adapters using them are served by PEFT's static batches."""
-    return [key for key, set_ in (("use_dora", bool(lora.get("use_dora"))),
-                                  ("modules_to_save", bool(lora.get("modules_to_save"))),
-                                  ("bias", (lora.get("bias") or "none") != "none")) if set_]
-
-
 def check_adapter_dir(path: str) -> None:
     """Raise AdapterLoadError unless `path` holds a readable PEFT LoRA adapter."""
     from peft import PeftConfig

@@ -22,7 +22,8 @@ from typing import Any
 
 from ray_jobs.config import Recipe
 from ray_jobs.serve.engines.base import (AdapterEvent, Delta, GenerationRequest, GenerationResult,
-                                         IncrementalDecoder, LogprobEntry, TokenLogprobs, unservable_fields)
+                                         IncrementalDecoder, LogprobEntry, TokenLogprobs)
+from ray_jobs.core.engines import unservable_fields
 
 log = logging.getLogger("ray.serve")
 

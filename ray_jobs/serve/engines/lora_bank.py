@@ -23,7 +23,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.serve.engines.base import AdapterLoadError, unservable_fields
+from ray_jobs.core.engines import unservable_fields
+from ray_jobs.serve.engines.base import AdapterLoadError
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 

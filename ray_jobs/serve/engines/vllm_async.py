@@ -24,7 +24,7 @@ from typing import Any
 
 from ray_jobs.config import Recipe
 from ray_jobs.serve.engines.base import AdapterEvent, AdapterLoadError, Delta, GenerationRequest, LogprobEntry
-from ray_jobs.serve.engines.vllm_adapters import engine_args, lora_request_fields, sampling_fields, vllm_problems
+from ray_jobs.core.engines import engine_args, lora_request_fields, sampling_fields, vllm_problems
 
 log = logging.getLogger("ray.serve")
 

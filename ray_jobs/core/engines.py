@@ -1,7 +1,8 @@
-"""What medtune hands vLLM, built without importing vLLM: engine arguments from the recipe,
-sampling parameters from a request, LoRA requests from the adapter cache, and the checks vLLM
-would make of an adapter folder. CI has no vLLM; these translations are tested there, and the
-engine (ray_jobs.serve.engines.vllm_async) only wraps them in vLLM's own types.
+"""Which engine generates (vLLM or transformers), and what medtune hands vLLM, built without
+importing it: engine arguments from the recipe, sampling parameters from a request, LoRA
+requests from the adapter cache, and the checks vLLM would make of an adapter folder. Serving
+and evaluation both use it; CI has no vLLM, so these translations are tested there and the
+engines only wrap them in vLLM's own types.
 
 vLLM's `PEFTHelper.validate_legal` refuses adapter bias, DoRA, `modules_to_save` and ranks
 above `max_lora_rank`; its loader refuses weights for modules it cannot apply LoRA to. vLLM
@@ -11,12 +12,57 @@ new folder and a new id.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 from ray_jobs.config import Recipe
-from ray_jobs.serve.engines.base import GenerationRequest, unservable_fields
+
+
+class EngineUnavailableError(RuntimeError):
+    """serve.engine or eval.engine names an engine this process cannot run."""
+
+
+def unservable_fields(lora: dict[str, Any]) -> list[str]:
+    """The LoRA settings that vLLM and the stacked LoRA bank cannot apply, among `use_dora`,
+    `modules_to_save` and `bias`: the same keys in a PEFT adapter_config.json and in a recipe's
+    `lora` section. Adapters using them are served by PEFT's static batches."""
+    return [key for key, set_ in (("use_dora", bool(lora.get("use_dora"))),
+                                  ("modules_to_save", bool(lora.get("modules_to_save"))),
+                                  ("bias", (lora.get("bias") or "none") != "none")) if set_]
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_engine(choice: str, recipe: Recipe, *, has_vllm: bool, has_gpu: bool) -> tuple[str, str]:
+    """("vllm" | "hf", why) for serve.engine / eval.engine `choice` (auto | vllm | hf).
+
+    Raises:
+        EngineUnavailableError: `vllm` was asked for and cannot run here.
+    """
+    if choice == "hf":
+        return "hf", "asked for"
+    blockers = [f"lora.{key}" for key in unservable_fields(recipe.lora.model_dump())]
+    missing = [what for what, ok in (("vLLM is not installed (pip install 'medtune[vllm]')", has_vllm),
+                                     ("no GPU is visible to this process", has_gpu),
+                                     (f"the recipe's adapters use {', '.join(blockers)}", not blockers),
+                                     ("model.dtype fp32: vLLM's LoRA kernels take bf16 or fp16",
+                                      recipe.model.dtype != "fp32")) if not ok]
+    if choice == "vllm" and missing:
+        raise EngineUnavailableError(f"engine vllm cannot run here: {'; '.join(missing)}")
+    if missing:
+        return "hf", "; ".join(missing)
+    return "vllm", "vLLM and a GPU are available"
+
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for max_lora_rank."""
@@ -75,18 +121,21 @@ def vllm_problems(adapter_dir: str | Path, max_lora_rank: int = 64) -> list[str]
     return problems
 
 
-def lora_limits(recipe: Recipe, adapter_ranks: list[int]) -> dict[str, int]:
+def lora_limits(recipe: Recipe, adapter_ranks: list[int], listed: int | None = None) -> dict[str, int]:
     """max_loras, max_lora_rank and max_cpu_loras: the recipe's serve.vllm values, else derived
-    from the adapters it lists (their ranks, read at start-up, and the recipe's own lora.r)."""
-    cfg, listed = recipe.serve.vllm, recipe.serve.adapters
-    max_loras = cfg.max_loras or (min(len(listed), 16) if listed else 4)
+    from the adapters served (`listed`, default serve.adapters; their ranks, read at start-up,
+    and the recipe's own lora.r)."""
+    cfg = recipe.serve.vllm
+    listed = len(recipe.serve.adapters) if listed is None else listed
+    max_loras = cfg.max_loras or (min(listed, 16) if listed else 4)
     rank = cfg.max_lora_rank or vllm_rank(max([recipe.lora.r, *adapter_ranks]))
     max_cpu = cfg.max_cpu_loras or max(max_loras, recipe.serve.max_loaded_adapters)
     return {"max_loras": max_loras, "max_lora_rank": rank, "max_cpu_loras": max_cpu}
 
 
-def engine_args(recipe: Recipe, model_dir: str, adapter_ranks: list[int]) -> dict[str, Any]:
-    """Keyword arguments of vLLM's AsyncEngineArgs for the recipe's base model and adapters.
+def engine_args(recipe: Recipe, model_dir: str, adapter_ranks: list[int], listed: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of vLLM's (Async)EngineArgs for the recipe's base model and adapters
+    (serve.vllm's settings; evaluation uses them too).
 
     A quantised recipe's adapters are served on the unquantised base by default (the usual
     practice: LoRA trained on a 4-bit base applies to the bf16 weights it approximates);
@@ -95,7 +144,7 @@ def engine_args(recipe: Recipe, model_dir: str, adapter_ranks: list[int]) -> dic
     args: dict[str, Any] = dict(
         model=model_dir, tokenizer=model_dir, revision=model.revision, trust_remote_code=model.trust_remote_code,
         dtype=DTYPES[model.dtype], served_model_name=recipe.serve.served_model_name or model.base,
-        enable_lora=True, **lora_limits(recipe, adapter_ranks),
+        enable_lora=True, **lora_limits(recipe, adapter_ranks, listed),
         gpu_memory_utilization=cfg.gpu_memory_utilization, enable_prefix_caching=cfg.enable_prefix_caching,
         enforce_eager=cfg.enforce_eager, max_logprobs=20, disable_log_stats=True,
     )
@@ -128,8 +177,8 @@ def structured_output_fields(response_format: dict[str, Any] | None,
     return {"json": response_format["json_schema"]["schema"], **spacing}
 
 
-def sampling_fields(request: GenerationRequest, json_whitespace: bool = True) -> dict[str, Any]:
-    """vLLM SamplingParams fields for one generation request (structured outputs as a dict)."""
+def sampling_fields(request: Any, json_whitespace: bool = True) -> dict[str, Any]:
+    """vLLM SamplingParams fields for one serving GenerationRequest (structured outputs as a dict)."""
     fields: dict[str, Any] = dict(
         max_tokens=request.max_tokens, temperature=request.temperature,
         top_p=request.top_p if request.temperature > 0 else 1.0, seed=request.seed, stop=list(request.stop),
