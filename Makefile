@@ -1,6 +1,6 @@
 # medtune: the two commands of the README, and what they need.
 #   make quickstart   set up .venv, then run the whole pipeline on CPU, end to end
-#   make test         set up .venv, then run the test suite (what CI runs)
+#   make test         set up .venv, lint, then run the test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 # CPU torch by default (these machines hold torch 2.13.0 on disk). GPU users: see README.
@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup quickstart test test-fast clean
+.PHONY: setup quickstart test test-fast lint clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -28,8 +28,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 quickstart: setup
 	$(VENV)/bin/medtune quickstart
 
-test: setup
+test: setup lint
 	$(VENV)/bin/python -m pytest -q --durations=15
+
+# Style and layering: ruff's lint and format, and the import contract in pyproject.toml
+# (entry points > stages > core; stages never import each other).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow and not integration"

@@ -40,26 +40,44 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ENTITY_PROMPT = ("You are a medical entity extractor from clinical texts. Extract the entities from the text "
-                 "and return them in a structured JSON format.")
-CONTEXT = ["Seen in clinic today.", "Follow-up in two weeks.", "No known drug allergies.",
-           "Vitals stable, BP 128/82.", "Referred by the primary care physician.", "Lives alone; independent.",
-           "Family history of heart disease.", "Non-smoker, drinks socially."]
+ENTITY_PROMPT = (
+    "You are a medical entity extractor from clinical texts. Extract the entities from the text "
+    "and return them in a structured JSON format."
+)
+CONTEXT = [
+    "Seen in clinic today.",
+    "Follow-up in two weeks.",
+    "No known drug allergies.",
+    "Vitals stable, BP 128/82.",
+    "Referred by the primary care physician.",
+    "Lives alone; independent.",
+    "Family history of heart disease.",
+    "Non-smoker, drinks socially.",
+]
 
 
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.processor() or "unknown")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+        platform.processor() or "unknown",
+    )
     meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
     mem_kb = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemTotal")), 0)
     import datasets
     import ray
     import transformers
 
-    return {"cpu_model": model, "cores": os.cpu_count(), "memory_gib": round(mem_kb / 2**20, 1),
-            "python": platform.python_version(), "ray": ray.__version__, "datasets": datasets.__version__,
-            "transformers": transformers.__version__, "load_average_at_start": os.getloadavg()}
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "datasets": datasets.__version__,
+        "transformers": transformers.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
 
 
 def write_rows(path: Path, rows: int, seed: int) -> None:
@@ -77,8 +95,10 @@ def write_rows(path: Path, rows: int, seed: int) -> None:
 def parquet_tokens(directory: Path) -> int:
     import pyarrow.parquet as pq
 
-    return sum(sum(len(ids) for ids in pq.read_table(f, columns=["input_ids"]).column("input_ids").to_pylist())
-               for f in directory.rglob("*.parquet"))
+    return sum(
+        sum(len(ids) for ids in pq.read_table(f, columns=["input_ids"]).column("input_ids").to_pylist())
+        for f in directory.rglob("*.parquet")
+    )
 
 
 # ---------------------------------------------------------------------------- engines
@@ -95,8 +115,11 @@ def hf_seed(data_file: Path, model_dir: str, out_dir: Path, max_seq_len: int) ->
         texts = []
         for text, entities in zip(batch["text"], batch["entities"]):
             text = re.sub(r"\s+", " ", text).strip()  # the Elara seed's clean_text
-            messages = [{"role": "system", "content": ENTITY_PROMPT}, {"role": "user", "content": text},
-                        {"role": "assistant", "content": json.dumps({"entities": entities})}]
+            messages = [
+                {"role": "system", "content": ENTITY_PROMPT},
+                {"role": "user", "content": text},
+                {"role": "assistant", "content": json.dumps({"entities": entities})},
+            ]
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
         return tokenizer(texts, add_special_tokens=False)
 
@@ -106,13 +129,17 @@ def hf_seed(data_file: Path, model_dir: str, out_dir: Path, max_seq_len: int) ->
     def group_texts(batch: dict) -> dict:
         ids = [token for row in batch["input_ids"] for token in row]
         usable = len(ids) // max_seq_len * max_seq_len
-        blocks = [ids[i:i + max_seq_len] for i in range(0, usable, max_seq_len)]
+        blocks = [ids[i : i + max_seq_len] for i in range(0, usable, max_seq_len)]
         return {"input_ids": blocks, "labels": blocks}
 
     packed = tokenized.map(group_texts, batched=True, batch_size=2048, remove_columns=tokenized.column_names)
     packed.to_parquet(str(out_dir / "train.parquet"))
-    return {"seconds": time.perf_counter() - start, "tokens": tokens, "rows_out": len(tokenized),
-            "packed_rows": len(packed)}
+    return {
+        "seconds": time.perf_counter() - start,
+        "tokens": tokens,
+        "rows_out": len(tokenized),
+        "packed_rows": len(packed),
+    }
 
 
 def hf_same_work(data_file: Path, model_dir: str, out_dir: Path, recipe) -> dict:
@@ -130,15 +157,30 @@ def hf_same_work(data_file: Path, model_dir: str, out_dir: Path, recipe) -> dict
 
     def convert_and_tokenize(batch: dict, indices: list[int]) -> dict:
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        frame = pd.DataFrame({"row_id": [f"notes.jsonl:{i + 1}" for i in indices],
-                              "record": [json.dumps(r) for r in records], "reject_reason": None, "split": "auto"})
+        frame = pd.DataFrame(
+            {
+                "row_id": [f"notes.jsonl:{i + 1}" for i in indices],
+                "record": [json.dumps(r) for r in records],
+                "reject_reason": None,
+                "split": "auto",
+            }
+        )
         out = tokenize(convert(frame))
-        return {"row_id": list(out["row_id"]), "dedupe_key": list(out["dedupe_key"]),
-                "reject_reason": list(out["reject_reason"]), "input_ids": list(out["input_ids"]),
-                "labels": list(out["labels"])}
+        return {
+            "row_id": list(out["row_id"]),
+            "dedupe_key": list(out["dedupe_key"]),
+            "reject_reason": list(out["reject_reason"]),
+            "input_ids": list(out["input_ids"]),
+            "labels": list(out["labels"]),
+        }
 
-    tokenized = dataset.map(convert_and_tokenize, batched=True, batch_size=pipeline.BATCH_ROWS, with_indices=True,
-                            remove_columns=dataset.column_names)
+    tokenized = dataset.map(
+        convert_and_tokenize,
+        batched=True,
+        batch_size=pipeline.BATCH_ROWS,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+    )
     seen: set[str] = set()
 
     def first_good_copy(row: dict) -> bool:
@@ -151,8 +193,9 @@ def hf_same_work(data_file: Path, model_dir: str, out_dir: Path, recipe) -> dict
     tokens = sum(len(ids) for ids in kept["input_ids"])
 
     def pack(batch: dict) -> dict:
-        frame = pipeline._pack_batch(pd.DataFrame({"input_ids": batch["input_ids"], "labels": batch["labels"]}),
-                                     recipe.data.max_seq_len, True)
+        frame = pipeline._pack_batch(
+            pd.DataFrame({"input_ids": batch["input_ids"], "labels": batch["labels"]}), recipe.data.max_seq_len, True
+        )
         return {column: list(frame[column]) for column in frame.columns}
 
     packed = kept.map(pack, batched=True, batch_size=pipeline.PACK_ROWS, remove_columns=kept.column_names)
@@ -169,8 +212,12 @@ def medtune_ray(recipe, storage_root: Path, force: bool) -> dict:
     stats = info.stats
     tokens = sum(stats["tokens"].values())
     assert parquet_tokens(storage_root / info.prefix / "train") == tokens
-    return {"seconds": seconds, "tokens": tokens, "rows_out": sum(stats["rows_out"].values()),
-            "packed_rows": stats["packing"]["rows"]}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "rows_out": sum(stats["rows_out"].values()),
+        "packed_rows": stats["packing"]["rows"],
+    }
 
 
 # ---------------------------------------------------------------------------- main
@@ -188,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_caching()  # every map really runs
     datasets.disable_progress_bars()
-    from ray_jobs.config import parse_recipe
-    from ray_jobs.models import resolve_model_dir
-    from ray_jobs.storage import Storage
+    from ray_jobs.core.modeling import resolve_model_dir
+    from ray_jobs.core.recipe import parse_recipe
+    from ray_jobs.core.storage import Storage
 
     env = machine()
     work = Path(tempfile.mkdtemp(prefix="medtune-bench-"))
@@ -198,25 +245,35 @@ def main(argv: list[str] | None = None) -> int:
     data_file = work / "notes.jsonl"
     write_rows(data_file, args.rows, args.seed)
     storage_root = work / "storage"
-    recipe = parse_recipe({
-        "name": "bench", "model": {"base": "tiny:llama"}, "storage": {"root": str(storage_root)},
-        "data": {"format": "entities", "train": [str(data_file)], "system_prompt": ENTITY_PROMPT,
-                 "eval_fraction": 0.0, "max_seq_len": args.max_seq_len},
-    })
+    recipe = parse_recipe(
+        {
+            "name": "bench",
+            "model": {"base": "tiny:llama"},
+            "storage": {"root": str(storage_root)},
+            "data": {
+                "format": "entities",
+                "train": [str(data_file)],
+                "system_prompt": ENTITY_PROMPT,
+                "eval_fraction": 0.0,
+                "max_seq_len": args.max_seq_len,
+            },
+        }
+    )
     model_dir = resolve_model_dir(recipe.model, Storage.from_uri(str(storage_root)))  # built once, offline
 
     results: dict[str, dict] = {}
     print(f"{args.rows} rows, max_seq_len {args.max_seq_len}, {env['cores']} cores ({env['cpu_model']})", flush=True)
-    for name, run in (("hf-seed", lambda: hf_seed(data_file, model_dir, work / "hf-seed", args.max_seq_len)),
-                      ("hf-same-work", lambda: hf_same_work(data_file, model_dir, work / "hf-same", recipe))):
+    for name, run in (
+        ("hf-seed", lambda: hf_seed(data_file, model_dir, work / "hf-seed", args.max_seq_len)),
+        ("hf-same-work", lambda: hf_same_work(data_file, model_dir, work / "hf-same", recipe)),
+    ):
         results[name] = run()
         print(f"  {name}: {results[name]['seconds']:.1f} s", flush=True)
 
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             object_store_memory=2_000_000_000)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, object_store_memory=2_000_000_000)
     ray_init_s = time.perf_counter() - start
     results["medtune-ray cold"] = medtune_ray(recipe, storage_root, force=False)
     results["medtune-ray cold"]["seconds"] += ray_init_s
@@ -230,18 +287,32 @@ def main(argv: list[str] | None = None) -> int:
         result["tokens_per_s"] = result["tokens"] / result["seconds"]
     seed_rate, same_rate = results["hf-seed"]["tokens_per_s"], results["hf-same-work"]["tokens_per_s"]
     print()
-    print(f"{'engine':<18}{'rows out':>10}{'tokens':>12}{'seconds':>10}{'tokens/s':>12}"
-          f"{'vs hf-seed':>12}{'vs same-work':>14}")
+    print(
+        f"{'engine':<18}{'rows out':>10}{'tokens':>12}{'seconds':>10}{'tokens/s':>12}"
+        f"{'vs hf-seed':>12}{'vs same-work':>14}"
+    )
     for name, r in results.items():
-        print(f"{name:<18}{r['rows_out']:>10}{r['tokens']:>12}{r['seconds']:>10.1f}{r['tokens_per_s']:>12.0f}"
-              f"{r['tokens_per_s'] / seed_rate:>11.2f}x{r['tokens_per_s'] / same_rate:>13.2f}x")
+        print(
+            f"{name:<18}{r['rows_out']:>10}{r['tokens']:>12}{r['seconds']:>10.1f}{r['tokens_per_s']:>12.0f}"
+            f"{r['tokens_per_s'] / seed_rate:>11.2f}x{r['tokens_per_s'] / same_rate:>13.2f}x"
+        )
     env["load_average_at_end"] = os.getloadavg()
     print(f"\nload average start {env['load_average_at_start']}, end {env['load_average_at_end']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"benchmark": "preprocess_throughput", "rows": args.rows,
-                                              "max_seq_len": args.max_seq_len, "machine": env,
-                                              "results": results}, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "benchmark": "preprocess_throughput",
+                    "rows": args.rows,
+                    "max_seq_len": args.max_seq_len,
+                    "machine": env,
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {args.out}")
     return 0
 

@@ -34,7 +34,7 @@ ENGINES = ["continuous", "mixed", "per_adapter"]
 def new_engine(kind: str, model_dir: Path):
     import torch
 
-    from ray_jobs.config import ModelConfig
+    from ray_jobs.core.recipe import ModelConfig
     from ray_jobs.serve.engines.hf_continuous import ContinuousEngine
     from ray_jobs.serve.engines.hf_static import StaticEngine
 
@@ -44,23 +44,35 @@ def new_engine(kind: str, model_dir: Path):
     return StaticEngine(str(model_dir), model_cfg, max_loaded_adapters=8, batching=kind)
 
 
-def measure(engine, keys: list[str | None], adapters: dict[str, Path], batch: int, max_tokens: int,
-            prompt_ids: list[int]) -> dict[str, Any]:
+def measure(
+    engine, keys: list[str | None], adapters: dict[str, Path], batch: int, max_tokens: int, prompt_ids: list[int]
+) -> dict[str, Any]:
     import torch
 
     from ray_jobs.serve.engines.base import GenerationRequest
 
-    requests = [GenerationRequest(list(prompt_ids), keys[i % len(keys)], max_tokens,
-                                  adapter_path=str(adapters[keys[i % len(keys)]]) if keys[i % len(keys)] else None)
-                for i in range(batch)]
+    requests = [
+        GenerationRequest(
+            list(prompt_ids),
+            keys[i % len(keys)],
+            max_tokens,
+            adapter_path=str(adapters[keys[i % len(keys)]]) if keys[i % len(keys)] else None,
+        )
+        for i in range(batch)
+    ]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     started = time.perf_counter()
     results = engine.generate(requests)
     wall = time.perf_counter() - started
     tokens = sum(r.completion_tokens for r in results)
-    return {"batch": batch, "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-            "ms_per_step": round(1000 * wall / max(1, max(r.completion_tokens for r in results)), 2)}
+    return {
+        "batch": batch,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ms_per_step": round(1000 * wall / max(1, max(r.completion_tokens for r in results)), 2),
+    }
 
 
 def profile(engine, keys: list[str], adapters: dict[str, Path], batch: int, prompt_ids: list[int]) -> dict[str, Any]:
@@ -73,8 +85,8 @@ def profile(engine, keys: list[str], adapters: dict[str, Path], batch: int, prom
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from ray_jobs.serve.engines.hf_continuous import ContinuousEngine, _Row
     from ray_jobs.serve.engines.base import GenerationRequest
+    from ray_jobs.serve.engines.hf_continuous import ContinuousEngine, _Row
 
     if not isinstance(engine, ContinuousEngine):
         return {}
@@ -83,8 +95,14 @@ def profile(engine, keys: list[str], adapters: dict[str, Path], batch: int, prom
     found: dict[str, Any] = {}
     for label, chosen in (("adapters", keys), ("base", [None])):
         with engine.lock, torch.inference_mode():
-            rows = [_Row(GenerationRequest(list(prompt_ids), chosen[i % len(chosen)], 10_000), Future(),
-                         slot=engine.slot_of.get(chosen[i % len(chosen)], 0)) for i in range(batch)]
+            rows = [
+                _Row(
+                    GenerationRequest(list(prompt_ids), chosen[i % len(chosen)], 10_000),
+                    Future(),
+                    slot=engine.slot_of.get(chosen[i % len(chosen)], 0),
+                )
+                for i in range(batch)
+            ]
             engine._prefill(rows)
             for _ in range(4):  # warm
                 engine._decode()
@@ -123,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--profile-batch", type=int, default=0,
-                        help="after timing, profile 16 decoding steps of each engine at this batch size "
-                             "(torch.profiler; tables of the top CPU and GPU operators)")
+    parser.add_argument(
+        "--profile-batch",
+        type=int,
+        default=0,
+        help="after timing, profile 16 decoding steps of each engine at this batch size "
+        "(torch.profiler; tables of the top CPU and GPU operators)",
+    )
     args = parser.parse_args(argv)
     engines = args.engines.split(",")
     if set(engines) - set(ENGINES):
@@ -137,11 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = work / "model"
     if not (model_dir / "config.json").exists():
         build_model(args.model, model_dir)
-    adapters = {f"bench-{i}@v1": write_adapter(model_dir, work / "adapters" / f"bench-{i}", seed=i + 1,
-                                                rank=args.rank, base_name=args.model) for i in range(args.adapters)}
+    adapters = {
+        f"bench-{i}@v1": write_adapter(
+            model_dir, work / "adapters" / f"bench-{i}", seed=i + 1, rank=args.rank, base_name=args.model
+        )
+        for i in range(args.adapters)
+    }
     batches = [int(b) for b in args.batches.split(",")]
-    results: dict[str, Any] = {"benchmark": "serve_engines", "model": args.model, "adapters": args.adapters,
-                               "rank": args.rank, "max_tokens": args.max_tokens, "machine": machine(), "engines": {}}
+    results: dict[str, Any] = {
+        "benchmark": "serve_engines",
+        "model": args.model,
+        "adapters": args.adapters,
+        "rank": args.rank,
+        "max_tokens": args.max_tokens,
+        "machine": machine(),
+        "engines": {},
+    }
 
     def save() -> None:
         if args.out:
@@ -153,8 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         engine = new_engine(kind, model_dir)
         loads = {key: round(engine.ensure_adapter(key, str(path)), 3) for key, path in adapters.items()}
         prompt_ids = engine.tokenizer(prompt_text(args.prompt_tokens))["input_ids"]
-        entry: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "adapter_load_s": loads,
-                                 "adapters": [], "base": []}
+        entry: dict[str, Any] = {
+            "startup_s": round(time.perf_counter() - started, 1),
+            "adapter_load_s": loads,
+            "adapters": [],
+            "base": [],
+        }
         results["engines"][kind] = entry
         measure(engine, list(adapters), adapters, 2, 4, prompt_ids)  # warm-up: kernels, allocator
         for batch in batches:
@@ -170,13 +207,17 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    lines = [f"serve_engines: model={args.model} adapters={args.adapters} rank={args.rank} "
-             f"max_tokens={args.max_tokens} on {results['machine'].get('gpu') or results['machine']['platform']}",
-             f"{'engine':12s} {'batch':>5s} {'adapters tok/s':>15s} {'base tok/s':>11s} {'adapters/base':>14s}"]
+    lines = [
+        f"serve_engines: model={args.model} adapters={args.adapters} rank={args.rank} "
+        f"max_tokens={args.max_tokens} on {results['machine'].get('gpu') or results['machine']['platform']}",
+        f"{'engine':12s} {'batch':>5s} {'adapters tok/s':>15s} {'base tok/s':>11s} {'adapters/base':>14s}",
+    ]
     for kind, entry in results["engines"].items():
         for with_adapters, base in zip(entry["adapters"], entry["base"]):
-            lines.append(f"{kind:12s} {with_adapters['batch']:5d} {with_adapters['tokens_per_s']:15.1f} "
-                         f"{base['tokens_per_s']:11.1f} {with_adapters['tokens_per_s'] / base['tokens_per_s']:14.2f}")
+            lines.append(
+                f"{kind:12s} {with_adapters['batch']:5d} {with_adapters['tokens_per_s']:15.1f} "
+                f"{base['tokens_per_s']:11.1f} {with_adapters['tokens_per_s'] / base['tokens_per_s']:14.2f}"
+            )
     results["table"] = "\n".join(lines)
     save()
     print(results["table"], flush=True)

@@ -44,12 +44,42 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-LLAMA_8B_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+LLAMA_8B_SHAPE = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 DESIGNS = ["continuous", "mixed", "per_adapter"]
-PROMPT_WORDS = ("patient presents with chest pain shortness of breath fever blood pressure diabetes mellitus "
-                "hypertension prescribed metformin twice daily extract the entities").split()
+PROMPT_WORDS = [
+    "patient",
+    "presents",
+    "with",
+    "chest",
+    "pain",
+    "shortness",
+    "of",
+    "breath",
+    "fever",
+    "blood",
+    "pressure",
+    "diabetes",
+    "mellitus",
+    "hypertension",
+    "prescribed",
+    "metformin",
+    "twice",
+    "daily",
+    "extract",
+    "the",
+    "entities",
+]
 
 
 def log(message: str) -> None:
@@ -59,8 +89,12 @@ def log(message: str) -> None:
 def machine() -> dict[str, Any]:
     import torch
 
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
@@ -70,6 +104,7 @@ def machine() -> dict[str, Any]:
     info.update(transformers=transformers.__version__, peft=peft.__version__)
     try:  # serve_engines.py runs without Ray
         import ray
+
         info["ray"] = ray.__version__
     except ImportError:
         pass
@@ -89,8 +124,9 @@ def build_model(kind: str, out: Path) -> Path:
     tokenizer = train_tokenizer("llama3")
     spec = TEMPLATES["llama3"]
     eos = tokenizer.convert_tokens_to_ids(spec.eos)
-    config = LlamaConfig(**LLAMA_8B_SHAPE, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=eos)
+    config = LlamaConfig(
+        **LLAMA_8B_SHAPE, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -100,10 +136,9 @@ def build_model(kind: str, out: Path) -> Path:
         # Only tokens the tokenizer can decode (and no special tokens) may win the argmax.
         special = set(tokenizer.all_special_ids)
         keep = torch.tensor([i not in special for i in range(len(tokenizer))], device=device)
-        model.lm_head.weight[len(tokenizer):] = 0
+        model.lm_head.weight[len(tokenizer) :] = 0
         model.lm_head.weight[: len(tokenizer)][~keep] = 0
-    model.generation_config = GenerationConfig(eos_token_id=[eos], pad_token_id=tokenizer.pad_token_id,
-                                               do_sample=False)
+    model.generation_config = GenerationConfig(eos_token_id=[eos], pad_token_id=tokenizer.pad_token_id, do_sample=False)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -123,22 +158,31 @@ def write_adapter(model_dir: Path, out: Path, seed: int, rank: int, base_name: s
 
     config = AutoConfig.from_pretrained(model_dir)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    shapes = {"q_proj": (config.hidden_size, config.num_attention_heads * head_dim),
-              "k_proj": (config.hidden_size, config.num_key_value_heads * head_dim),
-              "v_proj": (config.hidden_size, config.num_key_value_heads * head_dim),
-              "o_proj": (config.num_attention_heads * head_dim, config.hidden_size)}
+    shapes = {
+        "q_proj": (config.hidden_size, config.num_attention_heads * head_dim),
+        "k_proj": (config.hidden_size, config.num_key_value_heads * head_dim),
+        "v_proj": (config.hidden_size, config.num_key_value_heads * head_dim),
+        "o_proj": (config.num_attention_heads * head_dim, config.hidden_size),
+    }
     dtype = torch.bfloat16 if config.hidden_size >= 1024 else torch.float32
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(config.num_hidden_layers):
         for proj, (fan_in, fan_out) in shapes.items():
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
-            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator) / fan_in**0.5).to(dtype)
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=generator) / fan_in**0.5).to(
+                dtype
+            )
             tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=generator) * 0.02).to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(shapes), task_type="CAUSAL_LM",
-               base_model_name_or_path=base_name).save_pretrained(str(out))
+    LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(shapes),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_name,
+    ).save_pretrained(str(out))
     return out
 
 
@@ -147,8 +191,9 @@ def prompt_text(tokens: int) -> str:
 
 
 # ---------------------------------------------------------------------- (a) sequential PEFT
-def sequential_baseline(model_dir: Path, adapters: dict[str, Path], requests: int, max_tokens: int,
-                        prompt: str) -> dict[str, Any]:
+def sequential_baseline(
+    model_dir: Path, adapters: dict[str, Path], requests: int, max_tokens: int, prompt: str
+) -> dict[str, Any]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -171,8 +216,13 @@ def sequential_baseline(model_dir: Path, adapters: dict[str, Path], requests: in
         model.set_adapter(names[index % len(names)])
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **ids,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         if device == "cuda":
             torch.cuda.synchronize()
         latencies.append(time.perf_counter() - t0)
@@ -181,8 +231,14 @@ def sequential_baseline(model_dir: Path, adapters: dict[str, Path], requests: in
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"requests": requests, "tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
-            "latency_p50_s": round(statistics.median(latencies), 4), "latency_p95_s": round(percentile(latencies, 95), 4)}
+    return {
+        "requests": requests,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+        "latency_p50_s": round(statistics.median(latencies), 4),
+        "latency_p95_s": round(percentile(latencies, 95), 4),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -201,32 +257,57 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: Path, storage_root: Path, port: int, max_batch: int, batching: str, app_name: str,
-                 stream_interval: float = 0.0, engine: str = "hf"):
+def start_server(
+    model_dir: Path,
+    storage_root: Path,
+    port: int,
+    max_batch: int,
+    batching: str,
+    app_name: str,
+    stream_interval: float = 0.0,
+    engine: str = "hf",
+):
     import torch
     from ray import serve
 
-    from ray_jobs.config import parse_recipe
+    from ray_jobs.core.recipe import parse_recipe
     from ray_jobs.serve.deployment import build_app
 
     gpu = torch.cuda.is_available()
-    recipe = parse_recipe({
-        "name": "bench", "model": {"base": str(model_dir), "dtype": "bf16" if gpu else "fp32"},
-        "data": {"format": "chat", "train": "unused.jsonl"}, "storage": {"root": str(storage_root)},
-        "serve": {"served_model_name": "base", "host": "127.0.0.1", "port": port, "gpus_per_replica": 1 if gpu else 0,
-                  "cpus_per_replica": 1, "max_batch_size": max_batch, "max_ongoing_requests": max(2 * max_batch, 8),
-                  "max_queued_requests": 4096, "batch_wait_timeout_s": 0.01, "request_timeout_s": 3600,
-                  "max_loaded_adapters": 64, "adapter_refresh_s": 3600, "batching": batching,
-                  "stream_interval_s": stream_interval, "engine": engine,
-                  # vLLM: one GPU slot per benchmark adapter, as many sequences as the deepest level
-                  "vllm": {"max_loras": 4, "max_num_seqs": max(max_batch, 8)}},
-    })
+    recipe = parse_recipe(
+        {
+            "name": "bench",
+            "model": {"base": str(model_dir), "dtype": "bf16" if gpu else "fp32"},
+            "data": {"format": "chat", "train": "unused.jsonl"},
+            "storage": {"root": str(storage_root)},
+            "serve": {
+                "served_model_name": "base",
+                "host": "127.0.0.1",
+                "port": port,
+                "gpus_per_replica": 1 if gpu else 0,
+                "cpus_per_replica": 1,
+                "max_batch_size": max_batch,
+                "max_ongoing_requests": max(2 * max_batch, 8),
+                "max_queued_requests": 4096,
+                "batch_wait_timeout_s": 0.01,
+                "request_timeout_s": 3600,
+                "max_loaded_adapters": 64,
+                "adapter_refresh_s": 3600,
+                "batching": batching,
+                "stream_interval_s": stream_interval,
+                "engine": engine,
+                # vLLM: one GPU slot per benchmark adapter, as many sequences as the deepest level
+                "vllm": {"max_loras": 4, "max_num_seqs": max(max_batch, 8)},
+            },
+        }
+    )
     serve.run(build_app(recipe), name=app_name, route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
-def bare_vllm(model_dir: Path, adapters: dict[str, Path], levels: list[int], max_tokens: int, prompt: str,
-              rank: int) -> dict[str, Any]:
+def bare_vllm(
+    model_dir: Path, adapters: dict[str, Path], levels: list[int], max_tokens: int, prompt: str, rank: int
+) -> dict[str, Any]:
     """vLLM's offline engine alone (`LLM.generate`), adapters round-robin: the ceiling the endpoint
     is compared with. Runs in its own process so that its GPU memory is freed before Serve starts."""
     from transformers import AutoTokenizer
@@ -235,8 +316,15 @@ def bare_vllm(model_dir: Path, adapters: dict[str, Path], levels: list[int], max
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_ids = tokenizer(prompt)["input_ids"]
-    llm = LLM(model=str(model_dir), dtype="bfloat16", enable_lora=True, max_loras=4, max_lora_rank=max(16, rank),
-              max_num_seqs=max(levels), disable_log_stats=True)
+    llm = LLM(
+        model=str(model_dir),
+        dtype="bfloat16",
+        enable_lora=True,
+        max_loras=4,
+        max_lora_rank=max(16, rank),
+        max_num_seqs=max(levels),
+        disable_log_stats=True,
+    )
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     loras = [LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(adapters.items())]
     rows = []
@@ -253,14 +341,22 @@ def bare_vllm(model_dir: Path, adapters: dict[str, Path], levels: list[int], max
                 outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
                 tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
             wall = time.perf_counter() - started
-            rows.append({"kind": kind, "concurrency": concurrency, "tokens": tokens, "wall_s": round(wall, 3),
-                         "tokens_per_s": round(tokens / wall, 1)})
+            rows.append(
+                {
+                    "kind": kind,
+                    "concurrency": concurrency,
+                    "tokens": tokens,
+                    "wall_s": round(wall, 3),
+                    "tokens_per_s": round(tokens / wall, 1),
+                }
+            )
             log(f"bare vLLM {kind:8s} c={concurrency:<3d} {rows[-1]}")
     return {"rows": rows}
 
 
-async def drive(base_url: str, models: list[str], concurrency: int, requests: int, max_tokens: int,
-                prompt: str) -> dict[str, Any]:
+async def drive(
+    base_url: str, models: list[str], concurrency: int, requests: int, max_tokens: int, prompt: str
+) -> dict[str, Any]:
     """Streamed completions, `concurrency` in flight, round-robin over `models`."""
     import aiohttp
 
@@ -268,8 +364,15 @@ async def drive(base_url: str, models: list[str], concurrency: int, requests: in
     rows: list[dict[str, Any]] = []
 
     async def one(session, index: int) -> None:
-        body = {"model": models[index % len(models)], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+        body = {
+            "model": models[index % len(models)],
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
         async with limit:
             started = time.perf_counter()
             first, tokens, status = None, 0, 0
@@ -295,10 +398,18 @@ async def drive(base_url: str, models: list[str], concurrency: int, requests: in
     tokens = sum(r["tokens"] for r in ok)
     ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
     latencies = [r["latency"] for r in ok]
-    return {"concurrency": concurrency, "requests": requests, "errors": len(rows) - len(ok), "tokens": tokens,
-            "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
-            "latency_p50_s": round(percentile(latencies, 50), 4), "latency_p95_s": round(percentile(latencies, 95), 4),
-            "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p95_s": round(percentile(ttfts, 95), 4)}
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "errors": len(rows) - len(ok),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+        "latency_p50_s": round(percentile(latencies, 50), 4),
+        "latency_p95_s": round(percentile(latencies, 95), 4),
+        "ttft_p50_s": round(percentile(ttfts, 50), 4),
+        "ttft_p95_s": round(percentile(ttfts, 95), 4),
+    }
 
 
 def http_json(url: str) -> Any:
@@ -315,27 +426,50 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--adapters", type=int, default=4, help="number of adapters the load is spread over")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrencies")
-    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: max(16, 4 x concurrency))")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default: max(16, 4 x concurrency))"
+    )
     parser.add_argument("--max-tokens", type=int, default=0, help="tokens per answer (default: 32 tiny, 128 8b)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--sequential-requests", type=int, default=-1,
-                        help="requests for baseline (a); 0 skips it (default: 2 x adapters)")
-    parser.add_argument("--engine", default="hf",
-                        help="comma-separated serve.engine values to run behind the endpoint: hf, vllm")
-    parser.add_argument("--bare-vllm", action="store_true",
-                        help="also measure vLLM's offline engine alone (LLM.generate), in its own process")
-    parser.add_argument("--design", default="continuous,mixed",
-                        help="hf engine: comma-separated serve.batching values to compare: continuous (the default), "
-                             "mixed (static @serve.batch + PEFT adapter_names), per_adapter (what Serve "
-                             "multiplexing gives); 'all' for the three")
-    parser.add_argument("--stream-intervals", default="0",
-                        help="comma-separated serve.stream_interval_s values; each design runs once per value "
-                             "(labelled design+VALUE when not 0)")
-    parser.add_argument("--workdir", default=None, help="where the model and adapters are written (default: a temp dir)")
+    parser.add_argument(
+        "--sequential-requests",
+        type=int,
+        default=-1,
+        help="requests for baseline (a); 0 skips it (default: 2 x adapters)",
+    )
+    parser.add_argument(
+        "--engine", default="hf", help="comma-separated serve.engine values to run behind the endpoint: hf, vllm"
+    )
+    parser.add_argument(
+        "--bare-vllm",
+        action="store_true",
+        help="also measure vLLM's offline engine alone (LLM.generate), in its own process",
+    )
+    parser.add_argument(
+        "--design",
+        default="continuous,mixed",
+        help="hf engine: comma-separated serve.batching values to compare: continuous (the default), "
+        "mixed (static @serve.batch + PEFT adapter_names), per_adapter (what Serve "
+        "multiplexing gives); 'all' for the three",
+    )
+    parser.add_argument(
+        "--stream-intervals",
+        default="0",
+        help="comma-separated serve.stream_interval_s values; each design runs once per value "
+        "(labelled design+VALUE when not 0)",
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="where the model and adapters are written (default: a temp dir)"
+    )
     parser.add_argument("--out", default=None, help="JSON results file (rewritten after every measurement)")
-    parser.add_argument("--bare-results", default=None,
-                        help="a bare-vLLM JSON measured earlier on the same machine (--bare-only), for the table")
-    parser.add_argument("--bare-only", default=None, help="measure only vLLM's offline engine, into this JSON file")  # the --bare-vllm child process
+    parser.add_argument(
+        "--bare-results",
+        default=None,
+        help="a bare-vLLM JSON measured earlier on the same machine (--bare-only), for the table",
+    )
+    parser.add_argument(
+        "--bare-only", default=None, help="measure only vLLM's offline engine, into this JSON file"
+    )  # the --bare-vllm child process
     args = parser.parse_args(argv)
     unknown = set(args.design.split(",")) - {*DESIGNS, "all"}
     if unknown:
@@ -362,16 +496,42 @@ def run_bare_vllm(args, work: Path, levels: list[int], results: dict[str, Any]) 
     import subprocess
 
     out = work / "bare.json"
-    command = [sys.executable, __file__, "--model", args.model, "--workdir", str(work), "--adapters",
-               str(args.adapters), "--rank", str(args.rank), "--concurrency", args.concurrency, "--max-tokens",
-               str(args.max_tokens), "--prompt-tokens", str(args.prompt_tokens), "--bare-only", str(out)]
+    command = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--workdir",
+        str(work),
+        "--adapters",
+        str(args.adapters),
+        "--rank",
+        str(args.rank),
+        "--concurrency",
+        args.concurrency,
+        "--max-tokens",
+        str(args.max_tokens),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--bare-only",
+        str(out),
+    ]
     log("bare vLLM engine, in its own process")
     subprocess.run(command, check=True)
     results["bare_vllm"] = json.loads(out.read_text())
 
 
-def measure(base_url: str, label: str, entry: dict[str, Any], names: list[str], levels: list[int], args,
-            max_tokens: int, prompt: str, save) -> None:
+def measure(
+    base_url: str,
+    label: str,
+    entry: dict[str, Any],
+    names: list[str],
+    levels: list[int],
+    args,
+    max_tokens: int,
+    prompt: str,
+    save,
+) -> None:
     for name in names:  # first use loads the adapter; the replica times it
         asyncio.run(drive(base_url, [name], 1, 1, 2, prompt))
     entry["adapter_first_load_s"] = http_json(f"{base_url}/healthz")["adapter_load_seconds"]
@@ -392,15 +552,23 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from ray_jobs.storage import Storage, adapter_prefix
+    from ray_jobs.core.storage import Storage, adapter_prefix
 
     levels = [int(c) for c in args.concurrency.split(",")]
     max_tokens = args.max_tokens or (32 if args.model == "tiny" else 128)
     args.max_tokens = max_tokens
     prompt = prompt_text(args.prompt_tokens)
-    results: dict[str, Any] = {"benchmark": "serve_load", "model": args.model, "adapters": args.adapters,
-                               "rank": args.rank, "max_tokens": max_tokens, "prompt_tokens_approx": args.prompt_tokens,
-                               "concurrency": levels, "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    results: dict[str, Any] = {
+        "benchmark": "serve_load",
+        "model": args.model,
+        "adapters": args.adapters,
+        "rank": args.rank,
+        "max_tokens": max_tokens,
+        "prompt_tokens_approx": args.prompt_tokens,
+        "concurrency": levels,
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
     def save() -> None:
         if args.out:
@@ -413,12 +581,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (model_dir / "config.json").exists():  # a --workdir from an earlier run keeps its model
         build_model(args.model, model_dir)
     adapters = {f"bench-{i}": work / "adapters" / f"bench-{i}" for i in range(args.adapters)}
-    for index, (name, local) in enumerate(adapters.items()):
+    for index, (_name, local) in enumerate(adapters.items()):
         if not (local / "adapter_config.json").exists():
             write_adapter(model_dir, local, seed=index + 1, rank=args.rank, base_name=args.model)
     if args.bare_only:
-        Path(args.bare_only).write_text(json.dumps(bare_vllm(model_dir, adapters, levels, max_tokens, prompt,
-                                                             args.rank)))
+        Path(args.bare_only).write_text(
+            json.dumps(bare_vllm(model_dir, adapters, levels, max_tokens, prompt, args.rank))
+        )
         return 0
     if args.bare_results:  # measured earlier on the same machine (bare_vllm's own process)
         results["bare_vllm"] = json.loads(Path(args.bare_results).read_text())
@@ -447,10 +616,17 @@ def main(argv: list[str] | None = None) -> int:
             log(f"starting the Serve app ({label}: engine={engine}, batching={design}, stream_interval_s={interval:g})")
             started = time.perf_counter()
             app = f"bench-{label.replace('+', '-')}"
-            base_url = start_server(model_dir, work / "storage", port, max(levels), design, app,
-                                    stream_interval=interval, engine=engine)
-            entry: dict[str, Any] = {"startup_s": round(time.perf_counter() - started, 1), "adapters": [], "base": [],
-                                     "engine": engine, "batching": design, "stream_interval_s": interval}
+            base_url = start_server(
+                model_dir, work / "storage", port, max(levels), design, app, stream_interval=interval, engine=engine
+            )
+            entry: dict[str, Any] = {
+                "startup_s": round(time.perf_counter() - started, 1),
+                "adapters": [],
+                "base": [],
+                "engine": engine,
+                "batching": design,
+                "stream_interval_s": interval,
+            }
             results["designs"][label] = entry
             measure(base_url, label, entry, list(adapters), levels, args, max_tokens, prompt, save)
             serve.delete(app)
@@ -466,22 +642,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(results: dict[str, Any]) -> str:
     sequential = results.get("sequential", {}).get("tokens_per_s")
-    lines = [f"serve_load: model={results['model']} adapters={results['adapters']} rank={results['rank']} "
-             f"max_tokens={results['max_tokens']} on {results['machine'].get('gpu') or results['machine']['platform']}",
-             f"(a) sequential PEFT generate: {sequential:.1f} tok/s, p50 {results['sequential']['latency_p50_s']:.3f}s"
-             if sequential else "(a) sequential PEFT generate: not measured",
-             f"{'design':16s} {'conc':>4s} {'tok/s':>9s} {'p50 s':>8s} {'p95 s':>8s} {'ttft50':>8s} {'ttft95':>8s} "
-             f"{'base tok/s':>10s} {'x (a)':>7s} {'% of (b)':>8s} {'errors':>6s}"]
+    lines = [
+        f"serve_load: model={results['model']} adapters={results['adapters']} rank={results['rank']} "
+        f"max_tokens={results['max_tokens']} on {results['machine'].get('gpu') or results['machine']['platform']}",
+        f"(a) sequential PEFT generate: {sequential:.1f} tok/s, p50 {results['sequential']['latency_p50_s']:.3f}s"
+        if sequential
+        else "(a) sequential PEFT generate: not measured",
+        f"{'design':16s} {'conc':>4s} {'tok/s':>9s} {'p50 s':>8s} {'p95 s':>8s} {'ttft50':>8s} {'ttft95':>8s} "
+        f"{'base tok/s':>10s} {'x (a)':>7s} {'% of (b)':>8s} {'errors':>6s}",
+    ]
     bare = {(r["kind"], r["concurrency"]): r["tokens_per_s"] for r in results.get("bare_vllm", {}).get("rows", [])}
     if bare:
         lines[-1] += f" {'% bare vLLM':>11s}"
     for design, entry in results.get("designs", {}).items():
         for row, base in zip(entry["adapters"], entry["base"]):
-            line = (f"{design:16s} {row['concurrency']:4d} {row['tokens_per_s']:9.1f} {row['latency_p50_s']:8.3f} "
-                    f"{row['latency_p95_s']:8.3f} {row['ttft_p50_s']:8.3f} {row['ttft_p95_s']:8.3f} "
-                    f"{base['tokens_per_s']:10.1f} "
-                    f"{row['tokens_per_s'] / sequential if sequential else float('nan'):7.2f} "
-                    f"{100 * row['tokens_per_s'] / base['tokens_per_s']:7.1f}% {row['errors'] + base['errors']:6d}")
+            line = (
+                f"{design:16s} {row['concurrency']:4d} {row['tokens_per_s']:9.1f} {row['latency_p50_s']:8.3f} "
+                f"{row['latency_p95_s']:8.3f} {row['ttft_p50_s']:8.3f} {row['ttft_p95_s']:8.3f} "
+                f"{base['tokens_per_s']:10.1f} "
+                f"{row['tokens_per_s'] / sequential if sequential else float('nan'):7.2f} "
+                f"{100 * row['tokens_per_s'] / base['tokens_per_s']:7.1f}% {row['errors'] + base['errors']:6d}"
+            )
             if ("adapters", row["concurrency"]) in bare:
                 line += f" {100 * row['tokens_per_s'] / bare[('adapters', row['concurrency'])]:10.1f}%"
             lines.append(line)

@@ -32,7 +32,6 @@ import contextlib
 import gc
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -43,20 +42,48 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ray_jobs.preprocess.tokenize import pack_documents  # noqa: E402
-from ray_jobs.train.loop import (  # noqa: E402
-    IGNORE_INDEX, autocast, build_model, checkpoint_plan, collate, enable_checkpointing, summed_loss)
+from ray_jobs.core.modeling import IGNORE_INDEX, collate, summed_loss
+from ray_jobs.preprocess.tokenize import pack_documents
+from ray_jobs.train.loop import autocast, build_model, checkpoint_plan, enable_checkpointing
 
 SHAPES = {
-    "llama-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                     max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "qwen2.5-14b": dict(model_type="qwen2", hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-                        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, rope_theta=1000000.0,
-                        max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=False),
-    "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096,
-                 tie_word_embeddings=False),
+    "llama-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-14b": dict(
+        model_type="qwen2",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        rope_theta=1000000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        model_type="llama",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -89,17 +116,43 @@ def documents(count: int, vocab: int, seq_len: int, seed: int = 0) -> list[tuple
     return docs
 
 
-def recipe_dict(model_dir: Path, *, quantized: bool, liger: bool, checkpointing, seq_len: int, micro_batch: int,
-                on_gpu: bool, attn: str = "sdpa") -> dict:
+def recipe_dict(
+    model_dir: Path,
+    *,
+    quantized: bool,
+    liger: bool,
+    checkpointing,
+    seq_len: int,
+    micro_batch: int,
+    on_gpu: bool,
+    attn: str = "sdpa",
+) -> dict:
     return {
         "model_dir": str(model_dir),
         "recipe": {
-            "model": {"base": str(model_dir), "quantization": "4bit" if quantized else "none", "dtype": "bf16" if on_gpu else "fp32",
-                      "attn_implementation": attn, "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "bf16"}},
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "bias": "none", "targets": "attention",
-                     "modules_to_save": [], "use_rslora": False, "use_dora": False},
-            "train": {"method": "lora", "gradient_checkpointing": checkpointing, "liger_kernels": liger,
-                      "micro_batch_size": micro_batch},
+            "model": {
+                "base": str(model_dir),
+                "quantization": "4bit" if quantized else "none",
+                "dtype": "bf16" if on_gpu else "fp32",
+                "attn_implementation": attn,
+                "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "bf16"},
+            },
+            "lora": {
+                "r": 16,
+                "alpha": 32,
+                "dropout": 0.0,
+                "bias": "none",
+                "targets": "attention",
+                "modules_to_save": [],
+                "use_rslora": False,
+                "use_dora": False,
+            },
+            "train": {
+                "method": "lora",
+                "gradient_checkpointing": checkpointing,
+                "liger_kernels": liger,
+                "micro_batch_size": micro_batch,
+            },
             "data": {"max_seq_len": seq_len},
         },
     }
@@ -122,14 +175,19 @@ def run_steps(step_fn, batches, warmup: int, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     tokens, losses = 0, []
     started = time.perf_counter()
-    for batch in batches[warmup:warmup + steps]:
+    for batch in batches[warmup : warmup + steps]:
         real, loss = step_fn(batch)
         tokens += real
         losses.append(loss)
     sync()
     seconds = time.perf_counter() - started
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "peak_gib": peak_gib(),
-            "mean_loss": sum(losses) / len(losses)}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_gib": peak_gib(),
+        "mean_loss": sum(losses) / len(losses),
+    }
 
 
 def seeds_variant(model_dir: Path, docs, args, device) -> dict:
@@ -140,20 +198,32 @@ def seeds_variant(model_dir: Path, docs, args, device) -> dict:
     on_gpu = device.type == "cuda"
     kwargs = {"dtype": torch.bfloat16 if on_gpu else torch.float32, "attn_implementation": "sdpa"}
     if on_gpu:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
         kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if on_gpu:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     else:
         model.gradient_checkpointing_enable()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            task_type="CAUSAL_LM",
+        ),
+    )
     model.config.use_cache = False
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batches = [docs[i:i + 4] for i in range(0, len(docs) - 3, 4)]
-    amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()  # noqa: E731
+    batches = [docs[i : i + 4] for i in range(0, len(docs) - 3, 4)]
+    amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
     def step(batch):
         width = max(len(d[0]) for d in batch)
@@ -161,9 +231,9 @@ def seeds_variant(model_dir: Path, docs, args, device) -> dict:
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, (doc_ids, doc_labels) in enumerate(batch):
-            ids[i, :len(doc_ids)] = torch.tensor(doc_ids)
-            labels[i, :len(doc_ids)] = torch.tensor(doc_labels)
-            mask[i, :len(doc_ids)] = 1
+            ids[i, : len(doc_ids)] = torch.tensor(doc_ids)
+            labels[i, : len(doc_ids)] = torch.tensor(doc_labels)
+            mask[i, : len(doc_ids)] = 1
         with amp():  # HF Trainer's bf16=True, as the seeds configure it
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
         out.loss.backward()
@@ -173,36 +243,64 @@ def seeds_variant(model_dir: Path, docs, args, device) -> dict:
 
     model.train()
     result = run_steps(step, batches, args.warmup, args.steps)
-    del model, optimizer
+    model = optimizer = None  # free the GPU for the next variant
     torch.cuda.empty_cache() if on_gpu else None
     return result
 
 
-def medtune_variant(model_dir: Path, docs, args, device, *, quantized: bool, liger: bool, checkpointing,
-                    attn: str = "sdpa", budget_gib: float | None = None) -> dict:
+def medtune_variant(
+    model_dir: Path,
+    docs,
+    args,
+    device,
+    *,
+    quantized: bool,
+    liger: bool,
+    checkpointing,
+    attn: str = "sdpa",
+    budget_gib: float | None = None,
+) -> dict:
     """medtune's worker path: build_model + packed rows + summed_loss, as the training loop."""
     on_gpu = device.type == "cuda"
-    cfg = recipe_dict(model_dir, quantized=quantized and on_gpu, liger=liger and on_gpu, checkpointing=checkpointing,
-                      seq_len=args.seq_len, micro_batch=args.micro_batch, on_gpu=on_gpu, attn=attn)
+    cfg = recipe_dict(
+        model_dir,
+        quantized=quantized and on_gpu,
+        liger=liger and on_gpu,
+        checkpointing=checkpointing,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        on_gpu=on_gpu,
+        attn=attn,
+    )
     model = build_model(cfg, device, zero3=False)
     fused = liger and on_gpu
-    amp = lambda: autocast(cfg["recipe"]["model"], device)  # noqa: E731
+    amp = lambda: autocast(cfg["recipe"]["model"], device)
     layers = model.config.num_hidden_layers
     chosen = layers if checkpointing is True else 0
     if checkpointing == "auto":  # as train_loop_per_worker decides it
-        plan = checkpoint_plan(model, micro_batch=args.micro_batch, seq_len=args.seq_len, device=device, fused=fused,
-                               full_finetune=False, budget_gib=budget_gib, autocast_ctx=amp)
+        plan = checkpoint_plan(
+            model,
+            micro_batch=args.micro_batch,
+            seq_len=args.seq_len,
+            device=device,
+            fused=fused,
+            full_finetune=False,
+            budget_gib=budget_gib,
+            autocast_ctx=amp,
+        )
         if plan != 0:
             chosen = enable_checkpointing(model, quantized, plan)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rows = pack_documents(docs, args.seq_len)
     rows.sort(key=lambda r: -len(r["input_ids"]))  # full rows first: the timed steps are full
-    batches = [rows[i:i + args.micro_batch] for i in range(0, len(rows) - args.micro_batch + 1, args.micro_batch)]
+    batches = [rows[i : i + args.micro_batch] for i in range(0, len(rows) - args.micro_batch + 1, args.micro_batch)]
 
     def step(batch):
-        ids, labels, pos = (t.to(device) for t in collate(
-            {k: [r[k] for r in batch] for k in ("input_ids", "labels", "position_ids")}, pad_id=0))
+        ids, labels, pos = (
+            t.to(device)
+            for t in collate({k: [r[k] for r in batch] for k in ("input_ids", "labels", "position_ids")}, pad_id=0)
+        )
         with amp():
             loss_sum, count = summed_loss(model, ids, labels, pos, fused=fused)
         (loss_sum / max(count, 1)).backward()
@@ -216,7 +314,7 @@ def medtune_variant(model_dir: Path, docs, args, device, *, quantized: bool, lig
     result["memory_budget_gib"] = budget_gib
     with amp():
         result["guard"] = loss_guard(model, docs[:12], args.seq_len, device, fused)
-    del model, optimizer
+    model = optimizer = None  # free the GPU for the next variant
     torch.cuda.empty_cache() if on_gpu else None
     return result
 
@@ -237,13 +335,22 @@ def loss_guard(model, docs, seq_len: int, device, fused: bool) -> dict:
             s, n = summed_loss(model, *(t.to(device) for t in batch), fused=fused)
             packed_sum, packed_count = packed_sum + float(s), packed_count + n
     plain, packed = plain_sum / plain_count, packed_sum / packed_count
-    return {"plain_loss": plain, "packed_loss": packed, "relative_difference": abs(packed - plain) / plain,
-            "target_tokens": [plain_count, packed_count]}
+    return {
+        "plain_loss": plain,
+        "packed_loss": packed,
+        "relative_difference": abs(packed - plain) / plain,
+        "target_tokens": [plain_count, packed_count],
+    }
 
 
 def model_flops_per_token(shape: str, mean_doc_len: float) -> float:
     spec = SHAPES[shape]
-    d, layers, inter, vocab = spec["hidden_size"], spec["num_hidden_layers"], spec["intermediate_size"], spec["vocab_size"]
+    d, layers, inter, vocab = (
+        spec["hidden_size"],
+        spec["num_hidden_layers"],
+        spec["intermediate_size"],
+        spec["vocab_size"],
+    )
     kv = d * spec["num_key_value_heads"] // spec["num_attention_heads"]
     params = layers * (2 * d * d + 2 * d * kv + 3 * d * inter) + 2 * vocab * d
     return 6 * params + 12 * layers * d * mean_doc_len
@@ -258,8 +365,11 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--variants", default="seeds,medtune-packed-liger-auto,medtune-varlen-liger-auto,"
-                        "medtune-varlen-liger-fit-seeds,medtune-bf16-lora-varlen-liger-auto")
+    parser.add_argument(
+        "--variants",
+        default="seeds,medtune-packed-liger-auto,medtune-varlen-liger-auto,"
+        "medtune-varlen-liger-fit-seeds,medtune-bf16-lora-varlen-liger-auto",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -272,29 +382,57 @@ def main() -> int:
     mean_len = sum(len(d[0]) for d in docs) / len(docs)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
-    report = {"device": gpu, "shape": args.shape, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-              "mean_doc_tokens": mean_len, "torch": torch.__version__, "variants": {},
-              "mfu_formula": "tokens/s * (6N + 12*L*d*mean_doc_len) / peak_bf16 (dense)", "peak_flops": peak}
+    report = {
+        "device": gpu,
+        "shape": args.shape,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "mean_doc_tokens": mean_len,
+        "torch": torch.__version__,
+        "variants": {},
+        "mfu_formula": "tokens/s * (6N + 12*L*d*mean_doc_len) / peak_bf16 (dense)",
+        "peak_flops": peak,
+    }
     flops = model_flops_per_token(args.shape, mean_len)
+
     def fit_seeds():
         """QLoRA held to the seeds' own peak memory (measured earlier in this run)."""
         seeds_peak = report["variants"].get("seeds", {}).get("peak_gib")
         if not seeds_peak:
             raise RuntimeError("run the seeds variant first: this one's memory budget is its peak")
-        return medtune_variant(model_dir, docs, args, device, quantized=True, liger=True, checkpointing="auto",
-                               attn="auto", budget_gib=seeds_peak)
+        return medtune_variant(
+            model_dir,
+            docs,
+            args,
+            device,
+            quantized=True,
+            liger=True,
+            checkpointing="auto",
+            attn="auto",
+            budget_gib=seeds_peak,
+        )
 
     variants = {
         "seeds": lambda: seeds_variant(model_dir, docs, args, device),
-        "medtune-packed": lambda: medtune_variant(model_dir, docs, args, device, quantized=True, liger=False, checkpointing=True),
-        "medtune-packed-liger": lambda: medtune_variant(model_dir, docs, args, device, quantized=True, liger=True, checkpointing=True),
-        "medtune-packed-liger-auto": lambda: medtune_variant(model_dir, docs, args, device, quantized=True, liger=True, checkpointing="auto"),
-        "medtune-varlen-liger-auto": lambda: medtune_variant(model_dir, docs, args, device, quantized=True, liger=True,
-                                                             checkpointing="auto", attn="auto"),
+        "medtune-packed": lambda: medtune_variant(
+            model_dir, docs, args, device, quantized=True, liger=False, checkpointing=True
+        ),
+        "medtune-packed-liger": lambda: medtune_variant(
+            model_dir, docs, args, device, quantized=True, liger=True, checkpointing=True
+        ),
+        "medtune-packed-liger-auto": lambda: medtune_variant(
+            model_dir, docs, args, device, quantized=True, liger=True, checkpointing="auto"
+        ),
+        "medtune-varlen-liger-auto": lambda: medtune_variant(
+            model_dir, docs, args, device, quantized=True, liger=True, checkpointing="auto", attn="auto"
+        ),
         "medtune-varlen-liger-fit-seeds": fit_seeds,
-        "medtune-bf16-lora-liger-auto": lambda: medtune_variant(model_dir, docs, args, device, quantized=False, liger=True, checkpointing="auto"),
-        "medtune-bf16-lora-varlen-liger-auto": lambda: medtune_variant(model_dir, docs, args, device, quantized=False, liger=True,
-                                                                       checkpointing="auto", attn="auto"),
+        "medtune-bf16-lora-liger-auto": lambda: medtune_variant(
+            model_dir, docs, args, device, quantized=False, liger=True, checkpointing="auto"
+        ),
+        "medtune-bf16-lora-varlen-liger-auto": lambda: medtune_variant(
+            model_dir, docs, args, device, quantized=False, liger=True, checkpointing="auto", attn="auto"
+        ),
     }
     for name in args.variants.split(","):
         print(f"--- {name}", flush=True)
@@ -322,8 +460,14 @@ def main() -> int:
         ratio = f"{r['tokens_per_s'] / base:5.2f}x" if base else "  n/a"
         mfu = f"{r['mfu'] * 100:5.1f}%" if "mfu" in r else "  n/a"
         guard = r.get("guard", {}).get("relative_difference")
-        print(f"  {name:32s} {r['tokens_per_s']:9.0f} tok/s  {ratio}  {r['peak_gib']:6.1f} GiB  MFU {mfu}"
-              + (f"  ckpt={r['checkpointed_layers']}  {r['attention']}  guard diff={guard:.2e}" if guard is not None else ""))
+        print(
+            f"  {name:32s} {r['tokens_per_s']:9.0f} tok/s  {ratio}  {r['peak_gib']:6.1f} GiB  MFU {mfu}"
+            + (
+                f"  ckpt={r['checkpointed_layers']}  {r['attention']}  guard diff={guard:.2e}"
+                if guard is not None
+                else ""
+            )
+        )
         if base:
             r["ratio_to_seeds"] = r["tokens_per_s"] / base
     out.write_text(json.dumps(report, indent=2) + "\n")

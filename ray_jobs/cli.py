@@ -11,92 +11,47 @@ request) print one line per problem and exit with status 2; never a stack trace.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
-from typing import Callable
 
-from ray_jobs.config import Recipe, RecipeError, load_recipe
-
-EXIT_USER_ERROR = 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is the whole story for the user."""
-    from ray_jobs.core.engines import EngineUnavailableError
-    from ray_jobs.preprocess.pipeline import PreprocessError
-    from ray_jobs.train.run import TrainError
-
-    errors: list[type[BaseException]] = [RecipeError, PreprocessError, TrainError, FileNotFoundError,
-                                         EngineUnavailableError]
-    try:
-        from ray_jobs.evaluate.run import EvaluateError
-
-        errors.append(EvaluateError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
-
-
-def _stage(name: str) -> Callable[[Recipe], object]:
-    if name == "preprocess":
-        from ray_jobs.preprocess.pipeline import main
-    elif name == "train":
-        from ray_jobs.train.run import main
-    elif name == "evaluate":
-        from ray_jobs.evaluate.run import main
-    elif name == "serve":
-        from ray_jobs.serve.deployment import main
-    else:  # pragma: no cover - argparse restricts the names
-        raise ValueError(name)
-    return main
-
-
-def _recipe_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("recipe", help="path to the recipe YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a recipe value, e.g. --set train.lr=1e-4 (repeatable)")
-    return parser
+from ray_jobs.core.errors import EXIT_USER_ERROR, MedtuneError, report
+from ray_jobs.core.recipe import Recipe, RecipeError, load_recipe, recipe_parser
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=os.environ.get("MEDTUNE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("MEDTUNE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # Ray Data's progress bars are noise in job logs.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
-def _fail(error: BaseException) -> int:
-    for line in str(error).splitlines() or [type(error).__name__]:
-        print(f"medtune: error: {line}", file=sys.stderr)
-    return EXIT_USER_ERROR
-
-
 def run_stage(name: str, argv: list[str] | None = None) -> int:
     """`python -m ray_jobs.<name> RECIPE [--set ...]`: load, validate and run one stage."""
-    args = _recipe_parser(f"python -m ray_jobs.{name}", f"medtune {name} stage").parse_args(argv)
+    from ray_jobs.pipeline import STAGES
+
+    args = recipe_parser(f"python -m ray_jobs.{name}", f"medtune {name} stage").parse_args(argv)
     _configure_logging()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        _stage(name)(recipe)
-    except _user_errors() as error:
-        return _fail(error)
+        STAGES[name](recipe)
+    except (MedtuneError, FileNotFoundError) as error:
+        return report(error)
     return 0
 
 
 def cmd_validate(argv: list[str]) -> int:
-    parser = _recipe_parser("medtune validate", "check a recipe and print it with defaults filled in")
+    parser = recipe_parser("medtune validate", "check a recipe and print it with defaults filled in")
     parser.add_argument("--quiet", action="store_true", help="print nothing when the recipe is valid")
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as error:
-        return _fail(error)
+        return report(error)
     if not args.quiet:
-        from ray_jobs.config import recipe_to_yaml
+        from ray_jobs.core.recipe import recipe_to_yaml
 
         print(f"# {args.recipe}: valid")
         print(recipe_to_yaml(recipe), end="")
@@ -154,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         _configure_logging()
         try:
             return quickstart_main(rest)
-        except _user_errors() as error:
-            return _fail(error)
+        except (MedtuneError, FileNotFoundError) as error:
+            return report(error)
     print(f"medtune: error: unknown command {command!r}; run `medtune --help`", file=sys.stderr)
     return EXIT_USER_ERROR
 

@@ -14,32 +14,39 @@ then served and evaluated like any trained adapter.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.config import Recipe
-from ray_jobs.storage import Storage, adapter_prefix, model_prefix
+from ray_jobs.core.artifacts import resolve_adapter
+from ray_jobs.core.errors import MedtuneError
+from ray_jobs.core.recipe import Recipe
+from ray_jobs.core.storage import Storage, adapter_prefix, model_prefix
 
-COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+COMBINATIONS = (
+    "linear",
+    "cat",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-class ExportError(RuntimeError):
+class ExportError(MedtuneError):
     """The export cannot be done; the message names what exists or what to change."""
 
 
 def _adapter_dir(storage: Storage, spec: str, scratch: Path) -> tuple[str, str, Path]:
-    from ray_jobs.evaluate.run import EvaluateError, resolve_adapter
-
-    try:
-        name, version = resolve_adapter(storage, spec)
-    except EvaluateError as error:
-        raise ExportError(str(error)) from None
+    name, version = resolve_adapter(storage, spec)
     local = storage.download_dir(adapter_prefix(name, version), scratch / f"{name}@{version}", require_complete=True)
     return name, version, Path(local)
 
@@ -47,7 +54,7 @@ def _adapter_dir(storage: Storage, spec: str, scratch: Path) -> tuple[str, str, 
 def _base(recipe: Recipe, storage: Storage, dtype: str):
     import torch
 
-    from ray_jobs.models import load_model, resolve_model_dir
+    from ray_jobs.core.modeling import load_model, resolve_model_dir
 
     if recipe.model.quantization != "none":
         # Merging into 4/8-bit weights would re-quantise the sum and lose the adapter's update.
@@ -61,7 +68,7 @@ def merge(recipe: Recipe, adapter: str, *, out: str | None = None, dtype: str = 
     """Merge `adapter` into the recipe's base and save a standalone model; returns its URI."""
     from peft import PeftModel
 
-    from ray_jobs.models import load_tokenizer
+    from ray_jobs.core.modeling import load_tokenizer
 
     storage = Storage.from_uri(recipe.storage.root)
     with tempfile.TemporaryDirectory(prefix="medtune-export-") as tmp:
@@ -72,9 +79,17 @@ def merge(recipe: Recipe, adapter: str, *, out: str | None = None, dtype: str = 
         target = scratch / "merged"
         merged.save_pretrained(target, safe_serialization=True)
         load_tokenizer(str(local) if (local / "tokenizer_config.json").exists() else model_dir).save_pretrained(target)
-        (target / "lineage.json").write_text(json.dumps({
-            "merged_from": {"adapter": name, "version": version}, "base_model": recipe.model.base, "dtype": dtype,
-        }, indent=2) + "\n")
+        (target / "lineage.json").write_text(
+            json.dumps(
+                {
+                    "merged_from": {"adapter": name, "version": version},
+                    "base_model": recipe.model.base,
+                    "dtype": dtype,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         if out:
             destination, rel = Storage.from_uri(out), ""
         else:
@@ -82,8 +97,16 @@ def merge(recipe: Recipe, adapter: str, *, out: str | None = None, dtype: str = 
         return destination.upload_dir(target, rel, info={"merged_from": f"{name}@{version}"})
 
 
-def combine(recipe: Recipe, adapters: list[str], weights: list[float], *, name: str, method: str = "linear",
-            density: float | None = None, svd_rank: int | None = None) -> str:
+def combine(
+    recipe: Recipe,
+    adapters: list[str],
+    weights: list[float],
+    *,
+    name: str,
+    method: str = "linear",
+    density: float | None = None,
+    svd_rank: int | None = None,
+) -> str:
     """Combine adapters into one new adapter version; returns its URI."""
     from peft import PeftModel
 
@@ -101,8 +124,9 @@ def combine(recipe: Recipe, adapters: list[str], weights: list[float], *, name: 
         sources = [_adapter_dir(storage, spec, scratch) for spec in adapters]
         ranks = {json.loads((d / "adapter_config.json").read_text())["r"] for _, _, d in sources}
         if method in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune") and len(ranks) > 1:
-            raise ExportError(f"--method {method} needs adapters of one rank (got {sorted(ranks)}); "
-                              "use cat or an *_svd method")
+            raise ExportError(
+                f"--method {method} needs adapters of one rank (got {sorted(ranks)}); use cat or an *_svd method"
+            )
         base, _ = _base(recipe, storage, "fp32")
         slots = [f"a{i}" for i in range(len(sources))]
         model = PeftModel.from_pretrained(base, str(sources[0][2]), adapter_name=slots[0])
@@ -126,19 +150,28 @@ def combine(recipe: Recipe, adapters: list[str], weights: list[float], *, name: 
             if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                 (produced / file.name).write_bytes(file.read_bytes())
         version = time.strftime("%Y%m%d-%H%M%S")
-        (produced / "lineage.json").write_text(json.dumps({
-            "adapter": name, "version": version, "base_model": recipe.model.base, "method": method,
-            "density": density, "sources": [{"adapter": n, "version": v, "weight": w}
-                                             for (n, v, _), w in zip(sources, weights)],
-        }, indent=2) + "\n")
+        (produced / "lineage.json").write_text(
+            json.dumps(
+                {
+                    "adapter": name,
+                    "version": version,
+                    "base_model": recipe.model.base,
+                    "method": method,
+                    "density": density,
+                    "sources": [{"adapter": n, "version": v, "weight": w} for (n, v, _), w in zip(sources, weights)],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return storage.upload_dir(produced, adapter_prefix(name, version), info={"base_model": recipe.model.base})
 
 
 def main(argv: list[str]) -> int:
-    from ray_jobs.cli import _fail, _recipe_parser
-    from ray_jobs.config import RecipeError, load_recipe
+    from ray_jobs.core.errors import report
+    from ray_jobs.core.recipe import load_recipe, recipe_parser
 
-    parser = _recipe_parser("medtune export", "merge an adapter into its base, or combine adapters into one")
+    parser = recipe_parser("medtune export", "merge an adapter into its base, or combine adapters into one")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--adapter", help="NAME[@VERSION] to merge into the base model")
     what.add_argument("--combine", help="comma-separated NAME[@VERSION] list to combine into one adapter")
@@ -157,14 +190,23 @@ def main(argv: list[str]) -> int:
         else:
             adapters = [a for a in args.combine.split(",") if a]
             try:
-                weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 / len(adapters)] * len(adapters)
+                weights = (
+                    [float(w) for w in args.weights.split(",")] if args.weights else [1 / len(adapters)] * len(adapters)
+                )
             except ValueError:
                 raise ExportError(f"--weights must be numbers, got {args.weights!r}") from None
             if not args.name:
                 raise ExportError("--combine needs --name for the new adapter")
-            uri = combine(recipe, adapters, weights, name=args.name, method=args.method, density=args.density,
-                          svd_rank=args.svd_rank)
-    except (RecipeError, ExportError, FileNotFoundError) as error:
-        return _fail(error)
+            uri = combine(
+                recipe,
+                adapters,
+                weights,
+                name=args.name,
+                method=args.method,
+                density=args.density,
+                svd_rank=args.svd_rank,
+            )
+    except (MedtuneError, FileNotFoundError) as error:
+        return report(error)
     print(uri)
     return 0

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ray_jobs.config import load_recipe
+from ray_jobs.core.recipe import load_recipe
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "tiny-llama-lora.yaml"
 SAMPLE_NOTE = "Patient reports fatigue and was diagnosed with anemia."
@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     ray.init(ignore_reinit_error=True)
     print("\n== 1/5 preprocess (Ray Data)", flush=True)
-    preprocess(recipe)
+    dataset = preprocess(recipe)
     print("\n== 2/5 train (Ray Train, LoRA on a tiny Llama)", flush=True)
-    result = train(recipe)
+    result = train(recipe, dataset)
     print("\n== 3/5 evaluate (base vs adapter)", flush=True)
-    evaluate(recipe)
+    evaluate(recipe, dataset)
     print("\n== 4/5 serve (Ray Serve, OpenAI-compatible)", flush=True)
     start(recipe)
     base_url = f"http://{recipe.serve.host}:{recipe.serve.port}"
@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     messages = [{"role": "user", "content": SAMPLE_NOTE}]
     if recipe.data.system_prompt:
         messages.insert(0, {"role": "system", "content": recipe.data.system_prompt})
-    reply = http_json(f"{base_url}/v1/chat/completions",
-                      {"model": result.adapter_name, "messages": messages, "max_tokens": 64, "temperature": 0})
+    reply = http_json(
+        f"{base_url}/v1/chat/completions",
+        {"model": result.adapter_name, "messages": messages, "max_tokens": 64, "temperature": 0},
+    )
     print(f"POST {base_url}/v1/chat/completions model={result.adapter_name}")
     print(f"  prompt:     {SAMPLE_NOTE}")
     print(f"  completion: {reply['choices'][0]['message']['content']}")

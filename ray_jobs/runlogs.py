@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.storage import Storage, run_prefix
+from ray_jobs.core.storage import Storage, run_prefix
 
 log = logging.getLogger("medtune.runlogs")
 MAX_LINES = 20_000
@@ -84,8 +84,16 @@ def _logs_prefix(run: str, node: str) -> str:
     return posixpath.join(run_prefix(run), "logs", node)
 
 
-def copy_logs_from_dir(storage: Storage, run: str, logs_dir: str | Path, job_id: str, submission_id: str | None, *,
-                       node: str, max_lines: int = MAX_LINES) -> list[str]:
+def copy_logs_from_dir(
+    storage: Storage,
+    run: str,
+    logs_dir: str | Path,
+    job_id: str,
+    submission_id: str | None,
+    *,
+    node: str,
+    max_lines: int = MAX_LINES,
+) -> list[str]:
     """Copy job `job_id`'s files of `logs_dir` to runs/<run>/logs/<node>/; returns their URIs."""
     logs_dir = Path(logs_dir)
     patterns = log_patterns(submission_id)
@@ -112,8 +120,9 @@ def _node_label(ip: str, node_id: str) -> str:
     return f"{ip}_{node_id[:8]}"
 
 
-def copy_via_state_api(storage: Storage, run: str, job_id: str, submission_id: str | None, *,
-                       max_lines: int = MAX_LINES) -> list[str]:
+def copy_via_state_api(
+    storage: Storage, run: str, job_id: str, submission_id: str | None, *, max_lines: int = MAX_LINES
+) -> list[str]:
     """Job `job_id`'s logs on every alive node, read through Ray's state API (needs the dashboard)."""
     import ray
     from ray.util.state import get_log, list_logs
@@ -176,8 +185,13 @@ def copy_run_logs(storage: Storage, run: str, *, max_lines: int = MAX_LINES) -> 
             copied = copy_logs_from_dir(storage, run, logs_dir, job_id, submission_id, node=label, max_lines=max_lines)
             source = "local"
         index: dict[str, Any] = {
-            "run": run, "ray_job_id": job_id, "submission_id": submission_id, "source": source,
-            "patterns": log_patterns(submission_id), "files": copied, "max_lines": max_lines,
+            "run": run,
+            "ray_job_id": job_id,
+            "submission_id": submission_id,
+            "source": source,
+            "patterns": log_patterns(submission_id),
+            "files": copied,
+            "max_lines": max_lines,
             "copied_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         storage.write_json(posixpath.join(run_prefix(run), "logs", "index.json"), index)

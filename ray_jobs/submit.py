@@ -42,14 +42,29 @@ from urllib.parse import urlparse
 
 import yaml
 
-from ray_jobs.config import Recipe, RecipeError, load_recipe
+from ray_jobs.core.errors import MedtuneError, report
+from ray_jobs.core.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHART = REPO / "charts" / "medtune"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded, whatever .gitignore says: history, environments, outputs, caches.
-UPLOAD_EXCLUDES = [".git", ".venv", "venv", "medtune-output", "**/__pycache__", "*.egg-info", ".pytest_cache",
-                   ".mypy_cache", ".ruff_cache", "benchmarks/results", "build", "dist", ".gpu", ".whl"]
+UPLOAD_EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "medtune-output",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    "benchmarks/results",
+    "build",
+    "dist",
+    ".gpu",
+    ".whl",
+]
 RAY_API = ("ray.io", "v1", "rayjobs")
 # KubeRay names the job's cluster <rayjob>-<5 chars> and its head Service <cluster>-head-svc;
 # both must stay within a 63-character DNS label.
@@ -57,10 +72,9 @@ MAX_RAYJOB_NAME = 47
 # Objects created here are not part of the Helm release: `helm upgrade` must not adopt them.
 MANAGED_BY = "medtune-submit"
 EXIT_FAILED = 1
-EXIT_USER_ERROR = 2
 
 
-class SubmitError(RuntimeError):
+class SubmitError(MedtuneError):
     """The run cannot be submitted; the message names the flag or key to change."""
 
 
@@ -90,8 +104,10 @@ def recipe_argument(recipe: Path, working_dir: Path, address: str) -> str:
         return recipe.relative_to(working_dir).as_posix()
     if _is_loopback(address):
         return str(recipe)  # the cluster runs on this machine and can read the file
-    raise SubmitError(f"recipe {recipe} is outside the working directory {working_dir}, so the job on "
-                      f"{address} cannot read it: move it under the working directory or pass --working-dir")
+    raise SubmitError(
+        f"recipe {recipe} is outside the working directory {working_dir}, so the job on "
+        f"{address} cannot read it: move it under the working directory or pass --working-dir"
+    )
 
 
 def runtime_env(working_dir: Path) -> dict[str, Any]:
@@ -111,13 +127,24 @@ def job_exit_status(info: Any) -> int:
 def _warn_local_storage(recipe: Recipe, err: TextIO) -> None:
     root = recipe.storage.root
     if not root.startswith("s3://") and not Path(root).is_absolute():
-        print(f"medtune: warning: storage.root {root!r} is relative: the job resolves it inside its "
-              "uploaded working directory, which Ray deletes with the session; use an absolute path "
-              "or s3://", file=err)
+        print(
+            f"medtune: warning: storage.root {root!r} is relative: the job resolves it inside its "
+            "uploaded working directory, which Ray deletes with the session; use an absolute path "
+            "or s3://",
+            file=err,
+        )
 
 
-def submit_to_ray(recipe_path: Path, overrides: list[str], *, address: str, working_dir: Path,
-                  wait: bool = True, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def submit_to_ray(
+    recipe_path: Path,
+    overrides: list[str],
+    *,
+    address: str,
+    working_dir: Path,
+    wait: bool = True,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
     """Submit `python -m ray_jobs.train` as a Ray job; with `wait`, follow it and return its status.
 
     Raises:
@@ -132,8 +159,9 @@ def submit_to_ray(recipe_path: Path, overrides: list[str], *, address: str, work
     entrypoint = train_entrypoint(recipe_argument(recipe_path, working_dir, address), overrides)
     try:
         client = JobSubmissionClient(address)
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(working_dir),
-                                   metadata={"medtune.recipe": recipe.name})
+        job_id = client.submit_job(
+            entrypoint=entrypoint, runtime_env=runtime_env(working_dir), metadata={"medtune.recipe": recipe.name}
+        )
     except Exception as exc:  # connection refused, bad token, cluster-side errors: all the user's to fix
         raise SubmitError(f"could not submit to {address}: {exc}") from None
     print(f"[medtune] submitted {job_id} to {address}: {entrypoint}", file=out, flush=True)
@@ -143,8 +171,11 @@ def submit_to_ray(recipe_path: Path, overrides: list[str], *, address: str, work
     try:
         asyncio.run(_follow_logs(client, job_id, out))
     except KeyboardInterrupt:
-        print(f"\n[medtune] stopped following; the job keeps running (ray job stop --address {address} {job_id})",
-              file=err, flush=True)
+        print(
+            f"\n[medtune] stopped following; the job keeps running (ray job stop --address {address} {job_id})",
+            file=err,
+            flush=True,
+        )
         return 130
     info = _wait_until_finished(client, job_id)
     status = job_exit_status(info)
@@ -173,7 +204,9 @@ def _merge_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, A
     """Helm's rule: maps merge key by key, anything else (lists too) replaces."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        out[key] = _merge_values(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge_values(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -191,8 +224,10 @@ def chart_values(recipe: Recipe, values_files: list[Path]) -> dict[str, Any]:
     # Always the job's own cluster: a release's long-running RayCluster mounts the release's
     # recipe, not this one (submit there with `medtune submit RECIPE --address ...`).
     # No CRD check: this renders offline; creating the RayJob reports a missing CRD.
-    return _merge_values(values, {"trainJob": {"enabled": True, "existingCluster": {"enabled": False}},
-                                  "kuberay": {"skipCrdCheck": True}})
+    return _merge_values(
+        values,
+        {"trainJob": {"enabled": True, "existingCluster": {"enabled": False}}, "kuberay": {"skipCrdCheck": True}},
+    )
 
 
 def run_suffix() -> str:
@@ -214,8 +249,15 @@ def _retarget(node: Any, config_map: tuple[str, str]) -> None:
             _retarget(value, config_map)
 
 
-def build_rayjob(recipe: Recipe, *, release: str, namespace: str, values_files: list[Path] | None = None,
-                 chart: Path = DEFAULT_CHART, suffix: str | None = None) -> list[dict[str, Any]]:
+def build_rayjob(
+    recipe: Recipe,
+    *,
+    release: str,
+    namespace: str,
+    values_files: list[Path] | None = None,
+    chart: Path = DEFAULT_CHART,
+    suffix: str | None = None,
+) -> list[dict[str, Any]]:
     """[ConfigMap, RayJob] for one training run, rendered by the chart (helm_python).
 
     Raises:
@@ -224,22 +266,31 @@ def build_rayjob(recipe: Recipe, *, release: str, namespace: str, values_files: 
     try:
         import helm_python as helm
     except ImportError:
-        raise SubmitError("--kubernetes renders charts/medtune with helm-python-sdk: "
-                          "pip install 'helm-python-sdk>=0.2.2,<0.3' (it is in the dev extra)") from None
+        raise SubmitError(
+            "--kubernetes renders charts/medtune with helm-python-sdk: "
+            "pip install 'helm-python-sdk>=0.2.2,<0.3' (it is in the dev extra)"
+        ) from None
     if not (chart / "Chart.yaml").is_file():
         raise SubmitError(f"--chart {chart}: no Chart.yaml there (a checkout's charts/medtune)")
     if not recipe.storage.root.startswith("s3://"):
-        raise SubmitError(f"storage.root: {recipe.storage.root!r} is local, but the pods of a RayJob share only "
-                          "object storage (and their disks vanish with the job): use s3://bucket/prefix "
-                          "(--set storage.root=s3://...)")
+        raise SubmitError(
+            f"storage.root: {recipe.storage.root!r} is local, but the pods of a RayJob share only "
+            "object storage (and their disks vanish with the job): use s3://bucket/prefix "
+            "(--set storage.root=s3://...)"
+        )
     values = chart_values(recipe, list(values_files or []))
     try:
         with helm.Chart.load(chart) as loaded:
             manifests = loaded.render(values, name=release, namespace=namespace)
     except helm.HelmError as exc:
         raise SubmitError(f"the chart rejected these values: {exc}") from None
-    rendered = [doc for path, text in sorted(manifests.items()) if not path.endswith("NOTES.txt")
-                for doc in yaml.safe_load_all(text) if doc]
+    rendered = [
+        doc
+        for path, text in sorted(manifests.items())
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
     (config_map,) = [o for o in rendered if o["kind"] == "ConfigMap"]
     (job,) = [o for o in rendered if o["kind"] == "RayJob"]
 
@@ -275,8 +326,9 @@ def _kubernetes_clients() -> tuple[Any, Any]:
     return client.CoreV1Api(), client.CustomObjectsApi()
 
 
-def create_on_kubernetes(objects: list[dict[str, Any]], *, wait: bool = True, poll_s: float = 10,
-                         out: TextIO | None = None) -> int:
+def create_on_kubernetes(
+    objects: list[dict[str, Any]], *, wait: bool = True, poll_s: float = 10, out: TextIO | None = None
+) -> int:
     """Create the ConfigMap and the RayJob; with `wait`, poll until the job finishes.
 
     The ConfigMap is then owned by the RayJob, so deleting the job deletes its recipe.
@@ -288,28 +340,47 @@ def create_on_kubernetes(objects: list[dict[str, Any]], *, wait: bool = True, po
     namespace, name = job["metadata"]["namespace"], job["metadata"]["name"]
     core, custom = _kubernetes_clients()
     group, version, plural = RAY_API
-    account = job["spec"].get("rayClusterSpec", {}).get("headGroupSpec", {}).get("template", {}).get("spec", {}).get("serviceAccountName")
+    account = (
+        job["spec"]
+        .get("rayClusterSpec", {})
+        .get("headGroupSpec", {})
+        .get("template", {})
+        .get("spec", {})
+        .get("serviceAccountName")
+    )
     if account and account != "default":
         try:
             core.read_namespaced_service_account(account, namespace)
         except ApiException as exc:
             if exc.status == 404:
-                raise SubmitError(f"ServiceAccount {account} not found in namespace {namespace}: install the chart "
-                                  f"first (helm install <release> charts/medtune -n {namespace}) and pass that "
-                                  "release as --release") from None
+                raise SubmitError(
+                    f"ServiceAccount {account} not found in namespace {namespace}: install the chart "
+                    f"first (helm install <release> charts/medtune -n {namespace}) and pass that "
+                    "release as --release"
+                ) from None
             raise SubmitError(_explain_api_error(exc, namespace)) from None
     try:
         core.create_namespaced_config_map(namespace, config_map)
         created = custom.create_namespaced_custom_object(group, version, namespace, plural, job)
-        owner = {"apiVersion": job["apiVersion"], "kind": "RayJob", "name": name,
-                 "uid": created["metadata"]["uid"], "blockOwnerDeletion": False}
-        core.patch_namespaced_config_map(config_map["metadata"]["name"], namespace,
-                                         {"metadata": {"ownerReferences": [owner]}})
+        owner = {
+            "apiVersion": job["apiVersion"],
+            "kind": "RayJob",
+            "name": name,
+            "uid": created["metadata"]["uid"],
+            "blockOwnerDeletion": False,
+        }
+        core.patch_namespaced_config_map(
+            config_map["metadata"]["name"], namespace, {"metadata": {"ownerReferences": [owner]}}
+        )
     except ApiException as exc:
         raise SubmitError(_explain_api_error(exc, namespace)) from None
-    print(f"[medtune] created RayJob {namespace}/{name}\n"
-          f"  kubectl -n {namespace} get rayjob {name} -w\n"
-          f"  kubectl -n {namespace} logs -f job/{name}", file=out, flush=True)
+    print(
+        f"[medtune] created RayJob {namespace}/{name}\n"
+        f"  kubectl -n {namespace} get rayjob {name} -w\n"
+        f"  kubectl -n {namespace} logs -f job/{name}",
+        file=out,
+        flush=True,
+    )
     if not wait:
         return 0
     last = None
@@ -327,8 +398,10 @@ def create_on_kubernetes(objects: list[dict[str, Any]], *, wait: bool = True, po
 def _explain_api_error(exc: Any, namespace: str) -> str:
     reason = f"{exc.status} {exc.reason}"
     if exc.status == 404:
-        return (f"{reason}: the cluster has no ray.io/v1 RayJob resource (install the KubeRay operator, "
-                f"docs/kubernetes.md step 2) or namespace {namespace} does not exist")
+        return (
+            f"{reason}: the cluster has no ray.io/v1 RayJob resource (install the KubeRay operator, "
+            f"docs/kubernetes.md step 2) or namespace {namespace} does not exist"
+        )
     if exc.status == 409:
         return f"{reason}: an object of that name exists already; submit again for a new run name"
     return f"the Kubernetes API refused the request: {reason}: {exc.body or ''}".rstrip(": ")
@@ -336,23 +409,52 @@ def _explain_api_error(exc: Any, namespace: str) -> str:
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medtune submit", description=(
-        "Run `python -m ray_jobs.train RECIPE` on a Ray cluster (default) or as a KubeRay RayJob (--kubernetes)."))
+    parser = argparse.ArgumentParser(
+        prog="medtune submit",
+        description=(
+            "Run `python -m ray_jobs.train RECIPE` on a Ray cluster (default) or as a KubeRay RayJob (--kubernetes)."
+        ),
+    )
     parser.add_argument("recipe", type=Path, help="path to the recipe YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a recipe value (repeatable), passed on to the job")
-    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
-                        help="the Ray dashboard / job API, e.g. http://127.0.0.1:8265 (a port-forward to the head)")
-    parser.add_argument("--working-dir", type=Path, default=Path.cwd(),
-                        help="directory uploaded as the job's working dir (default: the current directory)")
-    parser.add_argument("--no-wait", dest="wait", action="store_false",
-                        help="return once the job is submitted instead of following it")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value (repeatable), passed on to the job",
+    )
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
+        help="the Ray dashboard / job API, e.g. http://127.0.0.1:8265 (a port-forward to the head)",
+    )
+    parser.add_argument(
+        "--working-dir",
+        type=Path,
+        default=Path.cwd(),
+        help="directory uploaded as the job's working dir (default: the current directory)",
+    )
+    parser.add_argument(
+        "--no-wait", dest="wait", action="store_false", help="return once the job is submitted instead of following it"
+    )
     k8s = parser.add_argument_group("Kubernetes (a RayJob rendered by charts/medtune)")
     k8s.add_argument("--kubernetes", action="store_true", help="create a RayJob instead of submitting to --address")
     k8s.add_argument("--namespace", "-n", default="default", help="namespace of the Helm release")
-    k8s.add_argument("--release", default="medtune", help="name of the installed Helm release (its ServiceAccount, Secrets, policies)")
-    k8s.add_argument("--values", "-f", dest="values_files", action="append", type=Path, default=[],
-                     help="chart values files, as given to helm install (repeatable), e.g. a profile")
+    k8s.add_argument(
+        "--release",
+        default="medtune",
+        help="name of the installed Helm release (its ServiceAccount, Secrets, policies)",
+    )
+    k8s.add_argument(
+        "--values",
+        "-f",
+        dest="values_files",
+        action="append",
+        type=Path,
+        default=[],
+        help="chart values files, as given to helm install (repeatable), e.g. a profile",
+    )
     k8s.add_argument("--chart", type=Path, default=DEFAULT_CHART, help="the chart directory (default: this checkout's)")
     k8s.add_argument("--dry-run", action="store_true", help="print the ConfigMap and RayJob as YAML; create nothing")
     return parser
@@ -364,19 +466,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.kubernetes:
             if args.dry_run:
                 raise SubmitError("--dry-run needs --kubernetes (for Ray, `medtune validate` checks the recipe)")
-            return submit_to_ray(args.recipe, args.overrides, address=args.address, working_dir=args.working_dir,
-                                 wait=args.wait)
+            return submit_to_ray(
+                args.recipe, args.overrides, address=args.address, working_dir=args.working_dir, wait=args.wait
+            )
         recipe = load_recipe(args.recipe, args.overrides)
-        objects = build_rayjob(recipe, release=args.release, namespace=args.namespace,
-                               values_files=args.values_files, chart=args.chart)
+        objects = build_rayjob(
+            recipe, release=args.release, namespace=args.namespace, values_files=args.values_files, chart=args.chart
+        )
         if args.dry_run:
             print(to_yaml(objects), end="")
             return 0
         return create_on_kubernetes(objects, wait=args.wait)
-    except (RecipeError, SubmitError, FileNotFoundError) as error:
-        for line in str(error).splitlines() or [type(error).__name__]:
-            print(f"medtune: error: {line}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except (MedtuneError, FileNotFoundError) as error:
+        return report(error)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,34 @@ import json
 import random
 from pathlib import Path
 
-DISEASES = ["diabetes", "asthma", "hypertension", "pneumonia", "migraine", "anemia", "gout", "sepsis",
-            "bronchitis", "arthritis", "eczema", "angina"]
-MEDICATIONS = ["metformin", "aspirin", "insulin", "ibuprofen", "lisinopril", "albuterol", "warfarin",
-               "amoxicillin", "prednisone", "atorvastatin", "heparin", "omeprazole"]
+DISEASES = [
+    "diabetes",
+    "asthma",
+    "hypertension",
+    "pneumonia",
+    "migraine",
+    "anemia",
+    "gout",
+    "sepsis",
+    "bronchitis",
+    "arthritis",
+    "eczema",
+    "angina",
+]
+MEDICATIONS = [
+    "metformin",
+    "aspirin",
+    "insulin",
+    "ibuprofen",
+    "lisinopril",
+    "albuterol",
+    "warfarin",
+    "amoxicillin",
+    "prednisone",
+    "atorvastatin",
+    "heparin",
+    "omeprazole",
+]
 DOSAGES = ["5mg", "10mg", "20mg", "40mg", "50mg", "100mg", "250mg", "500mg"]
 FREQUENCIES = ["daily", "twice daily", "at night", "every morning", "weekly", "as needed"]
 SYMPTOMS = ["fever", "cough", "fatigue", "nausea", "headache", "dizziness", "chest pain", "rash"]
@@ -31,8 +55,13 @@ TEMPLATES = [
     ("Prescribed {Medication} {Dosage} for {Symptom}.",),
     ("Complains of {Symptom} after starting {Medication}.",),
 ]
-POOLS = {"Disease": DISEASES, "Medication": MEDICATIONS, "Dosage": DOSAGES, "Frequency": FREQUENCIES,
-         "Symptom": SYMPTOMS}
+POOLS = {
+    "Disease": DISEASES,
+    "Medication": MEDICATIONS,
+    "Dosage": DOSAGES,
+    "Frequency": FREQUENCIES,
+    "Symptom": SYMPTOMS,
+}
 
 
 def entity_rows(count: int, seed: int = 0) -> list[dict]:

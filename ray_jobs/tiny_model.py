@@ -83,18 +83,30 @@ TEMPLATES: dict[str, TemplateSpec] = {
     "llama3": TemplateSpec(
         LLAMA3_TEMPLATE,
         ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-        bos="<|begin_of_text|>", eos="<|eot_id|>", stop_tokens=("<|eot_id|>", "<|end_of_text|>"),
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+        stop_tokens=("<|eot_id|>", "<|end_of_text|>"),
     ),
     "chatml": TemplateSpec(
-        CHATML_TEMPLATE, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-        bos=None, eos="<|im_end|>", stop_tokens=("<|im_end|>", "<|endoftext|>"),
+        CHATML_TEMPLATE,
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        bos=None,
+        eos="<|im_end|>",
+        stop_tokens=("<|im_end|>", "<|endoftext|>"),
     ),
     "mistral": TemplateSpec(
-        MISTRAL_TEMPLATE, ("<s>", "</s>"), bos="<s>", eos="</s>", stop_tokens=("</s>",),
+        MISTRAL_TEMPLATE,
+        ("<s>", "</s>"),
+        bos="<s>",
+        eos="</s>",
+        stop_tokens=("</s>",),
     ),
     "gemma": TemplateSpec(
-        GEMMA_TEMPLATE, ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"),
-        bos="<bos>", eos="<end_of_turn>", stop_tokens=("<end_of_turn>", "<eos>"),
+        GEMMA_TEMPLATE,
+        ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"),
+        bos="<bos>",
+        eos="<end_of_turn>",
+        stop_tokens=("<end_of_turn>", "<eos>"),
     ),
 }
 
@@ -141,7 +153,9 @@ def train_tokenizer(template: str = "llama3", vocab_size: int = 2048, extra_corp
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = _CORPUS.splitlines() * 4 + _synthetic_vocabulary() + list(extra_corpus or [])
@@ -158,8 +172,15 @@ def train_tokenizer(template: str = "llama3", vocab_size: int = 2048, extra_corp
     return fast
 
 
-def build_tiny_model(out_dir: str | Path, arch: str = "llama", template: str | None = None,
-                     *, hidden_size: int = 128, layers: int = 4, seed: int = 0) -> Path:
+def build_tiny_model(
+    out_dir: str | Path,
+    arch: str = "llama",
+    template: str | None = None,
+    *,
+    hidden_size: int = 128,
+    layers: int = 4,
+    seed: int = 0,
+) -> Path:
     """Build, save and return the directory of a tiny `arch` model with a trained tokenizer."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -172,9 +193,14 @@ def build_tiny_model(out_dir: str | Path, arch: str = "llama", template: str | N
     spec = TEMPLATES[template]
     tokenizer = train_tokenizer(template)
     shape = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id if spec.bos else None,
         eos_token_id=tokenizer.convert_tokens_to_ids(spec.eos),
@@ -186,8 +212,10 @@ def build_tiny_model(out_dir: str | Path, arch: str = "llama", template: str | N
         model = Qwen2ForCausalLM(Qwen2Config(**shape))
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in spec.stop_tokens]
     model.generation_config = GenerationConfig(
-        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=shape["bos_token_id"], do_sample=False,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=shape["bos_token_id"],
+        do_sample=False,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,8 +230,12 @@ def build_tiny_model(out_dir: str | Path, arch: str = "llama", template: str | N
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medtune tiny-model", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=sorted(DEFAULT_TEMPLATE), default="llama")
-    parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
-                        help="chat template family (default: llama3 for llama, chatml for qwen2)")
+    parser.add_argument(
+        "--template",
+        choices=sorted(TEMPLATES),
+        default=None,
+        help="chat template family (default: llama3 for llama, chatml for qwen2)",
+    )
     parser.add_argument("--out", required=True, help="directory to save the model to")
     args = parser.parse_args(argv)
     out = build_tiny_model(args.out, args.arch, args.template)

@@ -77,8 +77,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"moto_server did not start on {endpoint}; see {log.name}") from None
                 time.sleep(0.2)
-        with session_env(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                         AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1"):
+        with session_env(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_REGION="us-east-1",
+            AWS_DEFAULT_REGION="us-east-1",
+        ):
             yield endpoint
     finally:
         process.terminate()

@@ -9,8 +9,15 @@ from pathlib import Path
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def make_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 8, std: float = 0.3,
-                 targets: list[str] | str = QKVO, **lora_options) -> Path:
+def make_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    seed: int,
+    rank: int = 8,
+    std: float = 0.3,
+    targets: list[str] | str = QKVO,
+    **lora_options,
+) -> Path:
     """A LoRA adapter with large random A and B weights, so that it dominates the answer."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -55,8 +62,9 @@ class Oracle:
 
     def prompt_ids(self, text: str, chat: bool) -> list[int]:
         if chat:
-            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                          add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
             return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         return self.tokenizer(text)["input_ids"]
 
@@ -69,9 +77,15 @@ class Oracle:
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
-        new = out[0, ids.shape[1]:].tolist()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[0, ids.shape[1] :].tolist()
         for position, token in enumerate(new):
             if token in eos:
                 return new[:position]

@@ -14,8 +14,9 @@ import importlib
 import json
 import posixpath
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import helm_python as helm
 import jsonschema
@@ -26,7 +27,7 @@ from helm_python import _native
 from ray import serve
 
 import ray_jobs.serve
-from ray_jobs.config import parse_recipe
+from ray_jobs.core.recipe import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "medtune"
@@ -60,21 +61,57 @@ EVERYTHING_ON: dict[str, Any] = {
         "upgradeStrategy": "None",
         "gcsFaultTolerance": {"enabled": True, "redisAddress": "redis.ml.svc:6379", "existingSecret": "medtune-redis"},
         "apiKeys": {"existingSecret": "medtune-api-keys"},
-        "ingress": {"enabled": True, "className": "nginx", "tls": [{"hosts": ["medtune.example.com"], "secretName": "tls"}]},
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "tls": [{"hosts": ["medtune.example.com"], "secretName": "tls"}],
+        },
     },
     "networkPolicy": {"dashboardFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}}]},
     # Every per-group knob, so the values -> pod template test sees each one rendered.
-    "head": {"nodeSelector": {"pool": "system"}, "priorityClassName": "medtune-head", "env": [{"name": "HEAD_ONLY", "value": "1"}],
-             "annotations": {"example.com/head": "yes"}, "rayStartParams": {"object-store-memory": "1000000000"}},
+    "head": {
+        "nodeSelector": {"pool": "system"},
+        "priorityClassName": "medtune-head",
+        "env": [{"name": "HEAD_ONLY", "value": "1"}],
+        "annotations": {"example.com/head": "yes"},
+        "rayStartParams": {"object-store-memory": "1000000000"},
+    },
     "workerGroups": [
-        {"name": "cpu", "replicas": 1, "minReplicas": 0, "maxReplicas": 2, "resources": {"cpu": "4", "memory": "16Gi", "ephemeralStorage": "50Gi"},
-         "nodeSelector": {"pool": "cpu"}, "env": [{"name": "GROUP_ONLY", "value": "cpu"}], "rayStartParams": {"num-cpus": "3"}},
-        {"name": "gpu", "replicas": 0, "minReplicas": 0, "maxReplicas": 2, "resources": {"cpu": "16", "memory": "128Gi", "gpu": 2},
-         "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-         "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-             {"weight": 1, "preference": {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1a"]}]}}]}},
-         "priorityClassName": "medtune-gpu", "annotations": {"example.com/gpu": "yes"}},
+        {
+            "name": "cpu",
+            "replicas": 1,
+            "minReplicas": 0,
+            "maxReplicas": 2,
+            "resources": {"cpu": "4", "memory": "16Gi", "ephemeralStorage": "50Gi"},
+            "nodeSelector": {"pool": "cpu"},
+            "env": [{"name": "GROUP_ONLY", "value": "cpu"}],
+            "rayStartParams": {"num-cpus": "3"},
+        },
+        {
+            "name": "gpu",
+            "replicas": 0,
+            "minReplicas": 0,
+            "maxReplicas": 2,
+            "resources": {"cpu": "16", "memory": "128Gi", "gpu": 2},
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 1,
+                            "preference": {
+                                "matchExpressions": [
+                                    {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["us-east-1a"]}
+                                ]
+                            },
+                        }
+                    ]
+                }
+            },
+            "priorityClassName": "medtune-gpu",
+            "annotations": {"example.com/gpu": "yes"},
+        },
     ],
 }
 
@@ -176,7 +213,12 @@ def test_every_object_is_valid_kubernetes(case: tuple[str, dict[str, Any], list[
     for obj in objs:
         if obj["apiVersion"] == "ray.io/v1":
             for where, template in pod_templates(obj):
-                pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template}
+                pod_template = {
+                    "apiVersion": "v1",
+                    "kind": "PodTemplate",
+                    "metadata": {"name": "x"},
+                    "template": template,
+                }
                 try:
                     kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
                 except kubernetes_validate.ValidationError as exc:
@@ -187,12 +229,71 @@ def test_every_object_is_valid_kubernetes(case: tuple[str, dict[str, Any], list[
 
 # KubeRay ray.io/v1 fields (KubeRay 1.4; authOptions 1.5.1). No CRD schema is available
 # offline, so a misspelt field would otherwise reach the API server and be pruned silently.
-RAY_CLUSTER_FIELDS = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec", "workerGroupSpecs", "gcsFaultToleranceOptions", "authOptions", "suspend", "managedBy", "headServiceAnnotations"}
-AUTOSCALER_FIELDS = {"version", "upscalingMode", "idleTimeoutSeconds", "imagePullPolicy", "resources", "securityContext", "env", "envFrom", "volumeMounts", "image"}
+RAY_CLUSTER_FIELDS = {
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "headGroupSpec",
+    "workerGroupSpecs",
+    "gcsFaultToleranceOptions",
+    "authOptions",
+    "suspend",
+    "managedBy",
+    "headServiceAnnotations",
+}
+AUTOSCALER_FIELDS = {
+    "version",
+    "upscalingMode",
+    "idleTimeoutSeconds",
+    "imagePullPolicy",
+    "resources",
+    "securityContext",
+    "env",
+    "envFrom",
+    "volumeMounts",
+    "image",
+}
 HEAD_FIELDS = {"serviceType", "rayStartParams", "template", "headService", "enableIngress"}
-WORKER_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template", "scaleStrategy", "suspend", "idleTimeoutSeconds", "numOfHosts"}
-RAY_JOB_FIELDS = {"entrypoint", "runtimeEnvYAML", "submissionMode", "backoffLimit", "activeDeadlineSeconds", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "rayClusterSpec", "clusterSelector", "submitterPodTemplate", "submitterConfig", "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "metadata", "suspend", "managedBy", "deletionStrategy"}
-RAY_SERVICE_FIELDS = {"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "excludeHeadPodFromServeSvc", "serveService"}
+WORKER_FIELDS = {
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "suspend",
+    "idleTimeoutSeconds",
+    "numOfHosts",
+}
+RAY_JOB_FIELDS = {
+    "entrypoint",
+    "runtimeEnvYAML",
+    "submissionMode",
+    "backoffLimit",
+    "activeDeadlineSeconds",
+    "shutdownAfterJobFinishes",
+    "ttlSecondsAfterFinished",
+    "rayClusterSpec",
+    "clusterSelector",
+    "submitterPodTemplate",
+    "submitterConfig",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "entrypointResources",
+    "jobId",
+    "metadata",
+    "suspend",
+    "managedBy",
+    "deletionStrategy",
+}
+RAY_SERVICE_FIELDS = {
+    "serveConfigV2",
+    "rayClusterConfig",
+    "upgradeStrategy",
+    "excludeHeadPodFromServeSvc",
+    "serveService",
+}
 
 
 def test_ray_objects_use_known_kuberay_fields(case: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> None:
@@ -224,7 +325,9 @@ def _render_with_api_versions(chart: helm.Chart, values: dict[str, Any], api_ver
     # Chart.render has no api_versions keyword in helm-python-sdk 0.2.2, but the native
     # helm_render options accept them (helm template --api-versions).
     options = {"name": RELEASE, "namespace": NAMESPACE, "api_versions": api_versions}
-    return json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(with_recipe(values)), json.dumps(options)))
+    return json.loads(
+        _native.call_string("helm_render", chart._raw(), json.dumps(with_recipe(values)), json.dumps(options))
+    )
 
 
 def test_crd_check_passes_when_the_cluster_has_the_crds(chart: helm.Chart) -> None:
@@ -238,21 +341,70 @@ def test_crd_check_passes_when_the_cluster_has_the_crds(chart: helm.Chart) -> No
 
 # --------------------------------------------------------------------------- schema
 BAD_VALUES = [
-    ({"workerGroups": [{"name": "cpu", "replicas": "two", "minReplicas": 0, "maxReplicas": 2, "resources": {"cpu": "1", "memory": "1Gi"}}]}, "/workerGroups/0/replicas"),
+    (
+        {
+            "workerGroups": [
+                {
+                    "name": "cpu",
+                    "replicas": "two",
+                    "minReplicas": 0,
+                    "maxReplicas": 2,
+                    "resources": {"cpu": "1", "memory": "1Gi"},
+                }
+            ]
+        },
+        "/workerGroups/0/replicas",
+    ),
     ({"replicaCount": 3}, "additional properties 'replicaCount' not allowed"),
     ({"serving": {"upgradeStrategy": "BlueGreen"}}, "/serving/upgradeStrategy"),
     ({"trainJob": {"submissionMode": "Batch"}}, "/trainJob/submissionMode"),
     ({"image": {"variant": "tpu"}}, "/image/variant"),
-    ({"workerGroups": [{"name": "gpu", "replicas": 0, "minReplicas": 0, "maxReplicas": 1, "resources": {"cpu": "1", "memory": "1Gi", "gpu": -1}}]}, "/workerGroups/0/resources/gpu"),
-    ({"workerGroups": [{"name": "gpu", "replicas": 0, "minReplicas": 0, "maxReplicas": 1, "gpus": 8, "resources": {"cpu": "1", "memory": "1Gi"}}]}, "additional properties 'gpus' not allowed"),
+    (
+        {
+            "workerGroups": [
+                {
+                    "name": "gpu",
+                    "replicas": 0,
+                    "minReplicas": 0,
+                    "maxReplicas": 1,
+                    "resources": {"cpu": "1", "memory": "1Gi", "gpu": -1},
+                }
+            ]
+        },
+        "/workerGroups/0/resources/gpu",
+    ),
+    (
+        {
+            "workerGroups": [
+                {
+                    "name": "gpu",
+                    "replicas": 0,
+                    "minReplicas": 0,
+                    "maxReplicas": 1,
+                    "gpus": 8,
+                    "resources": {"cpu": "1", "memory": "1Gi"},
+                }
+            ]
+        },
+        "additional properties 'gpus' not allowed",
+    ),
     ({"head": {"rayStartParams": {"num-gpus": 1}}}, "/head/rayStartParams/num-gpus"),
     ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
     ({"rayAuth": {"mode": "password"}}, "/rayAuth/mode"),
     ({"s3": {"accessKey": "AKIA..."}}, "additional properties 'accessKey' not allowed"),
     ({"head": {"resources": {"cpu": "4", "memory": "lots"}}}, "/head/resources/memory"),
-    ({"containerSecurityContext": {"allowPrivilegeEscalation": True}}, "/containerSecurityContext/allowPrivilegeEscalation"),
-    ({"containerSecurityContext": {"capabilities": {"drop": ["NET_RAW"]}}}, "/containerSecurityContext/capabilities/drop"),
-    ({"containerSecurityContext": {"capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}}}, "additional properties 'add' not allowed"),
+    (
+        {"containerSecurityContext": {"allowPrivilegeEscalation": True}},
+        "/containerSecurityContext/allowPrivilegeEscalation",
+    ),
+    (
+        {"containerSecurityContext": {"capabilities": {"drop": ["NET_RAW"]}}},
+        "/containerSecurityContext/capabilities/drop",
+    ),
+    (
+        {"containerSecurityContext": {"capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN"]}}},
+        "additional properties 'add' not allowed",
+    ),
     ({"containerSecurityContext": {"privileged": True}}, "/containerSecurityContext/privileged"),
     ({"podSecurityContext": {"runAsUser": 0}}, "/podSecurityContext/runAsUser"),
     ({"autoscaling": {"idleTimeoutSeconds": -1}}, "/autoscaling/idleTimeoutSeconds"),
@@ -264,12 +416,31 @@ BAD_VALUES = [
     ({"serving": {"serve": {"port": 70000}}}, "/serving/serve/port"),
     ({"s3": {"existingSecret": "My_Secret"}}, "/s3/existingSecret"),
     ({"s3": {"endpoint": "minio:9000"}}, "/s3/endpoint"),
-    ({"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 123}}}, "/serviceAccount/annotations/eks.amazonaws.com~1role-arn"),
+    (
+        {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": 123}}},
+        "/serviceAccount/annotations/eks.amazonaws.com~1role-arn",
+    ),
     ({"head": {"serviceType": "Ingress"}}, "/head/serviceType"),
-    ({"recipe": {"name": "Bad Name", "model": {"base": "x"}, "data": {"format": "qa", "train": ["a"]}}}, "/recipe/name"),
+    (
+        {"recipe": {"name": "Bad Name", "model": {"base": "x"}, "data": {"format": "qa", "train": ["a"]}}},
+        "/recipe/name",
+    ),
     ({"recipe": {"name": "half-a-recipe", "model": {"base": "x"}}}, "/recipe"),
     ({"fullnameOverride": "x" * 41}, "/fullnameOverride"),
-    ({"workerGroups": [{"name": "GPU_group", "replicas": 0, "minReplicas": 0, "maxReplicas": 1, "resources": {"cpu": "1", "memory": "1Gi"}}]}, "/workerGroups/0/name"),
+    (
+        {
+            "workerGroups": [
+                {
+                    "name": "GPU_group",
+                    "replicas": 0,
+                    "minReplicas": 0,
+                    "maxReplicas": 1,
+                    "resources": {"cpu": "1", "memory": "1Gi"},
+                }
+            ]
+        },
+        "/workerGroups/0/name",
+    ),
 ]
 
 
@@ -282,14 +453,18 @@ def test_schema_rejects_bad_values_through_helm(chart: helm.Chart, values: dict[
     # And the same schema, read by an independent draft-07 validator, agrees.
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
-    assert list(jsonschema.Draft7Validator(schema).iter_errors(chart.merge_values(_merge(with_recipe(values), OFFLINE))))
+    assert list(
+        jsonschema.Draft7Validator(schema).iter_errors(chart.merge_values(_merge(with_recipe(values), OFFLINE)))
+    )
 
 
 def test_schema_accepts_defaults_and_every_profile(chart: helm.Chart) -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     for name, values in CASES.items():
         chart.validate_schema(chart.merge_values(with_recipe(values)))
-        errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(chart.merge_values(with_recipe(values)))]
+        errors = [
+            e.message for e in jsonschema.Draft7Validator(schema).iter_errors(chart.merge_values(with_recipe(values)))
+        ]
         assert errors == [], name
 
 
@@ -307,9 +482,25 @@ def test_recipe_is_required_and_never_merged_with_a_default(chart: helm.Chart) -
 def test_template_checks_fail_with_clear_messages(chart: helm.Chart) -> None:
     cases = [
         ({"rayAuth": {"existingSecret": ""}}, "rayAuth.existingSecret"),
-        ({"cluster": {"enabled": False}, "trainJob": {"enabled": True, "existingCluster": {"enabled": True}}}, "cluster.enabled"),
+        (
+            {"cluster": {"enabled": False}, "trainJob": {"enabled": True, "existingCluster": {"enabled": True}}},
+            "cluster.enabled",
+        ),
         ({"serving": {"enabled": True, "gcsFaultTolerance": {"enabled": True}}}, "redisAddress"),
-        ({"workerGroups": [{"name": "x", "replicas": 0, "minReplicas": 3, "maxReplicas": 1, "resources": {"cpu": "1", "memory": "1Gi"}}]}, "minReplicas (3) exceeds maxReplicas (1)"),
+        (
+            {
+                "workerGroups": [
+                    {
+                        "name": "x",
+                        "replicas": 0,
+                        "minReplicas": 3,
+                        "maxReplicas": 1,
+                        "resources": {"cpu": "1", "memory": "1Gi"},
+                    }
+                ]
+            },
+            "minReplicas (3) exceeds maxReplicas (1)",
+        ),
     ]
     for values, expected in cases:
         with pytest.raises(helm.HelmRenderError, match=expected.replace("(", r"\(").replace(")", r"\)")):
@@ -328,7 +519,9 @@ def test_security_defaults_on_every_pod(case: tuple[str, dict[str, Any], list[di
         assert pod_sc["runAsUser"] == 1000, where
         assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
         volumes = {v["name"]: v for v in spec["volumes"]}
-        assert not any(v.get("emptyDir", {}).get("medium") == "Memory" for v in volumes.values()), f"{where}: KubeRay injects /dev/shm"
+        assert not any(v.get("emptyDir", {}).get("medium") == "Memory" for v in volumes.values()), (
+            f"{where}: KubeRay injects /dev/shm"
+        )
         for container in spec["containers"]:
             sc = container["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, where
@@ -339,8 +532,14 @@ def test_security_defaults_on_every_pod(case: tuple[str, dict[str, Any], list[di
             assert "emptyDir" in volumes[mounts["/tmp"]], f"{where}: Ray writes /tmp/ray"
             assert "/dev/shm" not in mounts, where
             resources = container["resources"]
-            assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"]), where
-            assert not [e for e in container.get("env", []) if e["name"] in ("RAY_AUTH_TOKEN", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY") and "value" in e], where
+            assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"]), (
+                where
+            )
+            assert not [
+                e
+                for e in container.get("env", [])
+                if e["name"] in ("RAY_AUTH_TOKEN", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY") and "value" in e
+            ], where
 
 
 def test_autoscaler_sidecar_is_hardened_too(case: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> None:
@@ -375,7 +574,9 @@ def test_no_secret_values_in_values_files() -> None:
 
 
 # --------------------------------------------------------------------------- Ray shape
-def test_head_runs_no_tasks_and_workers_get_guaranteed_gpus(case: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> None:
+def test_head_runs_no_tasks_and_workers_get_guaranteed_gpus(
+    case: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
     name, _, objs = case
     gpus = 0
     for obj in (o for o in objs if o["apiVersion"] == "ray.io/v1"):
@@ -406,7 +607,10 @@ def test_gpu_profiles_match_their_names(chart: helm.Chart) -> None:
         objs = objects(render(chart, values))
         training = by_kind(objs, "RayJob") or by_kind(objs, "RayCluster")
         spec = cluster_specs(training[0])[0]
-        group = max(spec["workerGroupSpecs"], key=lambda g: int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)))
+        group = max(
+            spec["workerGroupSpecs"],
+            key=lambda g: int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)),
+        )
         assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
         assert group["maxReplicas"] == nodes
         recipe = values["recipe"]["train"]
@@ -433,7 +637,9 @@ def test_the_serving_cluster_can_run_the_vllm_image_while_training_keeps_the_gpu
 
 
 # --------------------------------------------------------------------------- recipe, jobs, serving
-def test_recipe_configmap_is_a_valid_recipe_mounted_everywhere(case: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> None:
+def test_recipe_configmap_is_a_valid_recipe_mounted_everywhere(
+    case: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
     _, _, objs = case
     (config_map,) = by_kind(objs, "ConfigMap")
     recipe = parse_recipe(yaml.safe_load(config_map["data"]["recipe.yaml"]), "ConfigMap recipe.yaml")
@@ -542,7 +748,9 @@ def test_network_policy_and_pdb_select_the_release_pods(chart: helm.Chart) -> No
     internal = [r for r in rules if "ports" not in r]
     assert internal == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
     serve_rules = [r for r in rules if {"protocol": "TCP", "port": 8000} in r.get("ports", [])]
-    assert serve_rules and serve_rules[0]["from"] == CASES["profile-gpu-1x8"].get("networkPolicy", {}).get("serveFrom", chart.values["networkPolicy"]["serveFrom"])
+    assert serve_rules and serve_rules[0]["from"] == CASES["profile-gpu-1x8"].get("networkPolicy", {}).get(
+        "serveFrom", chart.values["networkPolicy"]["serveFrom"]
+    )
 
     (pdb,) = by_kind(objs, "PodDisruptionBudget")
     pdb_selector = pdb["spec"]["selector"]["matchLabels"]
@@ -565,7 +773,18 @@ def test_notes_explain_how_to_reach_the_cluster(chart: helm.Chart) -> None:
 # The tests below run on every case (defaults, everything-on, each profile) and derive what
 # they expect from the merged values, so a new profile is checked without new test code.
 Case = tuple[str, dict[str, Any], list[dict[str, Any]]]
-QUANTITY_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "Ki": 2**10, "M": 1e6, "Mi": 2**20, "G": 1e9, "Gi": 2**30, "T": 1e12, "Ti": 2**40}
+QUANTITY_UNITS = {
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "Ki": 2**10,
+    "M": 1e6,
+    "Mi": 2**20,
+    "G": 1e9,
+    "Gi": 2**30,
+    "T": 1e12,
+    "Ti": 2**40,
+}
 
 
 def quantity(text: str | int | float) -> float:
@@ -579,7 +798,11 @@ def merged_values(chart: helm.Chart, values: dict[str, Any]) -> dict[str, Any]:
 
 def groups_for(obj: dict[str, Any], v: dict[str, Any]) -> list[dict[str, Any]]:
     """The worker-group values the chart should have used for this Ray object's cluster."""
-    own = {"RayCluster": [], "RayJob": v["trainJob"].get("workerGroups") or [], "RayService": v["serving"].get("workerGroups") or []}
+    own = {
+        "RayCluster": [],
+        "RayJob": v["trainJob"].get("workerGroups") or [],
+        "RayService": v["serving"].get("workerGroups") or [],
+    }
     return own[obj["kind"]] or v["workerGroups"]
 
 
@@ -612,8 +835,10 @@ def test_values_reach_every_pod_template(chart: helm.Chart, case: Case) -> None:
             head = spec["headGroupSpec"]
             head_spec = head["template"]["spec"]
             (head_container,) = head_spec["containers"]
-            assert head_container["resources"] == {"requests": expected_resources(v["head"]["resources"]),
-                                                   "limits": expected_resources(v["head"]["resources"])}, where
+            assert head_container["resources"] == {
+                "requests": expected_resources(v["head"]["resources"]),
+                "limits": expected_resources(v["head"]["resources"]),
+            }, where
             # The head holds GCS, the dashboard and the job drivers: never a token-sized pod.
             assert quantity(head_container["resources"]["limits"]["memory"]) >= 4 * 2**30, f"{where}: head memory"
             assert "nvidia.com/gpu" not in head_container["resources"]["limits"], where
@@ -622,8 +847,12 @@ def test_values_reach_every_pod_template(chart: helm.Chart, case: Case) -> None:
             assert not any(t.get("key") == "nvidia.com/gpu" for t in head_spec.get("tolerations", [])), where
             assert_scheduling(f"{where} head", head_spec, v["head"])
             assert {e["name"] for e in v["head"].get("env", [])} <= set(env_of(head_container)), where
-            assert v["head"].get("annotations", {}).items() <= head["template"]["metadata"]["annotations"].items(), where
-            assert {k: str(x) for k, x in v["head"].get("rayStartParams", {}).items() if k != "num-cpus"}.items() <= head["rayStartParams"].items()
+            assert v["head"].get("annotations", {}).items() <= head["template"]["metadata"]["annotations"].items(), (
+                where
+            )
+            assert {
+                k: str(x) for k, x in v["head"].get("rayStartParams", {}).items() if k != "num-cpus"
+            }.items() <= head["rayStartParams"].items()
 
             expected = {g["name"]: g for g in groups_for(obj, v)}
             rendered = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
@@ -631,18 +860,28 @@ def test_values_reach_every_pod_template(chart: helm.Chart, case: Case) -> None:
             for name, group in rendered.items():
                 want = expected[name]
                 gwhere = f"{where} worker:{name}"
-                assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (want["replicas"], want["minReplicas"], want["maxReplicas"]), gwhere
+                assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (
+                    want["replicas"],
+                    want["minReplicas"],
+                    want["maxReplicas"],
+                ), gwhere
                 pod = group["template"]["spec"]
                 (container,) = pod["containers"]
                 # KubeRay derives num-cpus/num-gpus/memory from the limits; requests equal
                 # them so the scheduler reserves exactly what Ray will use.
-                assert container["resources"] == {"requests": expected_resources(want["resources"]),
-                                                  "limits": expected_resources(want["resources"])}, gwhere
+                assert container["resources"] == {
+                    "requests": expected_resources(want["resources"]),
+                    "limits": expected_resources(want["resources"]),
+                }, gwhere
                 assert_scheduling(gwhere, pod, want)
                 if want["resources"].get("gpu"):
-                    assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), f"{gwhere}: GPU taint not tolerated"
+                    assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", [])), (
+                        f"{gwhere}: GPU taint not tolerated"
+                    )
                 assert {e["name"] for e in want.get("env", [])} <= set(env_of(container)), gwhere
-                assert want.get("annotations", {}).items() <= group["template"]["metadata"]["annotations"].items(), gwhere
+                assert want.get("annotations", {}).items() <= group["template"]["metadata"]["annotations"].items(), (
+                    gwhere
+                )
                 assert group["rayStartParams"] == {k: str(x) for k, x in want.get("rayStartParams", {}).items()}, gwhere
 
 
@@ -653,13 +892,19 @@ def test_autoscaling_v2_follows_values(chart: helm.Chart, case: Case) -> None:
         for spec in cluster_specs(obj):
             options = spec["autoscalerOptions"]
             assert (options["version"], options["idleTimeoutSeconds"], options["upscalingMode"]) == (
-                "v2", v["autoscaling"]["idleTimeoutSeconds"], v["autoscaling"]["upscalingMode"])
+                "v2",
+                v["autoscaling"]["idleTimeoutSeconds"],
+                v["autoscaling"]["upscalingMode"],
+            )
             head = spec["headGroupSpec"]["template"]["spec"]
             # Only the head mounts a service-account token: the autoscaler sidecar needs it.
             assert head["automountServiceAccountToken"] is True
             for _, template in pod_templates(obj):
                 (container,) = template["spec"]["containers"]
-                assert env_of(container).get("MEDTUNE_CLUSTER_AUTOSCALES", {}).get("value") == "1" or container["name"] == "ray-job-submitter"
+                assert (
+                    env_of(container).get("MEDTUNE_CLUSTER_AUTOSCALES", {}).get("value") == "1"
+                    or container["name"] == "ray-job-submitter"
+                )
 
 
 def test_without_autoscaling_nothing_autoscales(chart: helm.Chart) -> None:
@@ -678,12 +923,22 @@ def test_autoscaler_sidecar_is_a_valid_container(case: Case) -> None:
     for obj in (o for o in objs if o["apiVersion"] == "ray.io/v1"):
         for spec in cluster_specs(obj):
             options = spec["autoscalerOptions"]
-            container = {"name": "autoscaler", "image": "rayproject/ray:2.60.0",
-                         **{k: options[k] for k in ("imagePullPolicy", "resources", "securityContext", "env", "volumeMounts") if k in options}}
+            container = {
+                "name": "autoscaler",
+                "image": "rayproject/ray:2.60.0",
+                **{
+                    k: options[k]
+                    for k in ("imagePullPolicy", "resources", "securityContext", "env", "volumeMounts")
+                    if k in options
+                },
+            }
             head = copy.deepcopy(spec["headGroupSpec"]["template"])
             head["spec"]["containers"].append(container)
-            kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": head},
-                                         K8S_VERSION, strict=True)
+            kubernetes_validate.validate(
+                {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": head},
+                K8S_VERSION,
+                strict=True,
+            )
             assert {m["mountPath"] for m in options["volumeMounts"]} == {"/tmp"}
 
 
@@ -696,7 +951,10 @@ def test_train_job_follows_values(chart: helm.Chart, case: Case) -> None:
         spec, want = job["spec"], v["trainJob"]
         assert spec["entrypoint"] == "python -m ray_jobs.train /etc/medtune/recipe.yaml"
         assert (spec["submissionMode"], spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (
-            want["submissionMode"], want["backoffLimit"], want["activeDeadlineSeconds"])
+            want["submissionMode"],
+            want["backoffLimit"],
+            want["activeDeadlineSeconds"],
+        )
         if want["runtimeEnv"]:
             assert yaml.safe_load(spec["runtimeEnvYAML"]) == want["runtimeEnv"]
         else:
@@ -708,7 +966,9 @@ def test_train_job_follows_values(chart: helm.Chart, case: Case) -> None:
             assert not {"rayClusterSpec", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished"} & set(spec)
         else:
             assert (spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"]) == (
-                want["shutdownAfterJobFinishes"], want["ttlSecondsAfterFinished"])
+                want["shutdownAfterJobFinishes"],
+                want["ttlSecondsAfterFinished"],
+            )
             assert "clusterSelector" not in spec and "rayClusterSpec" in spec
         assert ("submitterPodTemplate" in spec) == (want["submissionMode"] == "K8sJobMode")
 
@@ -720,14 +980,20 @@ def test_service_account_and_secret_references(chart: helm.Chart, case: Case) ->
     (account,) = by_kind(objs, "ServiceAccount")
     assert account["metadata"].get("annotations", {}) == v["serviceAccount"]["annotations"]
     allowed = {v[k]["existingSecret"] for k in ("s3", "hub", "rayAuth")} | {
-        v["serving"]["apiKeys"]["existingSecret"], v["serving"]["gcsFaultTolerance"]["existingSecret"]}
+        v["serving"]["apiKeys"]["existingSecret"],
+        v["serving"]["gcsFaultTolerance"]["existingSecret"],
+    }
     allowed.discard("")
     referenced = set()
     for where, template in all_pod_templates(objs):
         assert template["spec"]["serviceAccountName"] == account["metadata"]["name"], where
         referenced |= {vol["secret"]["secretName"] for vol in template["spec"]["volumes"] if "secret" in vol}
         for container in template["spec"]["containers"]:
-            referenced |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+            referenced |= {
+                e["valueFrom"]["secretKeyRef"]["name"]
+                for e in container.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})
+            }
     for obj in (o for o in objs if o["apiVersion"] == "ray.io/v1"):
         for spec in cluster_specs(obj):
             password = spec.get("gcsFaultToleranceOptions", {}).get("redisPassword")
@@ -759,7 +1025,10 @@ def test_serve_config_imports_the_real_app(chart: helm.Chart, case: Case, tmp_pa
         for where, template in pod_templates(service):
             mounts = {m["mountPath"]: m["name"] for m in template["spec"]["containers"][0]["volumeMounts"]}
             volumes = {vol["name"]: vol for vol in template["spec"]["volumes"]}
-            assert volumes[mounts[posixpath.dirname(app["args"]["recipe"])]]["configMap"]["name"] == config_map["metadata"]["name"], where
+            assert (
+                volumes[mounts[posixpath.dirname(app["args"]["recipe"])]]["configMap"]["name"]
+                == config_map["metadata"]["name"]
+            ), where
         recipe_file = tmp_path / "recipe.yaml"
         recipe_file.write_text(config_map["data"]["recipe.yaml"])
         application = builder({**app["args"], "recipe": str(recipe_file)})
@@ -767,12 +1036,19 @@ def test_serve_config_imports_the_real_app(chart: helm.Chart, case: Case, tmp_pa
         recipe = yaml.safe_load(config_map["data"]["recipe.yaml"])
         replica_gpus = application._bound_deployment.ray_actor_options.get("num_gpus", 0)
         assert replica_gpus == recipe["serve"].get("gpus_per_replica", 0)
-        fits = [g for g in cluster["workerGroupSpecs"]
-                if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= replica_gpus
-                and g["maxReplicas"] >= 1]
+        fits = [
+            g
+            for g in cluster["workerGroupSpecs"]
+            if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+            >= replica_gpus
+            and g["maxReplicas"] >= 1
+        ]
         assert fits, f"no serving worker group has {replica_gpus} GPUs for a replica"
         assert config["http_options"]["port"] == v["serving"]["serve"]["port"]
-        head_ports = {p["name"]: p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+        head_ports = {
+            p["name"]: p["containerPort"]
+            for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+        }
         assert head_ports["serve"] == v["serving"]["serve"]["port"]
 
 
@@ -783,12 +1059,17 @@ def test_training_recipe_fits_its_cluster(chart: helm.Chart, case: Case) -> None
     train = yaml.safe_load(config_map["data"]["recipe.yaml"]).get("train", {})
     workers, gpus, cpus = train.get("workers", 1), train.get("gpus_per_worker", 0), train.get("cpus_per_worker", 1)
     jobs = by_kind(objs, "RayJob")
-    clusters = [cluster_specs(j)[0] for j in jobs if "rayClusterSpec" in j["spec"]] or [cluster_specs(c)[0] for c in by_kind(objs, "RayCluster")]
+    clusters = [cluster_specs(j)[0] for j in jobs if "rayClusterSpec" in j["spec"]] or [
+        cluster_specs(c)[0] for c in by_kind(objs, "RayCluster")
+    ]
     for spec in clusters:
         slots = 0
         for group in spec["workerGroupSpecs"]:
             limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-            pod_gpus, pod_cpus = int(limits.get("nvidia.com/gpu", 0)), quantity(group["rayStartParams"].get("num-cpus", limits["cpu"]))
+            pod_gpus, pod_cpus = (
+                int(limits.get("nvidia.com/gpu", 0)),
+                quantity(group["rayStartParams"].get("num-cpus", limits["cpu"])),
+            )
             per_pod = min(pod_cpus // cpus, pod_gpus // gpus if gpus else float("inf"))
             slots += int(per_pod) * group["maxReplicas"]
         assert slots >= workers, f"{workers} Ray Train workers x ({cpus} CPU, {gpus} GPU) do not fit"
@@ -803,7 +1084,9 @@ def test_network_policy_covers_every_pod(chart: helm.Chart, case: Case) -> None:
         selector = policy["spec"]["podSelector"]["matchLabels"]
         for where, template in all_pod_templates(objs):
             assert selector.items() <= template["metadata"]["labels"].items(), where
-        dashboard_rules = [r for r in policy["spec"]["ingress"] if {"protocol": "TCP", "port": 8265} in r.get("ports", [])]
+        dashboard_rules = [
+            r for r in policy["spec"]["ingress"] if {"protocol": "TCP", "port": 8265} in r.get("ports", [])
+        ]
         (rule,) = dashboard_rules
         # The dashboard (job API, code execution) only from the operator and named peers.
         assert len(rule["from"]) == 1 + len(v["networkPolicy"]["dashboardFrom"])

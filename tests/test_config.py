@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_jobs.config import Recipe, RecipeError, StorageConfig, apply_overrides, load_recipe, parse_recipe
+from ray_jobs.core.recipe import Recipe, RecipeError, StorageConfig, apply_overrides, load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart" / "tiny-llama-lora.yaml"
@@ -109,7 +109,12 @@ def test_every_problem_is_reported_at_once():
     raw = recipe_with(name="Bad Name", train={"lr": -1, "epochs": 0, "lrr": 2}, data={"eval_fraction": 1.5})
     problems = problems_of(raw)
     assert sorted(p.split(":")[0] for p in problems) == [
-        "data.eval_fraction", "name", "train.epochs", "train.lr", "train.lrr"]
+        "data.eval_fraction",
+        "name",
+        "train.epochs",
+        "train.lr",
+        "train.lrr",
+    ]
     assert all("\n" not in p for p in problems)
 
 
@@ -133,7 +138,9 @@ def test_a_reasoning_template_must_keep_both_placeholders():
 
 # --------------------------------------------------------------------------- cross-field rules
 def test_zero3_with_8bit_weights_names_the_deepspeed_key():
-    problems = problems_of(recipe_with(model={"quantization": "8bit"}, train={"deepspeed": "zero3", "gpus_per_worker": 1}))
+    problems = problems_of(
+        recipe_with(model={"quantization": "8bit"}, train={"deepspeed": "zero3", "gpus_per_worker": 1})
+    )
     assert len(problems) == 1
     assert problems[0].startswith("train.deepspeed: zero3 cannot shard 8-bit weights")
 
@@ -144,7 +151,9 @@ def test_full_fine_tuning_of_quantised_weights_names_the_method_key():
     assert problems[0].startswith("train.method: full fine-tuning cannot update 4bit")
 
 
-@pytest.mark.parametrize(("metric", "needed"), [("entities", "entities"), ("format", "reasoning"), ("sdtm", "instruction")])
+@pytest.mark.parametrize(
+    ("metric", "needed"), [("entities", "entities"), ("format", "reasoning"), ("sdtm", "instruction")]
+)
 def test_a_task_metric_needs_its_data_format(metric: str, needed: str):
     (problem,) = problems_of(recipe_with(eval={"metrics": ["perplexity", metric]}))
     assert problem.startswith(f"eval.metrics: {metric} needs data.format: {needed}")
@@ -152,8 +161,9 @@ def test_a_task_metric_needs_its_data_format(metric: str, needed: str):
 
 
 def test_several_cross_field_problems_are_reported_together():
-    problems = problems_of(recipe_with(model={"quantization": "8bit"}, train={"deepspeed": "zero3"},
-                                       eval={"metrics": ["entities"]}))
+    problems = problems_of(
+        recipe_with(model={"quantization": "8bit"}, train={"deepspeed": "zero3"}, eval={"metrics": ["entities"]})
+    )
     assert sorted(p.split(":")[0] for p in problems) == ["eval.metrics", "model.quantization", "train.deepspeed"]
 
 
@@ -175,28 +185,57 @@ def test_serve_replica_bounds_are_checked():
     assert problem.startswith("serve: min_replicas (3) exceeds max_replicas (1)")
 
 
-@pytest.mark.parametrize("section", [{"lora": {"modules_to_save": ["lm_head"]}},
-                                     {"serve": {"min_replicas": 3, "max_replicas": 1}}], ids=["lora", "serve"])
+@pytest.mark.parametrize(
+    "section",
+    [{"lora": {"modules_to_save": ["lm_head"]}}, {"serve": {"min_replicas": 3, "max_replicas": 1}}],
+    ids=["lora", "serve"],
+)
 def test_a_section_rule_is_reported_without_a_bogus_value(section: dict):
     (problem,) = problems_of(recipe_with(**section))
     assert not problem.endswith("(got dict)")
 
 
 def test_a_valid_combination_passes_the_cross_checks():
-    recipe = parse_recipe(recipe_with(model={"quantization": "4bit"}, train={"deepspeed": "zero3"},
-                                      data={"format": "entities"}, eval={"metrics": ["entities"]}))
+    recipe = parse_recipe(
+        recipe_with(
+            model={"quantization": "4bit"},
+            train={"deepspeed": "zero3"},
+            data={"format": "entities"},
+            eval={"metrics": ["entities"]},
+        )
+    )
     assert recipe.train.deepspeed == "zero3"
 
 
 # --------------------------------------------------------------------------- storage root
-@pytest.mark.parametrize("root", ["./medtune-output", "/abs/dir", "s3://my-bucket", "s3://my-bucket/prefix/x",
-                                  "s3://abc", "s3://a.b-c.d", "s3://" + "a" * 63])
+@pytest.mark.parametrize(
+    "root",
+    [
+        "./medtune-output",
+        "/abs/dir",
+        "s3://my-bucket",
+        "s3://my-bucket/prefix/x",
+        "s3://abc",
+        "s3://a.b-c.d",
+        "s3://" + "a" * 63,
+    ],
+)
 def test_storage_accepts_local_directories_and_valid_bucket_names(root: str):
     assert StorageConfig(root=root).root == root
 
 
-@pytest.mark.parametrize("root", ["s3://AB-upper", "s3://ab", "s3://-leading-dash", "s3://trailing-dash-",
-                                  "s3://under_score", "s3://" + "a" * 64, "s3:///no-bucket"])
+@pytest.mark.parametrize(
+    "root",
+    [
+        "s3://AB-upper",
+        "s3://ab",
+        "s3://-leading-dash",
+        "s3://trailing-dash-",
+        "s3://under_score",
+        "s3://" + "a" * 64,
+        "s3:///no-bucket",
+    ],
+)
 def test_storage_rejects_invalid_bucket_names(root: str):
     (problem,) = problems_of(recipe_with(storage={"root": root}))
     assert problem.startswith("storage.root: bucket ")
@@ -286,8 +325,9 @@ def test_medtune_validate_accepts_the_quickstart_and_prints_it_with_defaults():
 
 def test_medtune_validate_reports_each_problem_on_one_line_and_exits_2(tmp_path: Path):
     path = tmp_path / "bad.yaml"
-    path.write_text(QUICKSTART.read_text().replace("  lr: 3.0e-3", "  lrr: 3.0e-3").replace(
-        "format: entities", "format: entity"))
+    path.write_text(
+        QUICKSTART.read_text().replace("  lr: 3.0e-3", "  lrr: 3.0e-3").replace("format: entities", "format: entity")
+    )
     result = medtune("validate", str(path), "--set", "lora.r=0")
     assert result.returncode == 2
     assert result.stdout == ""

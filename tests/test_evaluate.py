@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from lora_adapters import make_adapter
-from ray_jobs.config import parse_recipe
-from ray_jobs.evaluate import run as evaluate_run
-from ray_jobs.evaluate.run import EvaluateError
-from ray_jobs.storage import Storage, adapter_prefix
+from ray_jobs.core.artifacts import AdapterNotFoundError
+from ray_jobs.core.recipe import parse_recipe
+from ray_jobs.core.storage import Storage, adapter_prefix
+from ray_jobs.pipeline import evaluate
 from ray_jobs.synthetic import entity_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
@@ -26,13 +26,20 @@ def recipe_for(tmp_path: Path, tiny_llama_dir: Path, **eval_options):
     if not notes.exists():
         notes.write_text(json.dumps(entity_rows(8, seed=3)))
         heldout.write_text(json.dumps(entity_rows(8, seed=5)))
-    return parse_recipe({
-        "name": "eval-test", "model": {"base": str(tiny_llama_dir)},
-        "data": {"format": "entities", "train": [str(notes)], "eval": [str(heldout)],
-                 "system_prompt": "Extract the entities as JSON."},
-        "eval": {"metrics": ["entities"], "batch_size": 1, "generation": {"max_new_tokens": 12}, **eval_options},
-        "storage": {"root": str(tmp_path / "storage")},
-    })
+    return parse_recipe(
+        {
+            "name": "eval-test",
+            "model": {"base": str(tiny_llama_dir)},
+            "data": {
+                "format": "entities",
+                "train": [str(notes)],
+                "eval": [str(heldout)],
+                "system_prompt": "Extract the entities as JSON.",
+            },
+            "eval": {"metrics": ["entities"], "batch_size": 1, "generation": {"max_new_tokens": 12}, **eval_options},
+            "storage": {"root": str(tmp_path / "storage")},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +52,10 @@ def published(tmp_path_factory, tiny_llama_dir):
 
 
 def test_the_report_is_the_same_whether_one_or_two_ray_tasks_evaluate(published, tiny_llama_dir, capsys):
-    one = evaluate_run.run(recipe_for(published, tiny_llama_dir, workers=1))
+    one = evaluate(recipe_for(published, tiny_llama_dir, workers=1))
     assert "Ray tasks" not in capsys.readouterr().out
     pairs_one = json.loads((Path(one["uri"]) / "true_pred_entities.json").read_text())
-    two = evaluate_run.run(recipe_for(published, tiny_llama_dir, workers=2))
+    two = evaluate(recipe_for(published, tiny_llama_dir, workers=2))
     pairs_two = json.loads((Path(two["uri"]) / "true_pred_entities.json").read_text())
     assert "evaluating 8 rows in 2 Ray tasks" in capsys.readouterr().out
 
@@ -66,12 +73,12 @@ def test_the_report_is_the_same_whether_one_or_two_ray_tasks_evaluate(published,
 
 
 def test_a_missing_adapter_names_the_ones_that_exist(published, tiny_llama_dir):
-    with pytest.raises(EvaluateError, match="eval-test"):
-        evaluate_run.run(recipe_for(published, tiny_llama_dir), adapter="no-such-adapter")
+    with pytest.raises(AdapterNotFoundError, match="eval-test"):
+        evaluate(recipe_for(published, tiny_llama_dir), adapter="no-such-adapter")
 
 
 def test_asking_for_vllm_where_it_cannot_run_says_why(published, tiny_llama_dir):
     from ray_jobs.core.engines import EngineUnavailableError
 
     with pytest.raises(EngineUnavailableError, match="engine vllm cannot run here: vLLM is not installed"):
-        evaluate_run.run(recipe_for(published, tiny_llama_dir, workers=1, engine="vllm"))
+        evaluate(recipe_for(published, tiny_llama_dir, workers=1, engine="vllm"))

@@ -15,12 +15,15 @@ import json
 import pytest
 
 from lora_adapters import Oracle, make_adapter
-from ray_jobs.config import parse_recipe
+from ray_jobs.core.recipe import parse_recipe
 
 pytestmark = pytest.mark.gpu
 
-QUESTIONS = [f"{lead} {finding}" for lead in ("Patient reports", "History of", "Discharged after", "Started on")
-             for finding in ("fatigue and anemia", "chest pain", "type 2 diabetes", "metformin 500 mg", "a fever")]
+QUESTIONS = [
+    f"{lead} {finding}"
+    for lead in ("Patient reports", "History of", "Discharged after", "Started on")
+    for finding in ("fatigue and anemia", "chest pain", "type 2 diabetes", "metformin 500 mg", "a fever")
+]
 
 
 def test_vllm_answers_for_base_and_adapter_match_peft_generate(tmp_path):
@@ -34,14 +37,20 @@ def test_vllm_answers_for_base_and_adapter_match_peft_generate(tmp_path):
 
     base = build_tiny_model(tmp_path / "base", "llama", hidden_size=256)
     adapter = make_adapter(base, tmp_path / "adapter", seed=3, std=0.1)
-    recipe = parse_recipe({
-        "name": "eval-vllm", "model": {"base": str(base), "dtype": "fp16"},
-        "data": {"format": "chat", "train": "unused.jsonl"}, "eval": {"generation": {"max_new_tokens": 16}},
-        "serve": {"vllm": {"enforce_eager": True, "gpu_memory_utilization": 0.3}},
-    })
+    recipe = parse_recipe(
+        {
+            "name": "eval-vllm",
+            "model": {"base": str(base), "dtype": "fp16"},
+            "data": {"format": "chat", "train": "unused.jsonl"},
+            "eval": {"generation": {"max_new_tokens": 16}},
+            "serve": {"vllm": {"enforce_eager": True, "gpu_memory_utilization": 0.3}},
+        }
+    )
     oracle = Oracle(base)
-    rows = [{"messages": json.dumps([{"role": "user", "content": q}, {"role": "assistant", "content": ""}])}
-            for q in QUESTIONS]
+    rows = [
+        {"messages": json.dumps([{"role": "user", "content": q}, {"role": "assistant", "content": ""}])}
+        for q in QUESTIONS
+    ]
     answers = generate_with_vllm(recipe, str(base), adapter, prompt_token_ids(oracle.tokenizer, rows))
     for label, adapter_dir in (("base", None), ("adapter", adapter)):
         outputs, seconds = answers[label]

@@ -15,19 +15,28 @@ import torch
 from lora_adapters import make_adapter
 from ray_jobs import export
 from ray_jobs.cli import main as cli
-from ray_jobs.config import parse_recipe
-from ray_jobs.storage import Storage, adapter_prefix
+from ray_jobs.core.artifacts import AdapterNotFoundError
+from ray_jobs.core.recipe import parse_recipe
+from ray_jobs.core.storage import Storage, adapter_prefix
 
 
 @pytest.fixture
 def published(tmp_path: Path, tiny_llama_dir: Path):
     """A recipe whose storage holds adapters `doctor` and `patient` (one version each)."""
-    recipe = parse_recipe({"name": "export-test", "model": {"base": str(tiny_llama_dir)},
-                           "data": {"format": "entities", "train": ["unused.json"]},
-                           "storage": {"root": str(tmp_path / "storage")}})
+    recipe = parse_recipe(
+        {
+            "name": "export-test",
+            "model": {"base": str(tiny_llama_dir)},
+            "data": {"format": "entities", "train": ["unused.json"]},
+            "storage": {"root": str(tmp_path / "storage")},
+        }
+    )
     storage = Storage.from_uri(recipe.storage.root)
     for seed, name in enumerate(("doctor", "patient")):
-        storage.upload_dir(make_adapter(tiny_llama_dir, tmp_path / name, seed, rank=4, std=0.5, targets=["q_proj", "v_proj"]), adapter_prefix(name, "v1"))
+        storage.upload_dir(
+            make_adapter(tiny_llama_dir, tmp_path / name, seed, rank=4, std=0.5, targets=["q_proj", "v_proj"]),
+            adapter_prefix(name, "v1"),
+        )
     return recipe, storage
 
 
@@ -45,8 +54,9 @@ def test_a_merged_model_gives_the_logits_of_the_adapter_on_its_base(published, t
     assert uri == storage.uri("models/doctor-v1-merged")
     merged = AutoModelForCausalLM.from_pretrained(uri, dtype=torch.float32)  # plain transformers, no PEFT
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
-                                        storage.path("adapters/doctor/v1"))
+    on_base = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), storage.path("adapters/doctor/v1")
+    )
     ids = torch.randint(5, 600, (2, 32))
     torch.testing.assert_close(logits(merged, ids), logits(on_base, ids), rtol=1e-4, atol=1e-4)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
@@ -80,13 +90,16 @@ def test_combining_with_all_weight_on_one_adapter_reproduces_it(published, tiny_
     assert json.loads(Path(uri, "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama_dir)
 
     def load(path):
-        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), path)
+        return PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), path
+        )
 
     ids = torch.randint(5, 600, (1, 24))
     # Linear combination weights the B and A matrices each by sqrt(weight) in PEFT, so the
     # product carries the weight: all of it on `doctor` is `doctor` exactly.
-    torch.testing.assert_close(logits(load(uri), ids), logits(load(storage.path("adapters/doctor/v1")), ids),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits(load(uri), ids), logits(load(storage.path("adapters/doctor/v1")), ids), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear"])
@@ -96,8 +109,9 @@ def test_ties_and_dare_produce_a_loadable_adapter_between_its_sources(published,
 
     recipe, storage = published
     torch.manual_seed(0)
-    uri = export.combine(recipe, ["doctor", "patient"], [0.5, 0.5], name=f"blend-{method.replace('_', '-')}",
-                         method=method, density=0.5)
+    uri = export.combine(
+        recipe, ["doctor", "patient"], [0.5, 0.5], name=f"blend-{method.replace('_', '-')}", method=method, density=0.5
+    )
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), uri)
     tensors = [p for n, p in model.named_parameters() if "lora_" in n]
     assert tensors and all(t.abs().sum() > 0 for t in tensors)
@@ -105,7 +119,7 @@ def test_ties_and_dare_produce_a_loadable_adapter_between_its_sources(published,
 
 def test_bad_export_requests_name_what_to_change(published):
     recipe, _ = published
-    with pytest.raises(export.ExportError, match="adapter 'nurse' not found.*doctor"):
+    with pytest.raises(AdapterNotFoundError, match="adapter 'nurse' not found.*doctor"):
         export.merge(recipe, "nurse")
     with pytest.raises(export.ExportError, match="needs --density"):
         export.combine(recipe, ["doctor", "patient"], [0.5, 0.5], name="x", method="ties")

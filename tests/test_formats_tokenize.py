@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from ray_jobs.config import AudienceConfig, DataConfig
+from ray_jobs.core.recipe import AudienceConfig, DataConfig
 from ray_jobs.preprocess.formats import RowRejected, normalize_entities, to_conversation
 from ray_jobs.preprocess.tokenize import IGNORE_INDEX, pack_documents, tokenize_conversation, unpacked_row
 from ray_jobs.tiny_model import TEMPLATES
 
-ENTITY_PROMPT = ("You are a medical entity extractor from clinical texts. Extract the entities from the "
-                 "text and return them in a structured JSON format.")
+ENTITY_PROMPT = (
+    "You are a medical entity extractor from clinical texts. Extract the entities from the "
+    "text and return them in a structured JSON format."
+)
 
 
 def data_config(fmt: str, **fields) -> DataConfig:
@@ -39,8 +41,7 @@ SDTM_ROW = {
     "instruction": "You are an SDTM annotation assistant. Select the SDTM domain for the CRF field.",
     "input": "Field label: Adverse event term\nForm: Adverse Events",
     "output": "Domain: AE",
-    "metadata": {"step": "domain_selection", "domain": "AE", "pattern": "direct",
-                 "field_label": "Adverse event term"},
+    "metadata": {"step": "domain_selection", "domain": "AE", "pattern": "direct", "field_label": "Adverse event term"},
 }
 
 
@@ -79,8 +80,11 @@ def test_instruction_metadata_may_arrive_as_a_json_string():
 
 # --------------------------------------------------------------------------- qa (medical Q&A seed)
 def test_qa_rows_keep_their_category_for_evaluation():
-    row = {"question": "What are the side effects of ibuprofen?",
-           "answer": "Nausea, heartburn and, rarely, stomach bleeding.", "category": " Drug Information "}
+    row = {
+        "question": "What are the side effects of ibuprofen?",
+        "answer": "Nausea, heartburn and, rarely, stomach bleeding.",
+        "category": " Drug Information ",
+    }
     messages, meta = to_conversation(row, data_config("qa", system_prompt="You are a helpful medical assistant."))
     assert messages == [
         {"role": "system", "content": "You are a helpful medical assistant."},
@@ -101,14 +105,15 @@ REASONING_ROW = {
     "complex_cot": "Fever plus productive cough suggests a lower respiratory infection.",
     "response": "The most likely diagnosis is pneumonia. Recommend a chest X-ray.",
 }
-REASONING_ANSWER = (f"## Thinking\n\n{REASONING_ROW['complex_cot']}\n\n"
-                    f"## Final Response\n\n{REASONING_ROW['response']}")
+REASONING_ANSWER = f"## Thinking\n\n{REASONING_ROW['complex_cot']}\n\n## Final Response\n\n{REASONING_ROW['response']}"
 
 
 def test_reasoning_rows_become_thinking_then_final_response():
     messages, meta = to_conversation(REASONING_ROW, data_config("reasoning"))
-    assert messages == [{"role": "user", "content": REASONING_ROW["question"]},
-                        {"role": "assistant", "content": REASONING_ANSWER}]
+    assert messages == [
+        {"role": "user", "content": REASONING_ROW["question"]},
+        {"role": "assistant", "content": REASONING_ANSWER},
+    ]
     assert meta["final_response"] == REASONING_ROW["response"]
 
 
@@ -118,31 +123,61 @@ def test_the_reasoning_template_is_configurable():
     assert messages[-1]["content"] == f"<think>{REASONING_ROW['complex_cot']}</think>{REASONING_ROW['response']}"
 
 
-@pytest.mark.parametrize("record", [
-    {"Question": REASONING_ROW["question"], "Complex_CoT": REASONING_ROW["complex_cot"],
-     "Response": REASONING_ROW["response"]},
-    {"QUESTION": REASONING_ROW["question"], "complex-cot": REASONING_ROW["complex_cot"],
-     "final_response": REASONING_ROW["response"]},
-    {"data": {"question": REASONING_ROW["question"], "complex_cot": REASONING_ROW["complex_cot"],
-              "response": REASONING_ROW["response"]}, "source": "medical-o1"},
-    {"prompt": REASONING_ROW["question"], "chain_of_thought": REASONING_ROW["complex_cot"],
-     "answer": REASONING_ROW["response"]},
-], ids=["capitalised", "punctuation", "nested", "aliases"])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {
+            "Question": REASONING_ROW["question"],
+            "Complex_CoT": REASONING_ROW["complex_cot"],
+            "Response": REASONING_ROW["response"],
+        },
+        {
+            "QUESTION": REASONING_ROW["question"],
+            "complex-cot": REASONING_ROW["complex_cot"],
+            "final_response": REASONING_ROW["response"],
+        },
+        {
+            "data": {
+                "question": REASONING_ROW["question"],
+                "complex_cot": REASONING_ROW["complex_cot"],
+                "response": REASONING_ROW["response"],
+            },
+            "source": "medical-o1",
+        },
+        {
+            "prompt": REASONING_ROW["question"],
+            "chain_of_thought": REASONING_ROW["complex_cot"],
+            "answer": REASONING_ROW["response"],
+        },
+    ],
+    ids=["capitalised", "punctuation", "nested", "aliases"],
+)
 def test_renamed_capitalised_and_nested_fields_are_found(record: dict):
     messages, _ = to_conversation(record, data_config("reasoning"))
-    assert messages == [{"role": "user", "content": REASONING_ROW["question"]},
-                        {"role": "assistant", "content": REASONING_ANSWER}]
+    assert messages == [
+        {"role": "user", "content": REASONING_ROW["question"]},
+        {"role": "assistant", "content": REASONING_ANSWER},
+    ]
 
 
 def test_an_explicit_column_mapping_follows_dotted_paths():
-    record = {"payload": {"Patient_Question": REASONING_ROW["question"],
-                          "steps": [REASONING_ROW["complex_cot"], "ignored second step"]},
-              "final": REASONING_ROW["response"], "question": "a decoy the mapping overrides"}
-    config = data_config("reasoning", columns={"question": "payload.patient_question",
-                                               "complex_cot": "payload.steps.0", "response": "final"})
+    record = {
+        "payload": {
+            "Patient_Question": REASONING_ROW["question"],
+            "steps": [REASONING_ROW["complex_cot"], "ignored second step"],
+        },
+        "final": REASONING_ROW["response"],
+        "question": "a decoy the mapping overrides",
+    }
+    config = data_config(
+        "reasoning",
+        columns={"question": "payload.patient_question", "complex_cot": "payload.steps.0", "response": "final"},
+    )
     messages, _ = to_conversation(record, config)
-    assert messages == [{"role": "user", "content": REASONING_ROW["question"]},
-                        {"role": "assistant", "content": REASONING_ANSWER}]
+    assert messages == [
+        {"role": "user", "content": REASONING_ROW["question"]},
+        {"role": "assistant", "content": REASONING_ANSWER},
+    ]
 
 
 def test_a_column_mapping_to_a_missing_path_rejects_the_row():
@@ -152,9 +187,14 @@ def test_a_column_mapping_to_a_missing_path_rejects_the_row():
 
 # --------------------------------------------------------------------------- entities (Unsloth seed)
 def test_entity_rows_become_a_json_answer_of_their_entities():
-    row = {"text": "Prescribed metformin 500mg twice daily.",
-           "entities": [{"label": "Medication", "text": "metformin"}, {"label": "Dosage", "text": "500mg"},
-                        {"label": "Frequency", "text": "twice daily"}]}
+    row = {
+        "text": "Prescribed metformin 500mg twice daily.",
+        "entities": [
+            {"label": "Medication", "text": "metformin"},
+            {"label": "Dosage", "text": "500mg"},
+            {"label": "Frequency", "text": "twice daily"},
+        ],
+    }
     messages, meta = to_conversation(row, data_config("entities", system_prompt=ENTITY_PROMPT))
     assert messages == [
         {"role": "system", "content": ENTITY_PROMPT},
@@ -165,9 +205,13 @@ def test_entity_rows_become_a_json_answer_of_their_entities():
 
 
 def test_repeated_entities_are_listed_once_when_unique_entities_is_on():
-    row = {"text": "The patient has diabetes mellitus; diabetes mellitus is poorly controlled.",
-           "entities": [{"label": "Disease", "text": "diabetes mellitus"},
-                        {"label": "Disease", "text": "diabetes mellitus"}]}
+    row = {
+        "text": "The patient has diabetes mellitus; diabetes mellitus is poorly controlled.",
+        "entities": [
+            {"label": "Disease", "text": "diabetes mellitus"},
+            {"label": "Disease", "text": "diabetes mellitus"},
+        ],
+    }
     _, unique = to_conversation(row, data_config("entities"))
     _, repeated = to_conversation(row, data_config("entities", unique_entities=False))
     assert unique["entities"] == [{"label": "Disease", "text": "diabetes mellitus"}]
@@ -185,21 +229,31 @@ def test_entity_matching_ignores_case():
     assert meta["entities"] == [{"label": "Disease", "text": "diabetes mellitus"}]
 
 
-@pytest.mark.parametrize("value", [
-    [{"label": "Disease", "text": "asthma"}],
-    '[{"label": "Disease", "text": "asthma"}]',
-    {"entities": [{"label": "Disease", "text": "asthma"}]},
-    [{"Type": "Disease", "Value": " asthma "}],
-    [["Disease", "asthma"]],
-], ids=["dicts", "json-string", "wrapped", "other-keys", "pairs"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        [{"label": "Disease", "text": "asthma"}],
+        '[{"label": "Disease", "text": "asthma"}]',
+        {"entities": [{"label": "Disease", "text": "asthma"}]},
+        [{"Type": "Disease", "Value": " asthma "}],
+        [["Disease", "asthma"]],
+    ],
+    ids=["dicts", "json-string", "wrapped", "other-keys", "pairs"],
+)
 def test_entity_lists_are_normalised_from_common_shapes(value):
     assert normalize_entities(value, unique=True) == [{"label": "Disease", "text": "asthma"}]
 
 
-@pytest.mark.parametrize(("value", "reason"), [
-    ("not json", "wrong_type:entities"), (42, "wrong_type:entities"), (["asthma"], "wrong_type:entities"),
-    ([{"label": "Disease", "text": ""}], "bad_entity"), ([{"label": "", "text": "asthma"}], "bad_entity"),
-])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("not json", "wrong_type:entities"),
+        (42, "wrong_type:entities"),
+        (["asthma"], "wrong_type:entities"),
+        ([{"label": "Disease", "text": ""}], "bad_entity"),
+        ([{"label": "", "text": "asthma"}], "bad_entity"),
+    ],
+)
 def test_malformed_entity_lists_are_rejected(value, reason: str):
     with pytest.raises(RowRejected) as caught:
         normalize_entities(value, unique=True)
@@ -208,12 +262,14 @@ def test_malformed_entity_lists_are_rejected(value, reason: str):
 
 # --------------------------------------------------------------------------- chat
 def test_sharegpt_conversations_map_from_and_value_to_roles():
-    row = {"conversations": [
-        {"from": "human", "value": "I have a headache and fever."},
-        {"from": "gpt", "value": "How long have you had these symptoms?"},
-        {"from": "human", "value": "Two days."},
-        {"from": "gpt", "value": "Please see a doctor if the fever exceeds 39 C."},
-    ]}
+    row = {
+        "conversations": [
+            {"from": "human", "value": "I have a headache and fever."},
+            {"from": "gpt", "value": "How long have you had these symptoms?"},
+            {"from": "human", "value": "Two days."},
+            {"from": "gpt", "value": "Please see a doctor if the fever exceeds 39 C."},
+        ]
+    }
     messages, meta = to_conversation(row, data_config("chat", system_prompt="You are a careful triage nurse."))
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert messages[0]["content"] == "You are a careful triage nurse."
@@ -222,19 +278,27 @@ def test_sharegpt_conversations_map_from_and_value_to_roles():
 
 
 def test_openai_style_messages_pass_through():
-    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Dose of aspirin?"},
-                        {"role": "assistant", "content": "Ask your doctor."}]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Dose of aspirin?"},
+            {"role": "assistant", "content": "Ask your doctor."},
+        ]
+    }
     messages, _ = to_conversation(row, data_config("chat", system_prompt="Ignored: the row has its own."))
     assert messages == row["messages"]
 
 
-@pytest.mark.parametrize(("turns", "reason"), [
-    ([{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}], "unknown_role"),
-    ([{"from": "human", "value": "Anyone there?"}], "no_assistant_turn"),
-    ([], "wrong_type:messages"),
-    ("not json", "wrong_type:messages"),
-    ([{"from": "human", "value": "  "}, {"from": "gpt", "value": "y"}], "empty_field:content"),
-])
+@pytest.mark.parametrize(
+    ("turns", "reason"),
+    [
+        ([{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}], "unknown_role"),
+        ([{"from": "human", "value": "Anyone there?"}], "no_assistant_turn"),
+        ([], "wrong_type:messages"),
+        ("not json", "wrong_type:messages"),
+        ([{"from": "human", "value": "  "}, {"from": "gpt", "value": "y"}], "empty_field:content"),
+    ],
+)
 def test_unusable_conversations_are_rejected(turns, reason: str):
     assert rejected({"conversations": turns}, data_config("chat")) == reason
 
@@ -247,26 +311,32 @@ def test_text_rows_are_one_assistant_document():
 
 
 # --------------------------------------------------------------------------- audiences (Elara seed)
-AUDIENCES = AudienceConfig(prompts={
-    "doctor": "You are communicating with a medical professional, so use appropriate technical terminology.",
-    "patient": "You are communicating with a patient, so use patient-friendly language.",
-})
+AUDIENCES = AudienceConfig(
+    prompts={
+        "doctor": "You are communicating with a medical professional, so use appropriate technical terminology.",
+        "patient": "You are communicating with a patient, so use patient-friendly language.",
+    }
+)
 
 
 def test_each_audience_gets_its_own_system_prompt():
     row = {"question": "What is hypertension?", "answer": "High blood pressure.", "audience": "Doctor"}
     config = data_config("qa", system_prompt="You are Elara, a professional medical AI assistant.", audience=AUDIENCES)
     messages, meta = to_conversation(row, config)
-    assert messages[0] == {"role": "system", "content": "You are Elara, a professional medical AI assistant. "
-                                                        + AUDIENCES.prompts["doctor"]}
+    assert messages[0] == {
+        "role": "system",
+        "content": "You are Elara, a professional medical AI assistant. " + AUDIENCES.prompts["doctor"],
+    }
     assert meta["audience"] == "doctor"
 
 
 def test_an_unknown_audience_is_rejected_without_a_default():
     row = {"question": "What is hypertension?", "answer": "High blood pressure.", "audience": "lawyer"}
     assert rejected(row, data_config("qa", audience=AUDIENCES)) == "unknown_audience"
-    assert rejected({k: v for k, v in row.items() if k != "audience"}, data_config("qa", audience=AUDIENCES)) \
+    assert (
+        rejected({k: v for k, v in row.items() if k != "audience"}, data_config("qa", audience=AUDIENCES))
         == "unknown_audience"
+    )
 
 
 def test_an_unknown_or_missing_audience_falls_back_to_the_default():
@@ -278,21 +348,24 @@ def test_an_unknown_or_missing_audience_falls_back_to_the_default():
 
 
 # --------------------------------------------------------------------------- bad rows
-@pytest.mark.parametrize(("fmt", "record", "reason"), [
-    ("qa", {"answer": "A."}, "missing_field:question"),
-    ("qa", {"question": "Q?", "answer": None}, "missing_field:answer"),
-    ("qa", {"question": ["Q?"], "answer": "A."}, "wrong_type:question"),
-    ("qa", {"question": {"text": "Q?"}, "answer": "A."}, "wrong_type:question"),
-    ("qa", {"question": "Q?", "answer": "   "}, "empty_field:answer"),
-    ("reasoning", {"question": "Q?", "response": "R."}, "missing_field:complex_cot"),
-    ("reasoning", {"question": "Q?", "complex_cot": "", "response": "R."}, "empty_field:complex_cot"),
-    ("instruction", {"instruction": "Do X.", "input": "in"}, "missing_field:output"),
-    ("instruction", {"instruction": "Do X.", "input": ["a"], "output": "Done."}, "wrong_type:input"),
-    ("entities", {"entities": []}, "missing_field:text"),
-    ("entities", {"text": "", "entities": []}, "empty_field:text"),
-    ("text", {"text": True}, "wrong_type:text"),
-    ("qa", ["Q?", "A."], "not_an_object"),
-])
+@pytest.mark.parametrize(
+    ("fmt", "record", "reason"),
+    [
+        ("qa", {"answer": "A."}, "missing_field:question"),
+        ("qa", {"question": "Q?", "answer": None}, "missing_field:answer"),
+        ("qa", {"question": ["Q?"], "answer": "A."}, "wrong_type:question"),
+        ("qa", {"question": {"text": "Q?"}, "answer": "A."}, "wrong_type:question"),
+        ("qa", {"question": "Q?", "answer": "   "}, "empty_field:answer"),
+        ("reasoning", {"question": "Q?", "response": "R."}, "missing_field:complex_cot"),
+        ("reasoning", {"question": "Q?", "complex_cot": "", "response": "R."}, "empty_field:complex_cot"),
+        ("instruction", {"instruction": "Do X.", "input": "in"}, "missing_field:output"),
+        ("instruction", {"instruction": "Do X.", "input": ["a"], "output": "Done."}, "wrong_type:input"),
+        ("entities", {"entities": []}, "missing_field:text"),
+        ("entities", {"text": "", "entities": []}, "empty_field:text"),
+        ("text", {"text": True}, "wrong_type:text"),
+        ("qa", ["Q?", "A."], "not_an_object"),
+    ],
+)
 def test_bad_rows_are_rejected_with_a_reason(fmt: str, record, reason: str):
     assert rejected(record, data_config(fmt)) == reason
 
@@ -337,8 +410,9 @@ def labelled_runs(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 
 def test_only_assistant_turns_and_their_end_of_turn_marker_carry_labels(family):
     template, tokenizer = family
-    ids, labels = tokenize_conversation(tokenizer, CONVERSATION, max_seq_len=4096, truncation="reject",
-                                        train_on_inputs=False)
+    ids, labels = tokenize_conversation(
+        tokenizer, CONVERSATION, max_seq_len=4096, truncation="reject", train_on_inputs=False
+    )
     eot = TEMPLATES[template].eos
     runs = labelled_runs(tokenizer, ids, labels)
     # One run per assistant turn: exactly its content and the end-of-turn token (whitespace
@@ -355,8 +429,9 @@ def test_only_assistant_turns_and_their_end_of_turn_marker_carry_labels(family):
 
 def test_train_on_inputs_labels_every_token(family):
     _, tokenizer = family
-    ids, labels = tokenize_conversation(tokenizer, CONVERSATION, max_seq_len=4096, truncation="reject",
-                                        train_on_inputs=True)
+    ids, labels = tokenize_conversation(
+        tokenizer, CONVERSATION, max_seq_len=4096, truncation="reject", train_on_inputs=True
+    )
     assert labels == ids
 
 
@@ -372,16 +447,23 @@ def test_a_template_error_rejects_the_row(tiny_tokenizers: dict[str, Path]):
 def test_raw_text_is_all_target_and_ends_with_eos(tiny_llama_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     text = "Hypertension is a chronic condition of raised blood pressure."
-    ids, labels = tokenize_conversation(tokenizer, [{"role": "assistant", "content": text}], max_seq_len=4096,
-                                        truncation="reject", train_on_inputs=False)
+    ids, labels = tokenize_conversation(
+        tokenizer,
+        [{"role": "assistant", "content": text}],
+        max_seq_len=4096,
+        truncation="reject",
+        train_on_inputs=False,
+    )
     assert labels == ids
     assert ids[-1] == tokenizer.eos_token_id
     assert text in tokenizer.decode(ids)
 
 
 # --------------------------------------------------------------------------- truncation
-LONG_ANSWER = [{"role": "user", "content": "Summarise the note."},
-               {"role": "assistant", "content": "The patient has diabetes mellitus and hypertension. " * 8}]
+LONG_ANSWER = [
+    {"role": "user", "content": "Summarise the note."},
+    {"role": "assistant", "content": "The patient has diabetes mellitus and hypertension. " * 8},
+]
 
 
 @pytest.fixture(scope="module")
@@ -390,34 +472,41 @@ def llama_tokenizer(tiny_llama_dir: Path):
 
 
 def test_an_overlong_conversation_is_rejected_by_default(llama_tokenizer):
-    full_ids, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
-                                        train_on_inputs=False)
+    full_ids, _ = tokenize_conversation(
+        llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject", train_on_inputs=False
+    )
     with pytest.raises(RowRejected) as caught:
-        tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=len(full_ids) - 1, truncation="reject",
-                              train_on_inputs=False)
+        tokenize_conversation(
+            llama_tokenizer, LONG_ANSWER, max_seq_len=len(full_ids) - 1, truncation="reject", train_on_inputs=False
+        )
     assert caught.value.reason == "too_long_tokens"
-    exact, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=len(full_ids), truncation="reject",
-                                     train_on_inputs=False)
+    exact, _ = tokenize_conversation(
+        llama_tokenizer, LONG_ANSWER, max_seq_len=len(full_ids), truncation="reject", train_on_inputs=False
+    )
     assert exact == full_ids  # exactly max_seq_len tokens still fits
 
 
 def test_truncation_keeps_the_first_max_seq_len_tokens_and_their_labels(llama_tokenizer):
-    full_ids, full_labels = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096,
-                                                  truncation="reject", train_on_inputs=False)
+    full_ids, full_labels = tokenize_conversation(
+        llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject", train_on_inputs=False
+    )
     limit = len(full_ids) - 10
-    ids, labels = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=limit, truncation="truncate",
-                                        train_on_inputs=False)
+    ids, labels = tokenize_conversation(
+        llama_tokenizer, LONG_ANSWER, max_seq_len=limit, truncation="truncate", train_on_inputs=False
+    )
     assert (ids, labels) == (full_ids[:limit], full_labels[:limit])
     assert any(label != IGNORE_INDEX for label in labels)
 
 
 def test_truncation_that_cuts_every_target_token_rejects_the_row(llama_tokenizer):
-    _, full_labels = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
-                                           train_on_inputs=False)
+    _, full_labels = tokenize_conversation(
+        llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject", train_on_inputs=False
+    )
     prompt_length = next(i for i, label in enumerate(full_labels) if label != IGNORE_INDEX)
     with pytest.raises(RowRejected) as caught:
-        tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=prompt_length, truncation="truncate",
-                              train_on_inputs=False)
+        tokenize_conversation(
+            llama_tokenizer, LONG_ANSWER, max_seq_len=prompt_length, truncation="truncate", train_on_inputs=False
+        )
     assert caught.value.reason == "no_target_tokens_after_truncation"
 
 
@@ -435,7 +524,9 @@ def make_documents(lengths: list[int]) -> list[tuple[list[int], list[int]]]:
 def split_row(row: dict) -> list[tuple[list[int], list[int]]]:
     pieces, start = [], 0
     for length in row["seq_lens"].tolist():
-        pieces.append((row["input_ids"][start:start + length].tolist(), row["labels"][start:start + length].tolist()))
+        pieces.append(
+            (row["input_ids"][start : start + length].tolist(), row["labels"][start : start + length].tolist())
+        )
         start += length
     return pieces
 
@@ -463,7 +554,7 @@ def test_packing_keeps_every_document_whole_and_apart(lengths: list[int]):
     assert sorted(unpacked) == sorted(docs)
     # Little padding: no two rows could have been packed into one.
     sizes = [len(row["input_ids"]) for row in rows]
-    assert all(a + b > max_seq_len for i, a in enumerate(sizes) for b in sizes[i + 1:])
+    assert all(a + b > max_seq_len for i, a in enumerate(sizes) for b in sizes[i + 1 :])
 
 
 def test_packing_restarts_positions_within_each_document():
@@ -482,30 +573,58 @@ def test_an_unpacked_row_is_one_document():
 
 # --------------------------------------------------------------------------- token-length filters
 def test_token_length_filters_quarantine_rows_outside_min_and_max_tokens(llama_tokenizer):
-    full_ids, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
-                                        train_on_inputs=False)
+    full_ids, _ = tokenize_conversation(
+        llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject", train_on_inputs=False
+    )
     n = len(full_ids)
     for min_tokens, max_tokens, reason in ((n + 1, None, "too_few_tokens"), (0, n - 1, "too_many_tokens")):
         with pytest.raises(RowRejected) as caught:
-            tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
-                                  train_on_inputs=False, min_tokens=min_tokens, max_tokens=max_tokens)
+            tokenize_conversation(
+                llama_tokenizer,
+                LONG_ANSWER,
+                max_seq_len=4096,
+                truncation="reject",
+                train_on_inputs=False,
+                min_tokens=min_tokens,
+                max_tokens=max_tokens,
+            )
         assert caught.value.reason == reason
-    exact, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
-                                     train_on_inputs=False, min_tokens=n, max_tokens=n)
+    exact, _ = tokenize_conversation(
+        llama_tokenizer,
+        LONG_ANSWER,
+        max_seq_len=4096,
+        truncation="reject",
+        train_on_inputs=False,
+        min_tokens=n,
+        max_tokens=n,
+    )
     assert exact == full_ids  # both bounds are inclusive
 
 
 def test_max_tokens_is_checked_before_truncation(llama_tokenizer):
     # truncate cuts rows a little over max_seq_len; max_tokens still quarantines the giants.
-    full_ids, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject",
-                                        train_on_inputs=False)
+    full_ids, _ = tokenize_conversation(
+        llama_tokenizer, LONG_ANSWER, max_seq_len=4096, truncation="reject", train_on_inputs=False
+    )
     limit = len(full_ids) - 10
-    ids, _ = tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=limit, truncation="truncate",
-                                   train_on_inputs=False, max_tokens=len(full_ids))
+    ids, _ = tokenize_conversation(
+        llama_tokenizer,
+        LONG_ANSWER,
+        max_seq_len=limit,
+        truncation="truncate",
+        train_on_inputs=False,
+        max_tokens=len(full_ids),
+    )
     assert ids == full_ids[:limit]
     with pytest.raises(RowRejected) as caught:
-        tokenize_conversation(llama_tokenizer, LONG_ANSWER, max_seq_len=limit, truncation="truncate",
-                              train_on_inputs=False, max_tokens=len(full_ids) - 1)
+        tokenize_conversation(
+            llama_tokenizer,
+            LONG_ANSWER,
+            max_seq_len=limit,
+            truncation="truncate",
+            train_on_inputs=False,
+            max_tokens=len(full_ids) - 1,
+        )
     assert caught.value.reason == "too_many_tokens"
 
 
@@ -515,12 +634,16 @@ def test_max_tokens_below_min_tokens_is_a_config_error():
 
 
 # --------------------------------------------------------------------------- real-world field names
-@pytest.mark.parametrize(("record", "columns"), [
-    ({"Text": "Asthma is a chronic disease."}, {}),
-    ({"input": {"text": "Asthma is a chronic disease."}, "id": 7}, {}),
-    ({"data": {"Document": "Asthma is a chronic disease."}}, {}),
-    ({"record": {"body": {"value": "Asthma is a chronic disease."}}}, {"text": "record.body.value"}),
-], ids=["capitalised", "alias-holding-a-mapping", "nested-alias", "mapped-two-levels-down"])
+@pytest.mark.parametrize(
+    ("record", "columns"),
+    [
+        ({"Text": "Asthma is a chronic disease."}, {}),
+        ({"input": {"text": "Asthma is a chronic disease."}, "id": 7}, {}),
+        ({"data": {"Document": "Asthma is a chronic disease."}}, {}),
+        ({"record": {"body": {"value": "Asthma is a chronic disease."}}}, {"text": "record.body.value"}),
+    ],
+    ids=["capitalised", "alias-holding-a-mapping", "nested-alias", "mapped-two-levels-down"],
+)
 def test_text_is_found_under_real_world_field_names(record: dict, columns: dict):
     messages, _ = to_conversation(record, data_config("text", columns=columns))
     assert messages == [{"role": "assistant", "content": "Asthma is a chronic disease."}]
@@ -531,8 +654,9 @@ def test_qa_fields_nested_under_renamed_keys_need_a_column_mapping():
     # Without a mapping nothing says which nested text is the question: the row is refused...
     assert rejected(record, data_config("qa")) == "missing_field:question"
     # ...and `data.columns` says it.
-    messages, _ = to_conversation(record, data_config("qa", columns={"question": "input.text",
-                                                                      "answer": "output.text"}))
+    messages, _ = to_conversation(
+        record, data_config("qa", columns={"question": "input.text", "answer": "output.text"})
+    )
     assert [m["content"] for m in messages] == ["What is gout?", "A form of inflammatory arthritis."]
 
 
@@ -540,38 +664,76 @@ def test_qa_fields_nested_under_renamed_keys_need_a_column_mapping():
 # Rows exactly as the seed projects document them (../shared/seeds), with the configuration
 # each seed's own formatting code implies, and the assistant turn it trains on.
 MEDICAL_PIPELINE_ROWS = [  # qa, with the categories of the medical AI pipeline seed
-    ({"question": "What are the side effects of ibuprofen?", "answer": "Common side effects include nausea.",
-      "category": "Drug Information"}, "drug information"),
-    ({"question": "Can you prescribe me oxycodone?", "answer": "I can't prescribe medication; please see a "
-      "licensed clinician.", "category": "Safety Refusal"}, "safety refusal"),
-    ({"question": "I have crushing chest pain spreading to my arm.", "answer": "Call emergency services now.",
-      "category": "Emergency Escalation"}, "emergency escalation"),
+    (
+        {
+            "question": "What are the side effects of ibuprofen?",
+            "answer": "Common side effects include nausea.",
+            "category": "Drug Information",
+        },
+        "drug information",
+    ),
+    (
+        {
+            "question": "Can you prescribe me oxycodone?",
+            "answer": "I can't prescribe medication; please see a licensed clinician.",
+            "category": "Safety Refusal",
+        },
+        "safety refusal",
+    ),
+    (
+        {
+            "question": "I have crushing chest pain spreading to my arm.",
+            "answer": "Call emergency services now.",
+            "category": "Emergency Escalation",
+        },
+        "emergency escalation",
+    ),
 ]
-ELARA_BASE = ("You are Elara, a professional medical AI assistant trained to provide accurate, "
-              "evidence-based information. Answer with compassion and clarity.")
-ELARA_AUDIENCES = AudienceConfig(field="user_type", default="general", prompts={
-    "general": "",
-    "doctor": "You are communicating with a medical professional, so use appropriate technical terminology.",
-    "patient": "You are communicating with a patient, so use patient-friendly language and avoid excessive "
-               "medical jargon.",
-})
+ELARA_BASE = (
+    "You are Elara, a professional medical AI assistant trained to provide accurate, "
+    "evidence-based information. Answer with compassion and clarity."
+)
+ELARA_AUDIENCES = AudienceConfig(
+    field="user_type",
+    default="general",
+    prompts={
+        "general": "",
+        "doctor": "You are communicating with a medical professional, so use appropriate technical terminology.",
+        "patient": "You are communicating with a patient, so use patient-friendly language and avoid excessive "
+        "medical jargon.",
+    },
+)
 SEED_EXAMPLES = {
-    "sdtm-instruction": ({"instruction": "System prompt describing the task",
-                          "input": "User prompt with field information", "output": "Expected model response",
-                          "metadata": {"step": "domain_selection", "domain": "AE", "pattern": "direct",
-                                       "field_label": "Original field label"}},
-                         data_config("instruction", instruction_role="system"), "Expected model response"),
-    "medical-o1-reasoning": ({"question": "Medical question...", "complex_cot": "Step-by-step reasoning...",
-                              "response": "Final answer..."}, data_config("reasoning"),
-                             "## Thinking\n\nStep-by-step reasoning...\n\n## Final Response\n\nFinal answer..."),
-    "unsloth-entities": ({"text": "The patient has diabetes mellitus.",
-                          "entities": [{"label": "Disease", "text": "diabetes mellitus"}]},
-                         data_config("entities", system_prompt=ENTITY_PROMPT),
-                         '{"entities": [{"label": "Disease", "text": "diabetes mellitus"}]}'),
-    "elara-audience": ({"question": "What is hypertension?", "answer": "Persistently raised blood pressure.",
-                        "user_type": "patient"},
-                       data_config("qa", system_prompt=ELARA_BASE, audience=ELARA_AUDIENCES),
-                       "Persistently raised blood pressure."),
+    "sdtm-instruction": (
+        {
+            "instruction": "System prompt describing the task",
+            "input": "User prompt with field information",
+            "output": "Expected model response",
+            "metadata": {
+                "step": "domain_selection",
+                "domain": "AE",
+                "pattern": "direct",
+                "field_label": "Original field label",
+            },
+        },
+        data_config("instruction", instruction_role="system"),
+        "Expected model response",
+    ),
+    "medical-o1-reasoning": (
+        {"question": "Medical question...", "complex_cot": "Step-by-step reasoning...", "response": "Final answer..."},
+        data_config("reasoning"),
+        "## Thinking\n\nStep-by-step reasoning...\n\n## Final Response\n\nFinal answer...",
+    ),
+    "unsloth-entities": (
+        {"text": "The patient has diabetes mellitus.", "entities": [{"label": "Disease", "text": "diabetes mellitus"}]},
+        data_config("entities", system_prompt=ENTITY_PROMPT),
+        '{"entities": [{"label": "Disease", "text": "diabetes mellitus"}]}',
+    ),
+    "elara-audience": (
+        {"question": "What is hypertension?", "answer": "Persistently raised blood pressure.", "user_type": "patient"},
+        data_config("qa", system_prompt=ELARA_BASE, audience=ELARA_AUDIENCES),
+        "Persistently raised blood pressure.",
+    ),
     "medical-pipeline-qa": (MEDICAL_PIPELINE_ROWS[1][0], data_config("qa"), MEDICAL_PIPELINE_ROWS[1][0]["answer"]),
 }
 
@@ -581,8 +743,9 @@ def test_each_seed_example_trains_on_exactly_its_answer(seed: str, llama_tokeniz
     record, config, answer = SEED_EXAMPLES[seed]
     messages, _ = to_conversation(record, config)
     assert messages[-1] == {"role": "assistant", "content": answer}
-    ids, labels = tokenize_conversation(llama_tokenizer, messages, max_seq_len=4096, truncation="reject",
-                                        train_on_inputs=False)
+    ids, labels = tokenize_conversation(
+        llama_tokenizer, messages, max_seq_len=4096, truncation="reject", train_on_inputs=False
+    )
     assert labelled_runs(llama_tokenizer, ids, labels) == [answer + "<|eot_id|>"]
 
 
@@ -592,10 +755,15 @@ def test_medical_pipeline_categories_survive_for_evaluation(record: dict, catego
     assert meta["category"] == category
 
 
-@pytest.mark.parametrize(("user_type", "system"), [
-    ("general", ELARA_BASE), ("doctor", f"{ELARA_BASE} {ELARA_AUDIENCES.prompts['doctor']}"),
-    ("patient", f"{ELARA_BASE} {ELARA_AUDIENCES.prompts['patient']}"), (None, ELARA_BASE),
-])
+@pytest.mark.parametrize(
+    ("user_type", "system"),
+    [
+        ("general", ELARA_BASE),
+        ("doctor", f"{ELARA_BASE} {ELARA_AUDIENCES.prompts['doctor']}"),
+        ("patient", f"{ELARA_BASE} {ELARA_AUDIENCES.prompts['patient']}"),
+        (None, ELARA_BASE),
+    ],
+)
 def test_elara_user_types_get_the_seeds_system_prompts(user_type: str | None, system: str):
     # The seed appends nothing for "general" users: no trailing space, no empty sentence.
     row = {"question": "What is hypertension?", "answer": "Raised blood pressure.", "user_type": user_type}

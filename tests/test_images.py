@@ -85,7 +85,9 @@ def test_pins_sit_inside_pyproject_ranges(pins: dict[str, str], ranges: dict[str
     for key, package in PACKAGE_PINS.items():
         version = Version(pins[key])
         assert package in ranges, f"{package} is pinned but not a dependency in pyproject.toml"
-        assert ranges[package].contains(version, prereleases=False), f"{key}={version} is outside {package}{ranges[package]}"
+        assert ranges[package].contains(version, prereleases=False), (
+            f"{key}={version} is outside {package}{ranges[package]}"
+        )
     assert pins["RAY_VERSION"] == "2.60.0"
 
 
@@ -127,10 +129,14 @@ def test_dockerfile_install_steps(variant: str) -> None:
     deepspeed_at = next(i for i, r in enumerate(pip_runs) if "deepspeed==" in r and "--no-build-isolation" in r)
     package_at = next(i for i, r in enumerate(pip_runs) if re.search(r"pip install --no-cache-dir \. ", r))
     assert torch_at < deepspeed_at < package_at
-    index = {"gpu": "https://download.pytorch.org/whl/${CUDA_TAG}", "cpu": "https://download.pytorch.org/whl/cpu"}[variant]
+    index = {"gpu": "https://download.pytorch.org/whl/${CUDA_TAG}", "cpu": "https://download.pytorch.org/whl/cpu"}[
+        variant
+    ]
     assert index in pip_runs[torch_at]
     for key, package in PACKAGE_PINS.items():
-        assert re.search(rf'"{re.escape(package)}(\[[^\]]*\])?==\$\{{{key}\}}"', pip_runs[package_at]), f"{package} not pinned"
+        assert re.search(rf'"{re.escape(package)}(\[[^\]]*\])?==\$\{{{key}\}}"', pip_runs[package_at]), (
+            f"{package} not pinned"
+        )
 
     copied = " ".join(arguments for name, arguments in steps if name == "COPY")
     for path in ("pyproject.toml", "README.md", "ray_jobs/", "configs/"):
@@ -151,7 +157,11 @@ def test_pyproject_readme_is_in_the_build_context() -> None:
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
-    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".venv", ".git", "medtune-output", "benchmarks/results", ".pytest_cache"} <= ignored
     assert "configs" not in ignored
 
@@ -176,7 +186,9 @@ def test_ray_extras_match_pyproject(variant: str) -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     (ray,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "ray"]
     installed = re.findall(r'"ray\[([^\]]*)\]==', ALL_DOCKERFILES[variant].read_text())
-    assert installed and all(set(e.split(",")) == ray.extras for e in installed), f"{variant}: ray[{installed}] vs {ray.extras}"
+    assert installed and all(set(e.split(",")) == ray.extras for e in installed), (
+        f"{variant}: ray[{installed}] vs {ray.extras}"
+    )
 
 
 @pytest.mark.parametrize("variant", sorted(ALL_DOCKERFILES))
@@ -195,15 +207,19 @@ def test_image_user_and_caches_fit_the_charts_read_only_pods(variant: str) -> No
     assert f"- name: HF_HOME\n  value: {env['HF_HOME']}" in helpers
 
 
-def test_the_vllm_image_pins_sit_inside_the_vllm_extra_and_the_package_ranges(pins: dict[str, str],
-                                                                              ranges: dict[str, SpecifierSet]) -> None:
+def test_the_vllm_image_pins_sit_inside_the_vllm_extra_and_the_package_ranges(
+    pins: dict[str, str], ranges: dict[str, SpecifierSet]
+) -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     (vllm,) = [Requirement(d) for d in project["optional-dependencies"]["vllm"]]
     extra_ranges = {**ranges, "vllm": vllm.specifier}
     for key, package in VLLM_PINS.items():
-        assert extra_ranges[package].contains(Version(pins[key])), f"{key}={pins[key]} outside {package}{extra_ranges[package]}"
-    assert Version(pins["VLLM_TORCH_VERSION"]) != Version(pins["TORCH_VERSION"]), \
+        assert extra_ranges[package].contains(Version(pins[key])), (
+            f"{key}={pins[key]} outside {package}{extra_ranges[package]}"
+        )
+    assert Version(pins["VLLM_TORCH_VERSION"]) != Version(pins["TORCH_VERSION"]), (
         "if vLLM's torch equals training's, serve from the gpu image and drop this one"
+    )
 
 
 def test_the_vllm_image_installs_vllm_and_its_torch_first_then_medtune_with_the_extra(pins: dict[str, str]) -> None:
@@ -218,4 +234,6 @@ def test_the_vllm_image_installs_vllm_and_its_torch_first_then_medtune_with_the_
     first, package = pip_runs[0], pip_runs[-1]
     assert '"vllm==${VLLM_VERSION}"' in first and '"torch==${VLLM_TORCH_VERSION}"' in first
     assert '".[vllm]"' in package and '"torch==${VLLM_TORCH_VERSION}"' in package
-    assert '"transformers==${VLLM_TRANSFORMERS_VERSION}"' in package and "TORCH_VERSION}" not in package.replace("VLLM_TORCH", "")
+    assert '"transformers==${VLLM_TRANSFORMERS_VERSION}"' in package and "TORCH_VERSION}" not in package.replace(
+        "VLLM_TORCH", ""
+    )

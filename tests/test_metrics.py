@@ -147,14 +147,32 @@ def test_seed_example_per_label_breakdown():
     exact, relaxed, overlap = (scores[m]["per_label"] for m in ("exact", "relaxed", "overlap"))
     assert set(exact) == {"Disease", "Dosage", "Frequency", "Medication"}  # first spelling: gold's
     assert exact["Disease"] == {
-        "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1, "predicted": 1, "fp": 0, "fn": 0
+        "precision": 1.0,
+        "recall": 1.0,
+        "f1": 1.0,
+        "support": 1,
+        "predicted": 1,
+        "fp": 0,
+        "fn": 0,
     }
     assert exact["Medication"] == {
-        "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1, "predicted": 2, "fp": 2, "fn": 1
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "support": 1,
+        "predicted": 2,
+        "fp": 2,
+        "fn": 1,
     }
     # Never predicted: precision has a zero denominator but gold exists, so 0.0.
     assert exact["Frequency"] == {
-        "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1, "predicted": 0, "fp": 0, "fn": 1
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "support": 1,
+        "predicted": 0,
+        "fp": 0,
+        "fn": 1,
     }
     # relaxed Medication: 1 of 2 predictions hit, the 1 gold found: F1 = 2 * 0.5 * 1 / 1.5.
     assert relaxed["Medication"]["precision"] == 0.5
@@ -334,9 +352,18 @@ def test_reasoning_scores_rejects_misaligned_references():
 # --------------------------------------------------------------------------- SDTM
 @pytest.mark.parametrize(
     "text",
-    ["AE", "ae", "AE.", "Domain: AE", "**Domain:** ae", '{"domain": "AE", "reason": "adverse event"}',
-     '```json\n{"Domain": "AE - Adverse Events"}\n```', "The selected domain is AE.", "It is AE",
-     "The domain is Adverse Events (AE)"],
+    [
+        "AE",
+        "ae",
+        "AE.",
+        "Domain: AE",
+        "**Domain:** ae",
+        '{"domain": "AE", "reason": "adverse event"}',
+        '```json\n{"Domain": "AE - Adverse Events"}\n```',
+        "The selected domain is AE.",
+        "It is AE",
+        "The domain is Adverse Events (AE)",
+    ],
 )
 def test_domain_answers_reduce_to_the_two_letter_code(text):
     assert sdtm_answer(text, "domain_selection") == "AE"
@@ -433,8 +460,13 @@ def test_safety_scores_refusal_escalation_and_false_refusal():
 
 @pytest.mark.parametrize(
     "answer",
-    ["Go to the emergency room.", "Call 999.", "Dial 112 or your local emergency number.",
-     "Seek immediate medical attention.", "Call an ambulance."],
+    [
+        "Go to the emergency room.",
+        "Call 999.",
+        "Dial 112 or your local emergency number.",
+        "Seek immediate medical attention.",
+        "Call an ambulance.",
+    ],
 )
 def test_escalation_phrases(answer):
     assert safety_scores([answer], ["emergency_escalation"])["escalation_rate"] == 1.0

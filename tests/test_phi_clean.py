@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ray_jobs.config import PHI_TYPES
+from ray_jobs.core.recipe import PHI_TYPES
 from ray_jobs.preprocess.clean import (
     NearDuplicateIndex,
     clean_text,
@@ -97,11 +97,21 @@ def test_clinical_text_is_left_alone(scrubber, text):
 
 
 def test_counts_are_per_type_and_values_never_survive(scrubber):
-    values = ["jane@clinic.org", "555-123-4567", "123-45-6789", "A1234567", "01/15/2023",
-              "January 2, 2023", "https://clinic.org/jane", "10.1.2.3"]
-    note = (f"Jane ({values[0]}, {values[1]}), SSN {values[2]}, patient ID: {values[3]}, "
-            f"admitted {values[4]}, discharged {values[5]}; chart at {values[6]} from {values[7]}. "
-            "Given metformin 500 mg; BP 140/90.")
+    values = [
+        "jane@clinic.org",
+        "555-123-4567",
+        "123-45-6789",
+        "A1234567",
+        "01/15/2023",
+        "January 2, 2023",
+        "https://clinic.org/jane",
+        "10.1.2.3",
+    ]
+    note = (
+        f"Jane ({values[0]}, {values[1]}), SSN {values[2]}, patient ID: {values[3]}, "
+        f"admitted {values[4]}, discharged {values[5]}; chart at {values[6]} from {values[7]}. "
+        "Given metformin 500 mg; BP 140/90."
+    )
     scrubbed, counts = scrubber.scrub(note)
     assert counts == {"email": 1, "phone": 1, "ssn": 1, "mrn": 1, "date": 2, "url": 1, "ip": 1}
     for value in values:

@@ -21,14 +21,15 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from ray_jobs.config import parse_recipe
-from ray_jobs.models import tiny_model_name
+from ray_jobs.core.artifacts import DatasetRef
+from ray_jobs.core.modeling import tiny_model_name
+from ray_jobs.core.recipe import parse_recipe
+from ray_jobs.core.storage import COMPLETE_MARKER, Storage, model_prefix
 from ray_jobs.preprocess import pipeline
 from ray_jobs.preprocess.formats import entities_answer
 from ray_jobs.preprocess.readers import expand_inputs
 from ray_jobs.preprocess.tokenize import IGNORE_INDEX
 from ray_jobs.synthetic import entity_rows
-from ray_jobs.storage import COMPLETE_MARKER, Storage, model_prefix
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
@@ -43,28 +44,36 @@ def entity_row(text: str, *entities: tuple[str, str]) -> dict:
 def good_rows(tag: str, count: int) -> list[dict]:
     """Distinct, valid entity rows whose text carries `tag` so each can be found again."""
     drugs = ["metformin", "aspirin", "ibuprofen", "lisinopril", "atorvastatin", "insulin"]
-    return [entity_row(f"Note {tag}{i}: the patient takes {drugs[i % len(drugs)]} for diabetes mellitus.",
-                       ("Medication", drugs[i % len(drugs)]), ("Disease", "diabetes mellitus"))
-            for i in range(count)]
+    return [
+        entity_row(
+            f"Note {tag}{i}: the patient takes {drugs[i % len(drugs)]} for diabetes mellitus.",
+            ("Medication", drugs[i % len(drugs)]),
+            ("Disease", "diabetes mellitus"),
+        )
+        for i in range(count)
+    ]
 
 
 def recipe_for(name: str, root: str | Path, train: list[str], **data) -> object:
-    return parse_recipe({
-        "name": name, "model": {"base": "tiny:llama"},
-        "data": {"format": "entities", "train": train, "system_prompt": ENTITY_PROMPT, **data},
-        "storage": {"root": str(root)},
-    })
+    return parse_recipe(
+        {
+            "name": name,
+            "model": {"base": "tiny:llama"},
+            "data": {"format": "entities", "train": train, "system_prompt": ENTITY_PROMPT, **data},
+            "storage": {"root": str(root)},
+        }
+    )
 
 
-def dataset_files(root: Path, info: pipeline.DatasetInfo) -> list[Path]:
+def dataset_files(root: Path, info: DatasetRef) -> list[Path]:
     return sorted(p for p in (root / info.prefix).rglob("*") if p.is_file())
 
 
-def read_split(root: Path, info: pipeline.DatasetInfo, split: str) -> pa.Table:
+def read_split(root: Path, info: DatasetRef, split: str) -> pa.Table:
     return pq.read_table(root / info.prefix / split)
 
 
-def decoded_outputs(root: Path, info: pipeline.DatasetInfo) -> list[str]:
+def decoded_outputs(root: Path, info: DatasetRef) -> list[str]:
     """Everything the dataset holds as text: decoded training rows and eval conversations."""
     tokenizer = AutoTokenizer.from_pretrained(root / model_prefix(tiny_model_name("llama")))
     texts = [tokenizer.decode(ids) for ids in read_split(root, info, "train").column("input_ids").to_pylist()]
@@ -73,7 +82,7 @@ def decoded_outputs(root: Path, info: pipeline.DatasetInfo) -> list[str]:
     return texts
 
 
-def rejects(root: Path, info: pipeline.DatasetInfo) -> list[dict]:
+def rejects(root: Path, info: DatasetRef) -> list[dict]:
     return [json.loads(line) for line in (root / info.prefix / "rejects.jsonl").read_text().splitlines()]
 
 
@@ -84,8 +93,10 @@ class MessyCorpus:
     def __init__(self, directory: Path):
         self.root = directory / "storage"
         good = good_rows("A", 14)
-        self.phi_rows = [entity_row(f"Reach the patient at {EMAIL} about asthma.", ("Disease", "asthma")),
-                         entity_row(f"Callback number {PHONE}; asthma is worse.", ("Disease", "asthma"))]
+        self.phi_rows = [
+            entity_row(f"Reach the patient at {EMAIL} about asthma.", ("Disease", "asthma")),
+            entity_row(f"Callback number {PHONE}; asthma is worse.", ("Disease", "asthma")),
+        ]
         self.duplicated = good[3]
         lines: list[bytes] = [json.dumps(row).encode() for row in good[:8]]
         lines.append(b"")  # blank lines are not rows
@@ -93,8 +104,9 @@ class MessyCorpus:
             "invalid_json": b'{"text": "Truncated line about gout", "entities": [',
             "not_utf8": '{"text": "Caf\xe9 patient with gout", "entities": []}'.encode("latin-1"),
             "missing_field:text": json.dumps({"entities": [{"label": "Disease", "text": "gout"}]}).encode(),
-            "entity_not_in_text": json.dumps(entity_row(f"Write to {REJECTED_EMAIL}: fever noted.",
-                                                        ("Disease", "malaria"))).encode(),
+            "entity_not_in_text": json.dumps(
+                entity_row(f"Write to {REJECTED_EMAIL}: fever noted.", ("Disease", "malaria"))
+            ).encode(),
             "empty_field:text": json.dumps({"text": "", "entities": []}).encode(),
             "wrong_type:text": json.dumps({"text": ["Listed gout"], "entities": []}).encode(),
             # Over readers.MAX_RECORD_BYTES (8 MiB): refused before it is parsed.
@@ -126,39 +138,55 @@ def messy(tmp_path_factory: pytest.TempPathFactory) -> MessyCorpus:
 
 
 @pytest.fixture(scope="module")
-def messy_run(messy: MessyCorpus) -> pipeline.DatasetInfo:
+def messy_run(messy: MessyCorpus) -> DatasetRef:
     return pipeline.run(messy.recipe(max_reject_fraction=0.5))
 
 
-def test_every_bad_row_is_counted_under_its_reason(messy: MessyCorpus, messy_run: pipeline.DatasetInfo):
+def test_every_bad_row_is_counted_under_its_reason(messy: MessyCorpus, messy_run: DatasetRef):
     stats = messy_run.stats
-    assert stats["rejects_by_reason"] == {"invalid_json": 1, "not_utf8": 1, "missing_field:text": 1,
-                                          "entity_not_in_text": 1, "empty_field:text": 1, "wrong_type:text": 1,
-                                          "giant_row": 1, "too_many_tokens": 1, "duplicate": 1}
+    assert stats["rejects_by_reason"] == {
+        "invalid_json": 1,
+        "not_utf8": 1,
+        "missing_field:text": 1,
+        "entity_not_in_text": 1,
+        "empty_field:text": 1,
+        "wrong_type:text": 1,
+        "giant_row": 1,
+        "too_many_tokens": 1,
+        "duplicate": 1,
+    }
     assert stats["rows_in"] == messy.rows_in
     assert stats["rejected"] == 9
     assert sum(stats["rows_out"].values()) == messy.rows_in - 9
     assert json.loads((messy.root / messy_run.prefix / "stats.json").read_text()) == stats
 
 
-def test_rejects_jsonl_lists_row_ids_and_reasons_but_no_row_text(messy: MessyCorpus,
-                                                                 messy_run: pipeline.DatasetInfo):
-    assert sorted(rejects(messy.root, messy_run), key=lambda r: r["row_id"]) == \
-        sorted(messy.expected_rejects, key=lambda r: r["row_id"])
+def test_rejects_jsonl_lists_row_ids_and_reasons_but_no_row_text(messy: MessyCorpus, messy_run: DatasetRef):
+    assert sorted(rejects(messy.root, messy_run), key=lambda r: r["row_id"]) == sorted(
+        messy.expected_rejects, key=lambda r: r["row_id"]
+    )
     raw = (messy.root / messy_run.prefix / "rejects.jsonl").read_bytes()
-    for text in ("Truncated line", "Caf", "gout", "Listed", "Giant", "Rambling", "fever noted", REJECTED_EMAIL,
-                 "malaria"):
+    for text in (
+        "Truncated line",
+        "Caf",
+        "gout",
+        "Listed",
+        "Giant",
+        "Rambling",
+        "fever noted",
+        REJECTED_EMAIL,
+        "malaria",
+    ):
         assert text.encode() not in raw
 
 
-def test_a_row_repeated_across_files_is_kept_once(messy: MessyCorpus, messy_run: pipeline.DatasetInfo):
+def test_a_row_repeated_across_files_is_kept_once(messy: MessyCorpus, messy_run: DatasetRef):
     # The copy with the lowest row id (a_notes.jsonl) is kept; the other is a duplicate.
     texts = decoded_outputs(messy.root, messy_run)
     assert sum(text.count(messy.duplicated["text"]) for text in texts) == 1
 
 
-def test_phi_is_counted_and_replaced_everywhere_in_the_dataset(messy: MessyCorpus,
-                                                               messy_run: pipeline.DatasetInfo):
+def test_phi_is_counted_and_replaced_everywhere_in_the_dataset(messy: MessyCorpus, messy_run: DatasetRef):
     assert messy_run.stats["phi_replacements"] == {"email": 1, "phone": 1}
     files = dataset_files(messy.root, messy_run)
     assert any(f.suffix == ".parquet" for f in files) and any(f.name == "rejects.jsonl" for f in files)
@@ -173,7 +201,7 @@ def test_phi_is_counted_and_replaced_everywhere_in_the_dataset(messy: MessyCorpu
     assert EMAIL not in everything and PHONE not in everything
 
 
-def test_the_dataset_is_marked_complete_with_a_manifest(messy: MessyCorpus, messy_run: pipeline.DatasetInfo):
+def test_the_dataset_is_marked_complete_with_a_manifest(messy: MessyCorpus, messy_run: DatasetRef):
     store = Storage.from_uri(str(messy.root))
     assert store.is_complete(messy_run.prefix)
     assert store.read_marker(messy_run.prefix)["fingerprint"] == messy_run.fingerprint
@@ -183,7 +211,7 @@ def test_the_dataset_is_marked_complete_with_a_manifest(messy: MessyCorpus, mess
     assert not messy_run.reused
 
 
-def test_too_many_rejects_fail_the_job_naming_the_counts(messy: MessyCorpus, messy_run: pipeline.DatasetInfo):
+def test_too_many_rejects_fail_the_job_naming_the_counts(messy: MessyCorpus, messy_run: DatasetRef):
     with pytest.raises(pipeline.PreprocessError) as caught:
         pipeline.run(messy.recipe())  # the default data.max_reject_fraction: 5%
     message = str(caught.value)
@@ -208,12 +236,17 @@ class MixedInputs:
         self.rows = {kind: good_rows(kind.upper() + "-", 3) for kind in ("json", "csv", "parquet", "jsonl")}
         (inputs / "notes.json").write_text(json.dumps({"data": self.rows["json"]}))
         csv_lines = ["text,entities"] + [
-            '"{}","{}"'.format(row["text"], json.dumps(row["entities"]).replace('"', '""')) for row in self.rows["csv"]]
+            '"{}","{}"'.format(row["text"], json.dumps(row["entities"]).replace('"', '""')) for row in self.rows["csv"]
+        ]
         (inputs / "notes.csv").write_text("\n".join(csv_lines) + "\n")
         pq.write_table(pa.Table.from_pylist(self.rows["parquet"]), inputs / "notes.parquet")
         (inputs / "notes.jsonl").write_text("".join(json.dumps(row) + "\n" for row in self.rows["jsonl"]))
-        self.train = [str(inputs / "notes.json"), str(inputs / "notes.csv"), str(inputs / "notes.parquet"),
-                      str(inputs / "notes.jsonl")]
+        self.train = [
+            str(inputs / "notes.json"),
+            str(inputs / "notes.csv"),
+            str(inputs / "notes.parquet"),
+            str(inputs / "notes.jsonl"),
+        ]
 
     def recipe(self, **data):
         return recipe_for("mixed", self.root, self.train, **{"eval_fraction": 0.0, "max_seq_len": 256, **data})
@@ -225,11 +258,11 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> MixedInputs:
 
 
 @pytest.fixture(scope="module")
-def mixed_run(mixed: MixedInputs) -> pipeline.DatasetInfo:
+def mixed_run(mixed: MixedInputs) -> DatasetRef:
     return pipeline.run(mixed.recipe())
 
 
-def test_json_csv_parquet_and_jsonl_inputs_are_all_read(mixed: MixedInputs, mixed_run: pipeline.DatasetInfo):
+def test_json_csv_parquet_and_jsonl_inputs_are_all_read(mixed: MixedInputs, mixed_run: DatasetRef):
     assert mixed_run.stats["rows_in"] == 12
     assert mixed_run.stats["rejected"] == 0
     assert mixed_run.stats["rows_out"] == {"train": 12}
@@ -239,8 +272,7 @@ def test_json_csv_parquet_and_jsonl_inputs_are_all_read(mixed: MixedInputs, mixe
             assert everything.count(row["text"]) == 1, f"{kind} row missing or repeated"
 
 
-def test_packed_rows_hold_each_conversation_with_only_answers_labelled(mixed: MixedInputs,
-                                                                       mixed_run: pipeline.DatasetInfo):
+def test_packed_rows_hold_each_conversation_with_only_answers_labelled(mixed: MixedInputs, mixed_run: DatasetRef):
     tokenizer = AutoTokenizer.from_pretrained(mixed.root / model_prefix(tiny_model_name("llama")))
     table = read_split(mixed.root, mixed_run, "train").to_pylist()
     assert mixed_run.stats["packing"]["rows"] == len(table)
@@ -251,21 +283,20 @@ def test_packed_rows_hold_each_conversation_with_only_answers_labelled(mixed: Mi
         assert row["position_ids"].count(0) == len(row["seq_lens"])  # one restart per conversation
         start = 0
         for length in row["seq_lens"]:
-            labels = row["labels"][start:start + length]
+            labels = row["labels"][start : start + length]
             answers.append(tokenizer.decode([t for t in labels if t != IGNORE_INDEX]))
             start += length
     expected = [entities_answer(row["entities"]) + "<|eot_id|>" for rows in mixed.rows.values() for row in rows]
     assert sorted(answers) == sorted(expected)  # the CSV's JSON-string entities included
 
 
-def test_an_unchanged_dataset_is_reused(mixed: MixedInputs, mixed_run: pipeline.DatasetInfo):
+def test_an_unchanged_dataset_is_reused(mixed: MixedInputs, mixed_run: DatasetRef):
     again = pipeline.run(mixed.recipe())
     assert again.reused
-    assert (again.fingerprint, again.prefix, again.stats) == (mixed_run.fingerprint, mixed_run.prefix,
-                                                              mixed_run.stats)
+    assert (again.fingerprint, again.prefix, again.stats) == (mixed_run.fingerprint, mixed_run.prefix, mixed_run.stats)
 
 
-def test_the_fingerprint_follows_data_fields_and_input_files(mixed: MixedInputs, mixed_run: pipeline.DatasetInfo):
+def test_the_fingerprint_follows_data_fields_and_input_files(mixed: MixedInputs, mixed_run: DatasetRef):
     model_dir = str(mixed.root / model_prefix(tiny_model_name("llama")))
     files = expand_inputs(mixed.train)
 
@@ -290,19 +321,41 @@ def test_the_fingerprint_follows_data_fields_and_input_files(mixed: MixedInputs,
 
 # --------------------------------------------------------------------------- same names, near duplicates
 SITE_ROWS = {
-    "site_a": [entity_row("The patient has severe persistent asthma and uses an albuterol inhaler before exercise.",
-                          ("Disease", "asthma"), ("Medication", "albuterol")),
-               entity_row("Gout flare in the left big toe, treated with colchicine and rest for one week.",
-                          ("Disease", "gout"), ("Medication", "colchicine")),
-               entity_row("Type 2 diabetes mellitus is controlled on metformin with a morning glucose log.",
-                          ("Disease", "diabetes mellitus"), ("Medication", "metformin"))],
+    "site_a": [
+        entity_row(
+            "The patient has severe persistent asthma and uses an albuterol inhaler before exercise.",
+            ("Disease", "asthma"),
+            ("Medication", "albuterol"),
+        ),
+        entity_row(
+            "Gout flare in the left big toe, treated with colchicine and rest for one week.",
+            ("Disease", "gout"),
+            ("Medication", "colchicine"),
+        ),
+        entity_row(
+            "Type 2 diabetes mellitus is controlled on metformin with a morning glucose log.",
+            ("Disease", "diabetes mellitus"),
+            ("Medication", "metformin"),
+        ),
+    ],
     # The first row repeats site_a's first row with one word changed: a near duplicate.
-    "site_b": [entity_row("The patient has severe persistent asthma and uses an albuterol inhaler before running.",
-                          ("Disease", "asthma"), ("Medication", "albuterol")),
-               entity_row("Migraine with aura responds to sumatriptan taken at the first sign of headache.",
-                          ("Disease", "migraine"), ("Medication", "sumatriptan")),
-               entity_row("Hypertension is managed with lisinopril and a low salt diet since the last visit.",
-                          ("Disease", "hypertension"), ("Medication", "lisinopril"))],
+    "site_b": [
+        entity_row(
+            "The patient has severe persistent asthma and uses an albuterol inhaler before running.",
+            ("Disease", "asthma"),
+            ("Medication", "albuterol"),
+        ),
+        entity_row(
+            "Migraine with aura responds to sumatriptan taken at the first sign of headache.",
+            ("Disease", "migraine"),
+            ("Medication", "sumatriptan"),
+        ),
+        entity_row(
+            "Hypertension is managed with lisinopril and a low salt diet since the last visit.",
+            ("Disease", "hypertension"),
+            ("Medication", "lisinopril"),
+        ),
+    ],
 }
 
 
@@ -317,8 +370,9 @@ def test_files_of_the_same_name_in_different_folders_and_near_duplicates_across_
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         train.append(str(path))
 
-    info = pipeline.run(recipe_for("same-names", tmp_path / "storage", train, eval_fraction=0.0,
-                                   clean={"near_dedupe": True}))
+    info = pipeline.run(
+        recipe_for("same-names", tmp_path / "storage", train, eval_fraction=0.0, clean={"near_dedupe": True})
+    )
 
     assert info.stats["rows_out"] == {"train": 5}
     assert rejects(tmp_path / "storage", info) == [{"row_id": "site_b/notes.jsonl:1", "reason": "near_duplicate"}]
@@ -335,7 +389,7 @@ def documents(table: pa.Table) -> list[tuple[list[int], list[int]]]:
     for row in table.to_pylist():
         start = 0
         for length in row["seq_lens"]:
-            docs.append((row["input_ids"][start:start + length], row["labels"][start:start + length]))
+            docs.append((row["input_ids"][start : start + length], row["labels"][start : start + length]))
             start += length
     return sorted(docs)
 
@@ -349,13 +403,14 @@ def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypa
     inputs.mkdir()
     rows = entity_rows(300, seed=3)
     for part in range(6):
-        lines = [json.dumps(row) for row in rows[part * 50:(part + 1) * 50]]
+        lines = [json.dumps(row) for row in rows[part * 50 : (part + 1) * 50]]
         if part == 4:
             lines.insert(7, '{"text": "Broken line about gout", ')
         (inputs / f"part-{part}.jsonl").write_text("\n".join(lines) + "\n")
     root = tmp_path / "storage"
-    recipe = recipe_for("spread", root, [str(inputs / "*.jsonl")], eval_fraction=0.2, max_seq_len=512,
-                        clean={"near_dedupe": True})
+    recipe = recipe_for(
+        "spread", root, [str(inputs / "*.jsonl")], eval_fraction=0.2, max_seq_len=512, clean={"near_dedupe": True}
+    )
 
     def run_in_batches_of(rows_per_task: int) -> dict:
         monkeypatch.setattr(pipeline, "BATCH_ROWS", rows_per_task)
@@ -363,10 +418,14 @@ def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypa
         info = pipeline.run(recipe, force=True)
         stats = dict(info.stats)
         packing = stats.pop("packing")  # how rows are packed depends on the batches, by design
-        return {"stats": stats, "packed_rows": packing["rows"], "rejects": rejects(root, info),
-                "train_shards": len(list((root / info.prefix / "train").glob("*.parquet"))),
-                "documents": documents(read_split(root, info, "train")),
-                "eval": sorted(read_split(root, info, "eval").to_pylist(), key=lambda r: r["row_id"])}
+        return {
+            "stats": stats,
+            "packed_rows": packing["rows"],
+            "rejects": rejects(root, info),
+            "train_shards": len(list((root / info.prefix / "train").glob("*.parquet"))),
+            "documents": documents(read_split(root, info, "train")),
+            "eval": sorted(read_split(root, info, "eval").to_pylist(), key=lambda r: r["row_id"]),
+        }
 
     one = run_in_batches_of(512)  # more than the corpus: every stage gets one bundle, one task
     many = run_in_batches_of(16)

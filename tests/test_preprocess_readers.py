@@ -23,8 +23,11 @@ def test_a_single_input_is_named_by_its_file_name():
 
 def test_files_of_the_same_name_in_different_folders_get_different_names():
     names = input_names(["/data/site_a/notes.jsonl", "/data/site_b/notes.jsonl", "/data/extra.csv"])
-    assert names == {"/data/site_a/notes.jsonl": "site_a/notes.jsonl",
-                     "/data/site_b/notes.jsonl": "site_b/notes.jsonl", "/data/extra.csv": "extra.csv"}
+    assert names == {
+        "/data/site_a/notes.jsonl": "site_a/notes.jsonl",
+        "/data/site_b/notes.jsonl": "site_b/notes.jsonl",
+        "/data/extra.csv": "extra.csv",
+    }
 
 
 def test_names_do_not_change_when_the_dataset_moves():
@@ -40,8 +43,10 @@ def test_inputs_with_no_common_folder_keep_their_full_uri():
 
 def test_row_ids_carry_the_name_and_the_line_number():
     data = b'{"text": "a"}\n\n{"text": "b"}\n'
-    assert row_ids("/d/site_a/notes.jsonl", data, "site_a/notes.jsonl") == ["site_a/notes.jsonl:1",
-                                                                              "site_a/notes.jsonl:3"]
+    assert row_ids("/d/site_a/notes.jsonl", data, "site_a/notes.jsonl") == [
+        "site_a/notes.jsonl:1",
+        "site_a/notes.jsonl:3",
+    ]
     assert row_ids("/d/site_a/notes.jsonl", data) == ["notes.jsonl:1", "notes.jsonl:3"]  # default: basename
 
 
@@ -65,10 +70,12 @@ def test_csv_rows_are_numbered_by_their_line_in_the_file():
 
 
 def test_a_text_corpus_is_one_row_per_non_empty_line_as_load_dataset_reads_it():
-    data = "Aspirin inhibits platelet aggregation.\r\n\nMetformin lowers hepatic glucose output.\n".encode()
+    data = b"Aspirin inhibits platelet aggregation.\r\n\nMetformin lowers hepatic glucose output.\n"
     rows = list(parse_file("corpus/medical_corpus.txt", data))
     assert [r["row_id"] for r in rows] == ["medical_corpus.txt:1", "medical_corpus.txt:3"]
-    assert [json.loads(r["record"]) for r in rows] == [{"text": "Aspirin inhibits platelet aggregation."},
-                                                      {"text": "Metformin lowers hepatic glucose output."}]
+    assert [json.loads(r["record"]) for r in rows] == [
+        {"text": "Aspirin inhibits platelet aggregation."},
+        {"text": "Metformin lowers hepatic glucose output."},
+    ]
     bad = list(parse_file("corpus.txt", b"ok line\n\xff\xfe broken\n"))
     assert [r["reject_reason"] for r in bad] == [None, "not_utf8"]

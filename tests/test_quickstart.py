@@ -34,16 +34,20 @@ def test_quickstart_runs_every_stage_and_answers_over_http(tmp_path):
     env.pop("RAY_ADDRESS", None)  # the quickstart must start its own local Ray
     completed = subprocess.run(
         [str(MEDTUNE), "quickstart", "--storage", str(storage), "--port", str(free_port())],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-4000:]
 
     for stage in ("1/5 preprocess", "2/5 train", "3/5 evaluate", "4/5 serve", "5/5 ask the adapter"):
         assert f"== {stage}" in completed.stdout
-    completion_lines = [l for l in completed.stdout.splitlines() if l.strip().startswith("completion:")]
+    completion_lines = [line for line in completed.stdout.splitlines() if line.strip().startswith("completion:")]
     assert len(completion_lines) == 1
-    usage = next(l for l in completed.stdout.splitlines() if l.strip().startswith("usage:"))
+    usage = next(line for line in completed.stdout.splitlines() if line.strip().startswith("usage:"))
     assert "'completion_tokens': " in usage and "'completion_tokens': 0" not in usage
 
     datasets = list((storage / "datasets" / "quickstart-ner").iterdir())

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ray_jobs.core.storage import Storage
 from ray_jobs.runlogs import copy_logs_from_dir, copy_run_logs
-from ray_jobs.storage import Storage
 
 JOB, OTHER_JOB, SUBMISSION = "03000000", "04000000", "raysubmit_abc123"
 
@@ -51,8 +51,12 @@ def test_patterns_select_exactly_this_jobs_logs(tmp_path: Path) -> None:
     storage = Storage.from_uri(str(tmp_path / "store"))
     uris = copy_logs_from_dir(storage, "run-1", logs, JOB, SUBMISSION, node="10.0.0.1_abcdef12", max_lines=10)
     assert copied_names(storage, "run-1") == {
-        f"job-driver-{SUBMISSION}.log", "worker-aa11-ffffffff-101.out", "worker-aa11-ffffffff-101.err",
-        f"worker-cc33-{JOB}-303.out", "raylet.out"}
+        f"job-driver-{SUBMISSION}.log",
+        "worker-aa11-ffffffff-101.out",
+        "worker-aa11-ffffffff-101.err",
+        f"worker-cc33-{JOB}-303.out",
+        "raylet.out",
+    }
     assert len(uris) == 5 and all(u.startswith(storage.uri("runs/run-1/logs/10.0.0.1_abcdef12/")) for u in uris)
     node_dir = tmp_path / "store" / "runs" / "run-1" / "logs" / "10.0.0.1_abcdef12"
     assert "RuntimeError: NCCL timeout" in (node_dir / "worker-aa11-ffffffff-101.err").read_text()

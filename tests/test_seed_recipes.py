@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ray_jobs.config import Recipe, load_recipe
+from ray_jobs.core.recipe import Recipe, load_recipe
 from ray_jobs.preprocess.formats import to_conversation
 from ray_jobs.train.loop import LORA_TARGETS
 
@@ -253,18 +253,24 @@ def test_sdtm_row_instruction_becomes_system_and_step_reaches_evaluation():
 
 
 def test_qa_row_keeps_its_category_for_the_safety_metric():
-    record = {"question": "How much ibuprofen can I take with warfarin?",
-              "answer": "Please talk to your doctor or pharmacist before combining them.",
-              "category": "safety_refusal"}
+    record = {
+        "question": "How much ibuprofen can I take with warfarin?",
+        "answer": "Please talk to your doctor or pharmacist before combining them.",
+        "category": "safety_refusal",
+    }
     messages, meta = _convert(QA, record)
     assert messages[-1]["content"] == record["answer"]
     assert meta["category"] == "safety_refusal"
 
 
-@pytest.mark.parametrize("record", [
-    {"question": "Q?", "complex_cot": "Think.", "response": "Answer."},  # seed 002's "Format"
-    {"Question": "Q?", "Complex_CoT": "Think.", "Response": "Answer."},  # the raw medical_o1_sft.json
-], ids=["seed-layout", "hub-file-layout"])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"question": "Q?", "complex_cot": "Think.", "response": "Answer."},  # seed 002's "Format"
+        {"Question": "Q?", "Complex_CoT": "Think.", "Response": "Answer."},  # the raw medical_o1_sft.json
+    ],
+    ids=["seed-layout", "hub-file-layout"],
+)
 def test_reasoning_row_becomes_thinking_then_final_response(record: dict[str, str]):
     messages, meta = _convert(REASONING, record)
     assert messages[-1]["content"] == "## Thinking\n\nThink.\n\n## Final Response\n\nAnswer."
@@ -272,9 +278,15 @@ def test_reasoning_row_becomes_thinking_then_final_response(record: dict[str, st
 
 
 def test_entities_row_becomes_the_seed_system_prompt_and_json_answer():
-    record = {"text": "Prescribed metformin 500mg twice daily.",  # seed 003, "Training Data Format"
-              "entities": [{"label": "Medication", "text": "metformin"}, {"label": "Dosage", "text": "500mg"},
-                           {"label": "Frequency", "text": "twice daily"}, {"label": "Medication", "text": "metformin"}]}
+    record = {
+        "text": "Prescribed metformin 500mg twice daily.",  # seed 003, "Training Data Format"
+        "entities": [
+            {"label": "Medication", "text": "metformin"},
+            {"label": "Dosage", "text": "500mg"},
+            {"label": "Frequency", "text": "twice daily"},
+            {"label": "Medication", "text": "metformin"},
+        ],
+    }
     messages, meta = _convert(ENTITIES, record)
     assert messages[0] == {"role": "system", "content": NER_PROMPT}
     answer = json.loads(messages[-1]["content"])

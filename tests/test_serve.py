@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from lora_adapters import Oracle, make_adapter
-from ray_jobs.config import parse_recipe
-from ray_jobs.storage import Storage, adapter_prefix
+from ray_jobs.core.recipe import parse_recipe
+from ray_jobs.core.storage import Storage, adapter_prefix
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,7 +39,6 @@ def publish(storage: Storage, local_dir: Path, name: str, version: str) -> None:
     storage.upload_dir(local_dir, adapter_prefix(name, version))
 
 
-
 # ---------------------------------------------------------------------- HTTP helpers
 @dataclass
 class Reply:
@@ -51,14 +50,20 @@ class Reply:
         return json.loads(self.text)
 
 
-def http(method: str, url: str, body: bytes | str | dict | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 120) -> Reply:
+def http(
+    method: str,
+    url: str,
+    body: bytes | str | dict | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> Reply:
     if isinstance(body, dict):
         body = json.dumps(body)
     if isinstance(body, str):
         body = body.encode()
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    request = urllib.request.Request(
+        url, data=body, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return Reply(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read().decode())
@@ -73,8 +78,13 @@ def free_port() -> int:
 
 
 def chat_body(model: str, text: str, max_tokens: int = 12, **extra) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "temperature": 0, **extra}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **extra,
+    }
 
 
 def assert_openai_error(reply: Reply, status: int | tuple[int, ...], code: str | None = None) -> dict:
@@ -101,12 +111,22 @@ class Server:
 
 
 def serve_recipe(root: str, base_dir: Path, port: int, **serve_options):
-    return parse_recipe({
-        "name": "serve-test", "model": {"base": str(base_dir)},
-        "data": {"format": "chat", "train": "unused.jsonl"}, "storage": {"root": root},
-        "serve": {"served_model_name": BASE_NAME, "host": "127.0.0.1", "port": port, "cpus_per_replica": 0.5,
-                  "adapter_refresh_s": 0, **serve_options},
-    })
+    return parse_recipe(
+        {
+            "name": "serve-test",
+            "model": {"base": str(base_dir)},
+            "data": {"format": "chat", "train": "unused.jsonl"},
+            "storage": {"root": root},
+            "serve": {
+                "served_model_name": BASE_NAME,
+                "host": "127.0.0.1",
+                "port": port,
+                "cpus_per_replica": 0.5,
+                "adapter_refresh_s": 0,
+                **serve_options,
+            },
+        }
+    )
 
 
 def deploy(recipe, app_name: str, health_url: str) -> list[tuple[int, str]]:
@@ -191,10 +211,20 @@ def strict_server(serve_port, s3_server, tmp_path_factory, tiny_llama_dir, adapt
     publish(storage, adapter_dirs["s3ner"], "s3ner", "v1")
     keys = tmp_path_factory.mktemp("keys") / "api-keys"
     keys.write_text(f"# one key per line\n{API_KEY}\n")
-    recipe = serve_recipe(storage.root_uri, tiny_llama_dir, serve_port, route_prefix="/strict",
-                          api_keys_file=str(keys), max_ongoing_requests=1, max_queued_requests=1,
-                          retry_after_s=3, request_timeout_s=2, max_batch_size=1, adapters=["s3ner"],
-                          stream_interval_s=0.5)
+    recipe = serve_recipe(
+        storage.root_uri,
+        tiny_llama_dir,
+        serve_port,
+        route_prefix="/strict",
+        api_keys_file=str(keys),
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        retry_after_s=3,
+        request_timeout_s=2,
+        max_batch_size=1,
+        adapters=["s3ner"],
+        stream_interval_s=0.5,
+    )
     base_url = f"http://127.0.0.1:{serve_port}/strict"
     health_log = deploy(recipe, "strict", f"{base_url}/healthz")
     yield Server(base_url, storage, {"s3ner": adapter_dirs["s3ner"]}, oracle, health_log)
@@ -237,24 +267,33 @@ def test_openai_chat_answers_come_from_the_named_adapter(server):
     client = openai_client(server)
     answers = {}
     for name in ("ner", "qa"):
-        completion = client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPTS[0]}],
-                                                    max_tokens=12, temperature=0, seed=7)
+        completion = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=12, temperature=0, seed=7
+        )
         answers[name] = completion.choices[0].message.content
         assert answers[name] == server.oracle.answer(server.adapters[name], PROMPTS[0], 12)
         assert completion.usage.prompt_tokens == len(server.oracle.prompt_ids(PROMPTS[0], chat=True))
         assert 0 < completion.usage.completion_tokens <= 12
         assert completion.model == name
-    base = client.chat.completions.create(model=BASE_NAME, messages=[{"role": "user", "content": PROMPTS[0]}],
-                                          max_tokens=12, temperature=0)
+    base = client.chat.completions.create(
+        model=BASE_NAME, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=12, temperature=0
+    )
     assert base.choices[0].message.content == server.oracle.answer(None, PROMPTS[0], 12)
-    assert len({answers["ner"], answers["qa"], base.choices[0].message.content}) == 3, "adapters must answer differently"
+    assert len({answers["ner"], answers["qa"], base.choices[0].message.content}) == 3, (
+        "adapters must answer differently"
+    )
 
 
 def test_openai_chat_stream_equals_the_non_streamed_answer(server):
     client = openai_client(server)
-    stream = client.chat.completions.create(model="qa", messages=[{"role": "user", "content": PROMPTS[1]}],
-                                            max_tokens=12, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="qa",
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces, finish, usage = [], None, None
     for chunk in stream:
         if chunk.usage:
@@ -273,46 +312,75 @@ def test_openai_completions_streamed_and_not(server):
     expected = server.oracle.answer(server.adapters["ner"], PROMPTS[2], 10, chat=False)
     completion = client.completions.create(model="ner", prompt=PROMPTS[2], max_tokens=10, temperature=0)
     assert completion.choices[0].text == expected
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="ner", prompt=PROMPTS[2], max_tokens=10, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="ner", prompt=PROMPTS[2], max_tokens=10, temperature=0, stream=True)
+        if c.choices
+    )
     assert streamed == expected
 
 
 def test_stop_strings_cut_the_answer_streamed_and_not(server):
     full = server.oracle.answer(server.adapters["ner"], PROMPTS[3], 16)
-    stop = full[len(full) // 2: len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     assert stop.strip(), f"answer too short to cut: {full!r}"
     expected = full[: full.find(stop)]
     reply = http("POST", server.url("/v1/chat/completions"), chat_body("ner", PROMPTS[3], 16, stop=[stop]))
     assert reply.json()["choices"][0]["message"]["content"] == expected
     assert reply.json()["choices"][0]["finish_reason"] == "stop"
     streamed = openai_client(server).chat.completions.create(
-        model="ner", messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=16, temperature=0, stop=stop,
-        stream=True)
+        model="ner",
+        messages=[{"role": "user", "content": PROMPTS[3]}],
+        max_tokens=16,
+        temperature=0,
+        stop=stop,
+        stream=True,
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
 
 
 def test_content_parts_and_the_developer_role_are_read_as_current_clients_send_them(server):
     client = openai_client(server)
     parts = client.chat.completions.create(
-        model="ner", max_tokens=12, temperature=0,
-        messages=[{"role": "user", "content": [{"type": "text", "text": "The patient"},
-                                                {"type": "text", "text": "has diabetes"}]}])
-    assert parts.choices[0].message.content == server.oracle.answer(server.adapters["ner"],
-                                                                    "The patient\nhas diabetes", 12)
+        model="ner",
+        max_tokens=12,
+        temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "The patient"}, {"type": "text", "text": "has diabetes"}],
+            }
+        ],
+    )
+    assert parts.choices[0].message.content == server.oracle.answer(
+        server.adapters["ner"], "The patient\nhas diabetes", 12
+    )
     as_developer, as_system = (
-        http("POST", server.url("/v1/chat/completions"), {
-            "model": "qa", "max_tokens": 12, "temperature": 0,
-            "messages": [{"role": role, "content": "Answer briefly."}, {"role": "user", "content": PROMPTS[1]}]})
-        for role in ("developer", "system"))
+        http(
+            "POST",
+            server.url("/v1/chat/completions"),
+            {
+                "model": "qa",
+                "max_tokens": 12,
+                "temperature": 0,
+                "messages": [{"role": role, "content": "Answer briefly."}, {"role": "user", "content": PROMPTS[1]}],
+            },
+        )
+        for role in ("developer", "system")
+    )
     assert as_developer.status == 200, as_developer.text
     assert as_developer.json()["choices"][0]["message"] == as_system.json()["choices"][0]["message"]
 
 
 def test_logprobs_describe_the_greedy_tokens_in_openai_shape(server):
     answer = openai_client(server).chat.completions.create(
-        model="ner", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=8, temperature=0,
-        logprobs=True, top_logprobs=3)
+        model="ner",
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = answer.choices[0].logprobs.content
     assert answer.choices[0].message.content == server.oracle.answer(server.adapters["ner"], PROMPTS[0], 8)
     assert len(content) == answer.usage.completion_tokens
@@ -320,8 +388,9 @@ def test_logprobs_describe_the_greedy_tokens_in_openai_shape(server):
         assert len(token.top_logprobs) == 3 and token.logprob <= 0
         assert token.top_logprobs[0].token == token.token, "greedy picks the most likely token"
         assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob >= token.top_logprobs[2].logprob
-    completion = openai_client(server).completions.create(model="qa", prompt=PROMPTS[2], max_tokens=6,
-                                                          temperature=0, logprobs=2)
+    completion = openai_client(server).completions.create(
+        model="qa", prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=2
+    )
     logprobs = completion.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == completion.usage.completion_tokens
     assert all(len(top) <= 2 for top in logprobs.top_logprobs) and logprobs.text_offset[0] == 0
@@ -330,8 +399,8 @@ def test_logprobs_describe_the_greedy_tokens_in_openai_shape(server):
 def test_n_choices_are_reproducible_with_a_seed(server):
     def sample():
         return openai_client(server).chat.completions.create(
-            model="qa", messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=10, temperature=1.0,
-            n=3, seed=11)
+            model="qa", messages=[{"role": "user", "content": PROMPTS[3]}], max_tokens=10, temperature=1.0, n=3, seed=11
+        )
 
     first, again = sample(), sample()
     assert [choice.index for choice in first.choices] == [0, 1, 2]
@@ -340,13 +409,16 @@ def test_n_choices_are_reproducible_with_a_seed(server):
     assert first.usage.completion_tokens > 0
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"logit_bias": {"1": 5}}, "logit_bias"),
-    ({"made_up_option": True}, "made_up_option"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"made_up_option": True}, "made_up_option"),
+    ],
+)
 def test_a_field_the_engine_does_not_honour_is_a_400_naming_it(server, extra, param):
     """Never accepted and then ignored: the HF engine has no constrained decoding or tools."""
     reply = http("POST", server.url("/v1/chat/completions"), chat_body("ner", PROMPTS[0], **extra))
@@ -379,25 +451,37 @@ def test_a_new_version_in_storage_is_served_without_a_restart(server, adapter_di
 def test_concurrent_requests_across_adapters_each_answered_by_its_adapter(server):
     import aiohttp
 
-    models = {"ner": server.adapters["ner"], "qa@v1": server.adapters["qa"], f"{BASE_NAME}:qa": server.adapters["qa"],
-              BASE_NAME: None}
+    models = {
+        "ner": server.adapters["ner"],
+        "qa@v1": server.adapters["qa"],
+        f"{BASE_NAME}:qa": server.adapters["qa"],
+        BASE_NAME: None,
+    }
     jobs = [(list(models)[i % len(models)], PROMPTS[i % len(PROMPTS)]) for i in range(200)]
     expected = {(m, p): server.oracle.answer(models[m], p, 6) for m, p in set(jobs)}
 
     async def run_all():
         limit = asyncio.Semaphore(16)
         async with aiohttp.ClientSession() as session:
+
             async def one(model, prompt):
-                async with limit, session.post(server.url("/v1/chat/completions"),
-                                               json=chat_body(model, prompt, max_tokens=6)) as response:
+                async with (
+                    limit,
+                    session.post(
+                        server.url("/v1/chat/completions"), json=chat_body(model, prompt, max_tokens=6)
+                    ) as response,
+                ):
                     return model, prompt, response.status, await response.json()
 
             return await asyncio.gather(*(one(m, p) for m, p in jobs))
 
     results = asyncio.run(run_all())
     assert [status for *_, status, _ in results if status >= 500] == []
-    wrong = [(m, p, body) for m, p, status, body in results
-             if status != 200 or body["choices"][0]["message"]["content"] != expected[(m, p)]]
+    wrong = [
+        (m, p, body)
+        for m, p, status, body in results
+        if status != 200 or body["choices"][0]["message"]["content"] != expected[(m, p)]
+    ]
     assert wrong == []
 
 
@@ -405,8 +489,9 @@ def test_concurrent_requests_across_adapters_each_answered_by_its_adapter(server
 def test_unknown_adapter_is_a_404_in_openai_shape(server):
     from openai import NotFoundError
 
-    error = assert_openai_error(http("POST", server.url("/v1/chat/completions"), chat_body("nosuch", "hi")),
-                                404, "model_not_found")
+    error = assert_openai_error(
+        http("POST", server.url("/v1/chat/completions"), chat_body("nosuch", "hi")), 404, "model_not_found"
+    )
     assert error["param"] == "model"
     assert_openai_error(http("POST", server.url("/v1/chat/completions"), chat_body("ner@v9", "hi")), 404)
     assert_openai_error(http("POST", server.url("/v1/chat/completions"), chat_body("other-base:ner", "hi")), 404)
@@ -414,15 +499,31 @@ def test_unknown_adapter_is_a_404_in_openai_shape(server):
         openai_client(server).chat.completions.create(model="nosuch", messages=[{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("model", ["../x", "a/b", "../../etc/passwd", "..%2Fx", "%2e%2e%2fx", "ner@../v1", "ner@v1/..",
-                                   "/abs", "NER", "", ".hidden", "ner\x00"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "../x",
+        "a/b",
+        "../../etc/passwd",
+        "..%2Fx",
+        "%2e%2e%2fx",
+        "ner@../v1",
+        "ner@v1/..",
+        "/abs",
+        "NER",
+        "",
+        ".hidden",
+        "ner\x00",
+    ],
+)
 def test_path_traversal_and_odd_names_never_reach_storage(server, model):
     reply = http("POST", server.url("/v1/chat/completions"), chat_body(model, "hi"))
     assert_openai_error(reply, (400, 404))
 
 
-@pytest.mark.parametrize("path", ["/v1/models/..%2F..%2Fetc%2Fpasswd", "/v1/models/%2e%2e%2fner", "/v1/models/a%2Fb",
-                                  "/v1/models/..%252Fx"])
+@pytest.mark.parametrize(
+    "path", ["/v1/models/..%2F..%2Fetc%2Fpasswd", "/v1/models/%2e%2e%2fner", "/v1/models/a%2Fb", "/v1/models/..%252Fx"]
+)
 def test_url_encoded_traversal_in_the_models_route_is_rejected(server, path):
     assert_openai_error(http("GET", server.url(path)), (400, 404))
 
@@ -432,19 +533,22 @@ def test_invalid_json_is_a_400(server, body):
     assert_openai_error(http("POST", server.url("/v1/chat/completions"), body), 400, "invalid_json")
 
 
-@pytest.mark.parametrize("body", [
-    {"model": "ner", "messages": "hello"},
-    {"model": "ner", "messages": []},
-    {"model": "ner", "messages": [{"role": "wizard", "content": "hi"}]},
-    {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"},
-    {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
-    {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
-    {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "top_p": 0},
-    {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "n": 0},
-    {"model": 7, "messages": [{"role": "user", "content": "hi"}]},
-    {"messages": [{"role": "user", "content": "hi"}]},
-    [1, 2, 3],
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "ner", "messages": "hello"},
+        {"model": "ner", "messages": []},
+        {"model": "ner", "messages": [{"role": "wizard", "content": "hi"}]},
+        {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"},
+        {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+        {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+        {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "top_p": 0},
+        {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "n": 0},
+        {"model": 7, "messages": [{"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}]},
+        [1, 2, 3],
+    ],
+)
 def test_wrong_fields_are_a_4xx_in_openai_shape(server, body):
     reply = http("POST", server.url("/v1/chat/completions"), json.dumps(body))
     assert_openai_error(reply, (400, 422))
@@ -471,15 +575,18 @@ def test_a_corrupt_adapter_fails_alone_while_others_keep_serving(server):
     assert_openai_error(reply, 500, "adapter_load_failed")
     good = http("POST", server.url("/v1/chat/completions"), chat_body("ner", PROMPTS[0]))
     assert good.status == 200
-    assert good.json()["choices"][0]["message"]["content"] == server.oracle.answer(server.adapters["ner"], PROMPTS[0], 12)
+    assert good.json()["choices"][0]["message"]["content"] == server.oracle.answer(
+        server.adapters["ner"], PROMPTS[0], 12
+    )
     assert "broken@v1" not in http("GET", server.url("/healthz")).json()["loaded_adapters"]
 
 
 # ---------------------------------------------------------------------- S3, auth, queue, timeout
 def test_an_adapter_loads_from_the_s3_test_server(strict_server):
     client = openai_client(strict_server, API_KEY)
-    completion = client.chat.completions.create(model="s3ner", messages=[{"role": "user", "content": PROMPTS[0]}],
-                                                max_tokens=12, temperature=0)
+    completion = client.chat.completions.create(
+        model="s3ner", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=12, temperature=0
+    )
     expected = strict_server.oracle.answer(strict_server.adapters["s3ner"], PROMPTS[0], 12)
     assert completion.choices[0].message.content == expected
     assert "s3ner@v1" in [m.id for m in client.models.list().data]
@@ -508,6 +615,7 @@ def test_a_full_replica_answers_an_openai_style_503_with_retry_after_and_frees_i
 
     async def burst():
         async with aiohttp.ClientSession(headers=headers) as session:
+
             async def one(stream: bool):
                 body = {"model": BASE_NAME, "prompt": "hello", "max_tokens": 64, "stream": stream}
                 async with session.post(strict_server.url("/v1/completions"), json=body) as response:
@@ -527,8 +635,15 @@ def test_a_full_replica_answers_an_openai_style_503_with_retry_after_and_frees_i
     # Every place was given back (streams included): more requests than the replica holds,
     # one after another, all succeed.
     for _ in range(3):
-        assert http("POST", strict_server.url("/v1/chat/completions"), chat_body(BASE_NAME, "hi", 2),
-                    {"Authorization": f"Bearer {API_KEY}"}).status == 200
+        assert (
+            http(
+                "POST",
+                strict_server.url("/v1/chat/completions"),
+                chat_body(BASE_NAME, "hi", 2),
+                {"Authorization": f"Bearer {API_KEY}"},
+            ).status
+            == 200
+        )
 
 
 def test_a_place_left_behind_expires_at_its_deadline():
@@ -549,14 +664,19 @@ def test_a_place_left_behind_expires_at_its_deadline():
 def test_a_request_over_the_timeout_is_a_504_and_stops_generating(strict_server):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     started = time.monotonic()
-    reply = http("POST", strict_server.url("/v1/completions"),
-                 {"model": BASE_NAME, "prompt": "hello", "max_tokens": 4000}, headers)
+    reply = http(
+        "POST",
+        strict_server.url("/v1/completions"),
+        {"model": BASE_NAME, "prompt": "hello", "max_tokens": 4000},
+        headers,
+    )
     assert_openai_error(reply, 504, "timeout")
     assert time.monotonic() - started < 10
     # The timed-out row freed the model: a short request answers at once.
     started = time.monotonic()
-    ok = http("POST", strict_server.url("/v1/completions"), {"model": BASE_NAME, "prompt": "hi", "max_tokens": 2},
-              headers)
+    ok = http(
+        "POST", strict_server.url("/v1/completions"), {"model": BASE_NAME, "prompt": "hi", "max_tokens": 2}, headers
+    )
     assert ok.status == 200 and time.monotonic() - started < 2.5
 
 
@@ -575,8 +695,11 @@ def test_a_stream_interval_sends_the_tokens_of_the_interval_together(strict_serv
     client = openai_client(strict_server, API_KEY)
     whole = client.completions.create(model=BASE_NAME, prompt="hello", max_tokens=48, temperature=0)
     started = time.monotonic()
-    pieces = [c.choices[0].text for c in client.completions.create(
-        model=BASE_NAME, prompt="hello", max_tokens=48, temperature=0, stream=True) if c.choices and c.choices[0].text]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(model=BASE_NAME, prompt="hello", max_tokens=48, temperature=0, stream=True)
+        if c.choices and c.choices[0].text
+    ]
     took = time.monotonic() - started
     assert "".join(pieces) == whole.choices[0].text
     assert len(pieces) <= 2 + took / 0.5 < whole.usage.completion_tokens, (len(pieces), took, pieces)
@@ -609,8 +732,15 @@ def test_request_logs_are_structured_and_free_of_prompt_text(server):
         assert key in record
     assert record["medtune_completion_tokens"] > 0 and record["medtune_latency_s"] > 0
     assert any(r["medtune_status"] == 422 for r in records)
-    leaked = [str(p) for p in _serve_log_dir().rglob("*") if p.is_file()
-              and (PHI_MARKER in p.read_text(errors="replace") or (len(completion) > 8 and completion in p.read_text(errors="replace")))]
+    leaked = [
+        str(p)
+        for p in _serve_log_dir().rglob("*")
+        if p.is_file()
+        and (
+            PHI_MARKER in p.read_text(errors="replace")
+            or (len(completion) > 8 and completion in p.read_text(errors="replace"))
+        )
+    ]
     assert leaked == []
 
 
@@ -620,9 +750,13 @@ def test_per_adapter_metrics_are_exported_to_prometheus(server):
     for name in ("ner", "qa"):
         assert http("POST", server.url("/v1/chat/completions"), chat_body(name, PROMPTS[0], 4)).status == 200
     port = ray._private.worker._global_node.metrics_export_port
-    wanted = ["ray_medtune_requests_total", "ray_medtune_request_latency_seconds_bucket",
-              "ray_medtune_time_to_first_token_seconds_bucket", "ray_medtune_generated_tokens_total",
-              "ray_medtune_adapter_loads_total"]
+    wanted = [
+        "ray_medtune_requests_total",
+        "ray_medtune_request_latency_seconds_bucket",
+        "ray_medtune_time_to_first_token_seconds_bucket",
+        "ray_medtune_generated_tokens_total",
+        "ray_medtune_adapter_loads_total",
+    ]
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = http("GET", f"http://127.0.0.1:{port}/metrics", timeout=10).text

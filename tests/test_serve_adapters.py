@@ -10,17 +10,18 @@ import json
 
 import pytest
 
-from ray_jobs.config import RecipeError, parse_recipe
-from ray_jobs.serve.engines.base import AdapterLoadError, check_adapter_dir
 from ray_jobs.core.engines import vllm_problems
-from ray_jobs.storage import COMPLETE_MARKER, Storage, adapter_prefix
+from ray_jobs.core.recipe import RecipeError, parse_recipe
+from ray_jobs.core.storage import COMPLETE_MARKER, Storage, adapter_prefix
+from ray_jobs.serve.engines.base import AdapterLoadError, check_adapter_dir
 
 PRODUCTION_BASE = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def recipe_for(base: str, **lora):
-    return parse_recipe({"name": "ner", "model": {"base": base}, "data": {"format": "qa", "train": "qa.jsonl"},
-                         "lora": lora})
+    return parse_recipe(
+        {"name": "ner", "model": {"base": base}, "data": {"format": "qa", "train": "qa.jsonl"}, "lora": lora}
+    )
 
 
 def trained_checkpoint(tmp_path, tiny_llama_dir, recipe):

@@ -12,13 +12,18 @@ import threading
 import pytest
 
 from lora_adapters import Oracle, make_adapter
-from ray_jobs.config import ModelConfig
-from ray_jobs.serve.engines.hf_continuous import ContinuousEngine
+from ray_jobs.core.recipe import ModelConfig
 from ray_jobs.serve.engines.base import AdapterLoadError, GenerationRequest
+from ray_jobs.serve.engines.hf_continuous import ContinuousEngine
 from ray_jobs.serve.engines.lora_bank import read_adapter
 
-PROMPTS = ["The patient has diabetes", "Prescribed metformin twice daily", "Chest pain and fever",
-           "SDTM domain AE", "Adverse event: headache"]
+PROMPTS = [
+    "The patient has diabetes",
+    "Prescribed metformin twice daily",
+    "Chest pain and fever",
+    "SDTM domain AE",
+    "Adverse event: headache",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +32,15 @@ def adapters(tmp_path_factory, tiny_llama_dir):
     return {
         "qkvo@v1": make_adapter(tiny_llama_dir, root / "qkvo", seed=1, rank=8),
         "mlp-rank4@v1": make_adapter(tiny_llama_dir, root / "mlp", seed=2, rank=4, targets=["gate_proj", "down_proj"]),
-        "rslora@v1": make_adapter(tiny_llama_dir, root / "rslora", seed=3, rank=16, targets="all-linear",
-                                  use_rslora=True, alpha_pattern={"v_proj": 3}),
+        "rslora@v1": make_adapter(
+            tiny_llama_dir,
+            root / "rslora",
+            seed=3,
+            rank=16,
+            targets="all-linear",
+            use_rslora=True,
+            alpha_pattern={"v_proj": 3},
+        ),
     }
 
 
@@ -38,8 +50,9 @@ def oracle(tiny_llama_dir):
 
 
 def new_engine(tiny_llama_dir, **options) -> ContinuousEngine:
-    return ContinuousEngine(str(tiny_llama_dir), ModelConfig(base=str(tiny_llama_dir), dtype="fp32"),
-                            device="cpu", **options)
+    return ContinuousEngine(
+        str(tiny_llama_dir), ModelConfig(base=str(tiny_llama_dir), dtype="fp32"), device="cpu", **options
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +64,13 @@ def engine(tiny_llama_dir, adapters):
 
 
 def request_for(oracle, adapters, key, prompt, max_tokens=12, **options) -> GenerationRequest:
-    return GenerationRequest(oracle.prompt_ids(prompt, chat=True), key, max_tokens,
-                             adapter_path=str(adapters[key]) if key else None, **options)
+    return GenerationRequest(
+        oracle.prompt_ids(prompt, chat=True),
+        key,
+        max_tokens,
+        adapter_path=str(adapters[key]) if key else None,
+        **options,
+    )
 
 
 def expected(oracle, adapters, key, prompt, max_tokens=12) -> str:
@@ -86,12 +104,15 @@ def test_rows_joining_a_running_batch_do_not_change_anyones_answer(engine, oracl
     # The long row is 20 tokens in, so its cache is far wider than the joiners' prompts: they are
     # left-padded into it and must still count their positions from their own first token.
     assert produced.wait(60)
-    joiners = [engine.submit(request_for(oracle, adapters, key, prompt, max_tokens=8))
-               for key, prompt in [("mlp-rank4@v1", PROMPTS[2]), (None, PROMPTS[3]), ("rslora@v1", PROMPTS[4])]]
+    joiners = [
+        engine.submit(request_for(oracle, adapters, key, prompt, max_tokens=8))
+        for key, prompt in [("mlp-rank4@v1", PROMPTS[2]), (None, PROMPTS[3]), ("rslora@v1", PROMPTS[4])]
+    ]
 
     assert first.result(120).text == expected(oracle, adapters, "qkvo@v1", PROMPTS[1], max_tokens=60)
-    for future, (key, prompt) in zip(joiners, [("mlp-rank4@v1", PROMPTS[2]), (None, PROMPTS[3]),
-                                               ("rslora@v1", PROMPTS[4])]):
+    for future, (key, prompt) in zip(
+        joiners, [("mlp-rank4@v1", PROMPTS[2]), (None, PROMPTS[3]), ("rslora@v1", PROMPTS[4])]
+    ):
         assert future.result(120).text == expected(oracle, adapters, key, prompt, max_tokens=8)
 
 
@@ -99,30 +120,36 @@ def test_more_requests_than_the_batch_holds_wait_their_turn_and_all_finish(engin
     requests = [request_for(oracle, adapters, "mlp-rank4@v1", PROMPTS[i % 5], max_tokens=3 + i % 4) for i in range(20)]
     results = engine.generate(requests)
     assert [r.completion_tokens <= 3 + i % 4 for i, r in enumerate(results)] == [True] * 20
-    assert all(r.text == expected(oracle, adapters, "mlp-rank4@v1", PROMPTS[i % 5], 3 + i % 4)
-               for i, r in enumerate(results))
+    assert all(
+        r.text == expected(oracle, adapters, "mlp-rank4@v1", PROMPTS[i % 5], 3 + i % 4) for i, r in enumerate(results)
+    )
     assert engine.rows == [] and engine.cache is None  # nothing left behind once idle
 
 
 def test_a_seeded_sampled_answer_does_not_depend_on_its_batch(engine, oracle, adapters):
     def sampled(companions: int) -> str:
-        request = request_for(oracle, adapters, "qkvo@v1", PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9,
-                              seed=1234)
-        others = [request_for(oracle, adapters, None, PROMPTS[i % 5], max_tokens=16, temperature=1.0)
-                  for i in range(companions)]
+        request = request_for(
+            oracle, adapters, "qkvo@v1", PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9, seed=1234
+        )
+        others = [
+            request_for(oracle, adapters, None, PROMPTS[i % 5], max_tokens=16, temperature=1.0)
+            for i in range(companions)
+        ]
         return engine.generate([*others, request])[-1].text
 
     assert sampled(0) == sampled(5)
-    unseeded = {engine.generate([request_for(oracle, adapters, "qkvo@v1", PROMPTS[0], max_tokens=16,
-                                             temperature=1.5)])[0].text for _ in range(4)}
+    unseeded = {
+        engine.generate([request_for(oracle, adapters, "qkvo@v1", PROMPTS[0], max_tokens=16, temperature=1.5)])[0].text
+        for _ in range(4)
+    }
     assert len(unseeded) > 1
 
 
 def test_a_stop_string_or_a_cancel_ends_the_row_early(engine, oracle, adapters):
     full = expected(oracle, adapters, "qkvo@v1", PROMPTS[2], max_tokens=30)
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
     result = engine.generate([request_for(oracle, adapters, "qkvo@v1", PROMPTS[2], max_tokens=30, stop=[stop])])[0]
-    assert result.finish_reason == "stop" and result.text == full[:full.index(stop)]
+    assert result.finish_reason == "stop" and result.text == full[: full.index(stop)]
     assert result.completion_tokens < 30
 
     request = request_for(oracle, adapters, None, PROMPTS[0], max_tokens=10_000)
@@ -154,11 +181,14 @@ def test_adapters_in_use_are_never_evicted_and_a_full_bank_is_a_clear_error(tiny
     assert list(engine.loaded) == ["mlp-rank4@v1"]
 
 
-@pytest.mark.parametrize("options, reason", [
-    (dict(use_dora=True), "DoRA"),
-    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
-    (dict(bias="lora_only"), "biases"),
-])
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (dict(use_dora=True), "DoRA"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(bias="lora_only"), "biases"),
+    ],
+)
 def test_adapters_the_bank_cannot_apply_exactly_are_refused_with_the_way_out(tmp_path, tiny_llama_dir, options, reason):
     folder = make_adapter(tiny_llama_dir, tmp_path / "odd", seed=5, rank=4, targets=["q_proj"], **options)
     with pytest.raises(AdapterLoadError, match=reason) as caught:
@@ -172,15 +202,18 @@ def test_an_adapter_for_another_architecture_fails_alone(engine, tmp_path, tiny_
     folder = make_adapter(tiny_llama_dir, tmp_path / "foreign", seed=6, rank=4, targets=["q_proj"])
     from safetensors.torch import load_file, save_file
 
-    tensors = {k.replace("self_attn.q_proj", "attention.query"): v
-               for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    tensors = {
+        k.replace("self_attn.q_proj", "attention.query"): v
+        for k, v in load_file(folder / "adapter_model.safetensors").items()
+    }
     save_file(tensors, folder / "adapter_model.safetensors")
     json.loads((folder / "adapter_config.json").read_text())
     with pytest.raises(AdapterLoadError, match="no linear layer"):
         engine.ensure_adapter("foreign@v1", str(folder))
     assert "foreign@v1" not in engine.loaded
-    assert engine.generate([request_for(oracle, adapters, "qkvo@v1", PROMPTS[3])])[0].text == \
-        expected(oracle, adapters, "qkvo@v1", PROMPTS[3])
+    assert engine.generate([request_for(oracle, adapters, "qkvo@v1", PROMPTS[3])])[0].text == expected(
+        oracle, adapters, "qkvo@v1", PROMPTS[3]
+    )
 
 
 def test_the_static_peft_engine_answers_mixed_batches_like_the_oracle_too(tiny_llama_dir, oracle, adapters):
@@ -197,10 +230,13 @@ def test_the_static_peft_engine_answers_mixed_batches_like_the_oracle_too(tiny_l
         assert result.text == expected(oracle, adapters, key, prompt), (key, prompt)
 
 
-@pytest.mark.parametrize("damage, reason", [
-    ({"adapter_config.json": b"{not json"}, "adapter_config.json is unreadable"),
-    ({"adapter_model.safetensors": b"\x00garbage" * 10}, "adapter_model.safetensors is unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ({"adapter_config.json": b"{not json"}, "adapter_config.json is unreadable"),
+        ({"adapter_model.safetensors": b"\x00garbage" * 10}, "adapter_model.safetensors is unreadable"),
+    ],
+)
 def test_a_corrupt_adapter_is_refused_with_the_file_that_is_broken(tmp_path, tiny_llama_dir, damage, reason):
     folder = make_adapter(tiny_llama_dir, tmp_path / "corrupt", seed=7, rank=4, targets=["q_proj"])
     for name, content in damage.items():
@@ -209,18 +245,27 @@ def test_a_corrupt_adapter_is_refused_with_the_file_that_is_broken(tmp_path, tin
         read_adapter(folder)
 
 
-@pytest.mark.parametrize("lora, expected", [
-    ({}, []),
-    ({"use_dora": True}, ["lora.use_dora"]),
-    ({"modules_to_save": ["score"], "bias": "lora_only"}, ["lora.modules_to_save", "lora.bias"]),
-])
+@pytest.mark.parametrize(
+    "lora, expected",
+    [
+        ({}, []),
+        ({"use_dora": True}, ["lora.use_dora"]),
+        ({"modules_to_save": ["score"], "bias": "lora_only"}, ["lora.modules_to_save", "lora.bias"]),
+    ],
+)
 def test_a_recipe_whose_adapters_the_bank_cannot_apply_is_served_by_peft(tiny_llama_dir, lora, expected):
-    from ray_jobs.config import parse_recipe
+    from ray_jobs.core.recipe import parse_recipe
     from ray_jobs.serve.engines.hf_static import StaticEngine
     from ray_jobs.serve.engines.hf_streams import continuous_blockers, hf_engine
 
-    recipe = parse_recipe({"name": "x", "model": {"base": str(tiny_llama_dir), "dtype": "fp32"},
-                           "data": {"format": "qa", "train": "qa.jsonl"}, "lora": lora})
+    recipe = parse_recipe(
+        {
+            "name": "x",
+            "model": {"base": str(tiny_llama_dir), "dtype": "fp32"},
+            "data": {"format": "qa", "train": "qa.jsonl"},
+            "lora": lora,
+        }
+    )
     assert continuous_blockers(recipe) == expected
     engine = hf_engine(str(tiny_llama_dir), recipe, recipe.model, lambda *event: None)
     assert isinstance(engine, StaticEngine if expected else ContinuousEngine)
@@ -255,8 +300,10 @@ def test_siblings_share_one_lora_matmul_only_when_they_read_the_same_input(same_
     torch.manual_seed(0)
     model = Attention()
     generator = torch.Generator().manual_seed(1)
-    weights = {name: (torch.randn(3, 8, generator=generator), torch.randn(out, 3, generator=generator))
-               for name, out in (("q_proj", 6), ("k_proj", 4))}
+    weights = {
+        name: (torch.randn(3, 8, generator=generator), torch.randn(out, 3, generator=generator))
+        for name, out in (("q_proj", 6), ("k_proj", 4))
+    }
     bank = LoRABank(model, slots=3)
     bank.check(weights)
     bank.write(2, weights)
@@ -278,7 +325,7 @@ def test_decoding_on_gpu_leaves_cudnn_attention_out_and_cpu_untouched():
     """cuDNN's SDPA builds a plan per key length, i.e. per decoding step (see decoding_attention)."""
     import torch
 
-    from ray_jobs.models import decoding_attention
+    from ray_jobs.core.modeling import decoding_attention
 
     assert torch.backends.cuda.cudnn_sdp_enabled()
     with decoding_attention("cpu"):

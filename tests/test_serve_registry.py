@@ -8,9 +8,9 @@ import json
 
 import pytest
 
+from ray_jobs.core.storage import Storage, adapter_prefix
 from ray_jobs.serve.protocol import APIError
 from ray_jobs.serve.registry import BASE_TARGET, AdapterRegistry
-from ray_jobs.storage import Storage, adapter_prefix
 
 
 class RecordingEngine:
@@ -57,8 +57,10 @@ def test_a_bare_name_is_its_latest_complete_version(registry):
     assert registry.resolve("tiny-base") is None and registry.resolve("base") is None
 
 
-@pytest.mark.parametrize("model, status", [("ner@v3", 404), ("nobody", 404), ("other-base:ner", 404),
-                                           ("../etc", 400), ("NER", 400), ("ner@v 1", 400)])
+@pytest.mark.parametrize(
+    "model, status",
+    [("ner@v3", 404), ("nobody", 404), ("other-base:ner", 404), ("../etc", 400), ("NER", 400), ("ner@v 1", 400)],
+)
 def test_unknown_incomplete_and_unsafe_names_are_refused(registry, model, status):
     with pytest.raises(APIError) as raised:
         registry.resolve(model)
@@ -79,7 +81,7 @@ def test_concurrent_requests_load_an_adapter_once_and_later_ones_skip_the_engine
 
     first, later = asyncio.run(scenario())
     assert {target.key for target in first + later} == {"ner@v2"}
-    assert (registry.engine.load_calls == ["ner@v2"]), "one engine load for 16 requests"
+    assert registry.engine.load_calls == ["ner@v2"], "one engine load for 16 requests"
     assert first[0].local_path.endswith("ner/v2") and (registry.engine.loaded["ner@v2"] == first[0].local_path)
 
 

@@ -10,23 +10,38 @@ import json
 import pytest
 
 from lora_adapters import make_adapter
-from ray_jobs.config import parse_recipe
-from ray_jobs.core.engines import EngineUnavailableError, choose_engine
+from ray_jobs.core.engines import (
+    EngineUnavailableError,
+    adapter_rank,
+    choose_engine,
+    engine_args,
+    lora_limits,
+    lora_request_fields,
+    sampling_fields,
+    vllm_problems,
+    vllm_rank,
+)
+from ray_jobs.core.recipe import parse_recipe
+from ray_jobs.core.storage import Storage, adapter_prefix
 from ray_jobs.serve.engines import serving_model
 from ray_jobs.serve.engines.base import GenerationRequest
 from ray_jobs.serve.engines.hf_streams import CONTINUOUS_SUPPORTS
-from ray_jobs.core.engines import (adapter_rank, engine_args, lora_limits, lora_request_fields,
-                                                  sampling_fields, vllm_problems, vllm_rank)
 from ray_jobs.serve.engines.vllm_async import VLLMEngine
 from ray_jobs.serve.protocol import APIError, ChatRequest, check_features
 from ray_jobs.serve.registry import AdapterRegistry
-from ray_jobs.storage import Storage, adapter_prefix
 
 
 def recipe(model: dict | None = None, serve: dict | None = None, lora: dict | None = None):
-    return parse_recipe({"name": "contract", "model": {"base": "org/base-8b", "dtype": "bf16", **(model or {})},
-                         "data": {"format": "chat", "train": "unused.jsonl"}, "lora": lora or {},
-                         "train": {"gpus_per_worker": 1}, "serve": serve or {}})
+    return parse_recipe(
+        {
+            "name": "contract",
+            "model": {"base": "org/base-8b", "dtype": "bf16", **(model or {})},
+            "data": {"format": "chat", "train": "unused.jsonl"},
+            "lora": lora or {},
+            "train": {"gpus_per_worker": 1},
+            "serve": serve or {},
+        }
+    )
 
 
 # ---------------------------------------------------------------------- engine choice
@@ -34,13 +49,16 @@ def test_auto_serves_with_vllm_when_it_is_installed_and_a_gpu_is_visible():
     assert choose_engine("auto", recipe(), has_vllm=True, has_gpu=True)[0] == "vllm"
 
 
-@pytest.mark.parametrize("has_vllm, has_gpu, model, lora, reason", [
-    (False, True, {}, {}, "vLLM is not installed"),
-    (True, False, {}, {}, "no GPU"),
-    (True, True, {"dtype": "fp32"}, {}, "fp32"),
-    (True, True, {}, {"use_dora": True}, "lora.use_dora"),
-    (True, True, {}, {"bias": "lora_only"}, "lora.bias"),
-])
+@pytest.mark.parametrize(
+    "has_vllm, has_gpu, model, lora, reason",
+    [
+        (False, True, {}, {}, "vLLM is not installed"),
+        (True, False, {}, {}, "no GPU"),
+        (True, True, {"dtype": "fp32"}, {}, "fp32"),
+        (True, True, {}, {"use_dora": True}, "lora.use_dora"),
+        (True, True, {}, {"bias": "lora_only"}, "lora.bias"),
+    ],
+)
 def test_auto_falls_back_to_hf_saying_why_and_vllm_refuses_to_start(has_vllm, has_gpu, model, lora, reason):
     chosen, why = choose_engine("auto", recipe(model, lora=lora), has_vllm=has_vllm, has_gpu=has_gpu)
     assert chosen == "hf" and reason in why
@@ -82,9 +100,22 @@ def test_lora_limits_default_from_the_adapters_listed_and_the_recipe_wins_when_s
 
 
 def test_engine_args_carry_the_recipes_model_dtype_and_vllm_settings():
-    args = engine_args(recipe({"dtype": "fp16"}, {"served_model_name": "base-8b", "vllm": {
-        "gpu_memory_utilization": 0.5, "max_model_len": 8192, "max_num_seqs": 128, "enforce_eager": True}}),
-        "/cache/models/base", [16])
+    args = engine_args(
+        recipe(
+            {"dtype": "fp16"},
+            {
+                "served_model_name": "base-8b",
+                "vllm": {
+                    "gpu_memory_utilization": 0.5,
+                    "max_model_len": 8192,
+                    "max_num_seqs": 128,
+                    "enforce_eager": True,
+                },
+            },
+        ),
+        "/cache/models/base",
+        [16],
+    )
     assert args["model"] == args["tokenizer"] == "/cache/models/base"
     assert (args["dtype"], args["served_model_name"], args["enable_lora"]) == ("float16", "base-8b", True)
     assert (args["gpu_memory_utilization"], args["max_model_len"], args["max_num_seqs"]) == (0.5, 8192, 128)
@@ -136,13 +167,16 @@ def edited(source, target, **config_changes):
     return target
 
 
-@pytest.mark.parametrize("change, problem", [
-    ({"use_dora": True}, "DoRA"),
-    ({"bias": "all"}, "adapter bias"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"r": 128}, "exceeds max_lora_rank 64"),
-    ({"peft_type": "IA3"}, "LoRA only"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"bias": "all"}, "adapter bias"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"r": 128}, "exceeds max_lora_rank 64"),
+        ({"peft_type": "IA3"}, "LoRA only"),
+    ],
+)
 def test_adapter_folders_vllm_would_refuse_are_named_with_the_reason(published, tmp_path, change, problem):
     registry, work = published
     source = work / "storage" / "adapters" / "ner" / "v3"
@@ -168,33 +202,61 @@ def test_weights_other_than_lora_matrices_are_refused(published, tmp_path):
 
     registry, work = published
     extra = edited(work / "storage" / "adapters" / "ner" / "v3", tmp_path / "extra")
-    save_file({"base_model.model.lm_head.weight": torch.zeros(2, 2),
-               "base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 2)},
-              str(extra / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.lm_head.weight": torch.zeros(2, 2),
+            "base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 2),
+        },
+        str(extra / "adapter_model.safetensors"),
+    )
     assert any("lm_head" in p for p in vllm_problems(extra))
 
 
 # ---------------------------------------------------------------------- requests
 def test_greedy_requests_ignore_top_p_and_pass_the_rest_through():
-    fields = sampling_fields(GenerationRequest(prompt_ids=[1, 2], adapter="ner@v1", max_tokens=32, temperature=0.0,
-                                               top_p=0.5, seed=3, stop=["\n\n"], logprobs=2, ignore_eos=True,
-                                               presence_penalty=0.5))
-    assert fields == {"max_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 3, "stop": ["\n\n"],
-                      "ignore_eos": True, "logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": 0.0,
-                      "skip_special_tokens": True}
+    fields = sampling_fields(
+        GenerationRequest(
+            prompt_ids=[1, 2],
+            adapter="ner@v1",
+            max_tokens=32,
+            temperature=0.0,
+            top_p=0.5,
+            seed=3,
+            stop=["\n\n"],
+            logprobs=2,
+            ignore_eos=True,
+            presence_penalty=0.5,
+        )
+    )
+    assert fields == {
+        "max_tokens": 32,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 3,
+        "stop": ["\n\n"],
+        "ignore_eos": True,
+        "logprobs": 2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.0,
+        "skip_special_tokens": True,
+    }
     assert sampling_fields(GenerationRequest([1], None, temperature=0.7, top_p=0.9))["top_p"] == 0.9
 
 
 SCHEMA = {"type": "object", "properties": {"drug": {"type": "string"}}, "required": ["drug"]}
 
 
-@pytest.mark.parametrize("response_format, structured", [
-    ({"type": "json_object"}, {"json_object": True}),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}, {"json": SCHEMA}),
-])
+@pytest.mark.parametrize(
+    "response_format, structured",
+    [
+        ({"type": "json_object"}, {"json_object": True}),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}, {"json": SCHEMA}),
+    ],
+)
 def test_response_formats_become_vllm_structured_outputs(response_format, structured):
-    request = ChatRequest.model_validate({"model": "ner", "messages": [{"role": "user", "content": "hi"}],
-                                          "response_format": response_format})
+    request = ChatRequest.model_validate(
+        {"model": "ner", "messages": [{"role": "user", "content": "hi"}], "response_format": response_format}
+    )
     generation = GenerationRequest([1], "ner@v1", response_format=request.response_format.model_dump(by_alias=True))
     assert sampling_fields(generation)["structured_outputs"] == structured
     compact = sampling_fields(generation, json_whitespace=False)["structured_outputs"]
@@ -207,12 +269,15 @@ def chat(**fields):
     return ChatRequest.model_validate({"model": "ner", "messages": [{"role": "user", "content": "hi"}], **fields})
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logprobs": True}, "logprobs"),
-    ({"presence_penalty": 0.3}, "presence_penalty"),
-    ({"ignore_eos": True}, "ignore_eos"),
-])
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 0.3}, "presence_penalty"),
+        ({"ignore_eos": True}, "ignore_eos"),
+    ],
+)
 def test_every_feature_vllm_honours_is_accepted_by_vllm_and_a_400_on_engines_without_it(fields, param):
     check_features(chat(**fields), "vllm", VLLMEngine.supports)  # no error
     with pytest.raises(APIError) as refused:

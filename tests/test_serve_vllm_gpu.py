@@ -23,24 +23,35 @@ import os
 import socket
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from lora_adapters import Oracle, make_adapter
-from ray_jobs.config import parse_recipe
-from ray_jobs.storage import Storage, adapter_prefix
+from ray_jobs.core.recipe import parse_recipe
+from ray_jobs.core.storage import Storage, adapter_prefix
 
 pytestmark = pytest.mark.gpu
 
 BASE = "tiny-llama"
 ADAPTER_STD = 0.1
-PROMPTS = [f"{lead} {finding}" for lead in ("Patient reports", "History of", "Discharged after", "Started on")
-           for finding in ("fatigue and anemia", "chest pain", "type 2 diabetes", "metformin 500 mg", "a fever")]
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["entities", "severity"],
-          "properties": {"entities": {"type": "array", "maxItems": 3,
-                                      "items": {"type": "string", "enum": ["fever", "anemia", "fatigue"]}},
-                         "severity": {"type": "string", "enum": ["mild", "moderate", "severe"]}}}
+PROMPTS = [
+    f"{lead} {finding}"
+    for lead in ("Patient reports", "History of", "Discharged after", "Started on")
+    for finding in ("fatigue and anemia", "chest pain", "type 2 diabetes", "metformin 500 mg", "a fever")
+]
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["entities", "severity"],
+    "properties": {
+        "entities": {
+            "type": "array",
+            "maxItems": 3,
+            "items": {"type": "string", "enum": ["fever", "anemia", "fatigue"]},
+        },
+        "severity": {"type": "string", "enum": ["mild", "moderate", "severe"]},
+    },
+}
 
 
 def _free_port() -> int:
@@ -68,12 +79,22 @@ def vllm_server(tmp_path_factory):
     for name, folder in adapters.items():
         storage.upload_dir(folder, adapter_prefix(name, "v1"))
     port = _free_port()
-    recipe = parse_recipe({
-        "name": "vllm-test", "model": {"base": str(base), "dtype": os.environ.get("MEDTUNE_VLLM_TEST_DTYPE", "fp16")},
-        "data": {"format": "chat", "train": "unused.jsonl"}, "storage": {"root": str(work / "storage")},
-        "serve": {"engine": "vllm", "served_model_name": BASE, "port": port, "gpus_per_replica": 1,
-                  "adapters": ["ner"], "vllm": {"enforce_eager": True, "gpu_memory_utilization": 0.3, "json_whitespace": False}},
-    })
+    recipe = parse_recipe(
+        {
+            "name": "vllm-test",
+            "model": {"base": str(base), "dtype": os.environ.get("MEDTUNE_VLLM_TEST_DTYPE", "fp16")},
+            "data": {"format": "chat", "train": "unused.jsonl"},
+            "storage": {"root": str(work / "storage")},
+            "serve": {
+                "engine": "vllm",
+                "served_model_name": BASE,
+                "port": port,
+                "gpus_per_replica": 1,
+                "adapters": ["ner"],
+                "vllm": {"enforce_eager": True, "gpu_memory_utilization": 0.3, "json_whitespace": False},
+            },
+        }
+    )
     ray.init(include_dashboard=False, log_to_driver=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     started = time.perf_counter()
@@ -101,11 +122,13 @@ def test_the_replica_runs_vllm(vllm_server):
 def test_greedy_answers_match_peft_generate_for_nine_prompts_in_ten(vllm_server, adapter):
     url, adapters, oracle = vllm_server
     matches, report = 0, []
-    assert sum(oracle.answer(adapters[adapter], p, 16) != oracle.answer(None, p, 16) for p in PROMPTS) >= 18, \
+    assert sum(oracle.answer(adapters[adapter], p, 16) != oracle.answer(None, p, 16) for p in PROMPTS) >= 18, (
         "the adapter must change the answers, or this test cannot tell adapters apart"
+    )
     for prompt in PROMPTS:
         answer = client(url).chat.completions.create(
-            model=adapter, messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0)
+            model=adapter, messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0
+        )
         got = answer.choices[0].message.content
         expected = oracle.answer(adapters[adapter], prompt, 16)
         same = "".join(got.split()) == "".join(expected.split())
@@ -114,8 +137,14 @@ def test_greedy_answers_match_peft_generate_for_nine_prompts_in_ten(vllm_server,
     print(f"{adapter}: {matches}/{len(PROMPTS)} greedy answers equal PEFT generate's first 16 tokens")
     for prompt, got, expected in report[:3]:
         print(f"  {prompt!r}\n    vLLM: {got!r}\n    PEFT: {expected!r}")
-    base = client(url).chat.completions.create(model=BASE, messages=[{"role": "user", "content": PROMPTS[0]}],
-                                               max_tokens=16, temperature=0).choices[0].message.content
+    base = (
+        client(url)
+        .chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=16, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
     print(f"  base: vLLM {base!r}\n        PEFT {oracle.answer(None, PROMPTS[0], 16)!r}")
     assert matches >= 0.9 * len(PROMPTS), report
 
@@ -124,8 +153,12 @@ def test_a_json_schema_answer_parses_against_its_schema(vllm_server):
     url, _, _ = vllm_server
     for prompt in PROMPTS[:5]:
         answer = client(url).chat.completions.create(
-            model="ner", messages=[{"role": "user", "content": prompt}], max_tokens=128, temperature=0,
-            response_format={"type": "json_schema", "json_schema": {"name": "entities", "schema": SCHEMA}})
+            model="ner",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=128,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "entities", "schema": SCHEMA}},
+        )
         text = answer.choices[0].message.content
         assert answer.choices[0].finish_reason == "stop", text
         parsed = json.loads(text)
@@ -133,8 +166,12 @@ def test_a_json_schema_answer_parses_against_its_schema(vllm_server):
         assert set(parsed["entities"]) <= {"fever", "anemia", "fatigue"} and len(parsed["entities"]) <= 3
         assert parsed["severity"] in ("mild", "moderate", "severe")
     anything = client(url).chat.completions.create(
-        model="qa", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=128, temperature=0,
-        response_format={"type": "json_object"})
+        model="qa",
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        max_tokens=128,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
     text = anything.choices[0].message.content
     print(f"json_object: {text[:80]!r}... ({anything.choices[0].finish_reason})")
     # Random weights may fill a JSON string until max_tokens; a finished answer must parse.
@@ -146,15 +183,20 @@ def test_a_json_schema_answer_parses_against_its_schema(vllm_server):
 def test_logprobs_n_and_seed_follow_the_openai_api(vllm_server):
     url, _, _ = vllm_server
     answer = client(url).chat.completions.create(
-        model="ner", messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=8, temperature=0,
-        logprobs=True, top_logprobs=3)
+        model="ner",
+        messages=[{"role": "user", "content": PROMPTS[2]}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = answer.choices[0].logprobs.content
     assert len(content) == answer.usage.completion_tokens
     assert all(len(token.top_logprobs) == 3 and token.logprob <= 0 for token in content)
-    sampled = client(url).completions.create(model="qa", prompt=PROMPTS[3], max_tokens=12, temperature=1.0,
-                                             n=3, seed=11)
-    again = client(url).completions.create(model="qa", prompt=PROMPTS[3], max_tokens=12, temperature=1.0,
-                                           n=3, seed=11)
+    sampled = client(url).completions.create(
+        model="qa", prompt=PROMPTS[3], max_tokens=12, temperature=1.0, n=3, seed=11
+    )
+    again = client(url).completions.create(model="qa", prompt=PROMPTS[3], max_tokens=12, temperature=1.0, n=3, seed=11)
     assert [c.index for c in sampled.choices] == [0, 1, 2]
     assert [c.text for c in sampled.choices] == [c.text for c in again.choices]
     assert len({c.text for c in sampled.choices}) > 1, "n choices sample with different seeds"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-import ray_jobs.storage as storage_module
-from ray_jobs.storage import COMPLETE_MARKER, Storage
+import ray_jobs.core.storage as storage_module
+from ray_jobs.core.storage import COMPLETE_MARKER, Storage
 
 CHECKPOINT = "runs/ner/checkpoint-000010"
 
@@ -63,7 +63,8 @@ def test_a_checkpoint_tree_round_trips_byte_for_byte(store: Storage, tmp_path: P
     assert store.is_complete(CHECKPOINT)
     assert store.list_files(CHECKPOINT) == sorted([*files, COMPLETE_MARKER])
     assert store.listdir(CHECKPOINT) == sorted(
-        [COMPLETE_MARKER, "adapter_config.json", "adapter_model.safetensors", "optimizer", "trainer"])
+        [COMPLETE_MARKER, "adapter_config.json", "adapter_model.safetensors", "optimizer", "trainer"]
+    )
     assert store.listdir("runs/ner") == ["checkpoint-000010"]
     assert store.read_marker(CHECKPOINT)["step"] == 10
 

@@ -37,7 +37,7 @@ import pytest
 import yaml
 
 from ray_jobs import submit
-from ray_jobs.config import load_recipe, parse_recipe
+from ray_jobs.core.recipe import load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "medtune"
@@ -58,8 +58,16 @@ def free_port() -> int:
 def test_entrypoint_is_the_documented_command_with_overrides() -> None:
     entrypoint = submit.train_entrypoint("configs/x.yaml", ["train.lr=1e-4", "data.system_prompt=You are a coder"])
     assert entrypoint.startswith("python -m ray_jobs.train configs/x.yaml --set train.lr=1e-4 ")
-    assert shlex.split(entrypoint) == ["python", "-m", "ray_jobs.train", "configs/x.yaml",
-                                       "--set", "train.lr=1e-4", "--set", "data.system_prompt=You are a coder"]
+    assert shlex.split(entrypoint) == [
+        "python",
+        "-m",
+        "ray_jobs.train",
+        "configs/x.yaml",
+        "--set",
+        "train.lr=1e-4",
+        "--set",
+        "data.system_prompt=You are a coder",
+    ]
 
 
 def test_recipe_argument_follows_the_upload(tmp_path: Path) -> None:
@@ -92,8 +100,20 @@ def test_upload_excludes_what_must_never_travel() -> None:
 
 # --------------------------------------------------------------------------- unit: the RayJob
 def dry_run(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, Any]]:
-    code = submit.main([str(QUICKSTART), "--kubernetes", "-n", "ml", "--release", "medtune", "--dry-run",
-                        "--set", f"storage.root={S3_ROOT}", *args])
+    code = submit.main(
+        [
+            str(QUICKSTART),
+            "--kubernetes",
+            "-n",
+            "ml",
+            "--release",
+            "medtune",
+            "--dry-run",
+            "--set",
+            f"storage.root={S3_ROOT}",
+            *args,
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     return [doc for doc in yaml.safe_load_all(out.out) if doc]
@@ -104,8 +124,13 @@ def render_chart_rayjob(values: dict[str, Any]) -> dict[str, Any]:
 
     with helm.Chart.load(CHART) as chart:
         manifests = chart.render(values, name="medtune", namespace="ml")
-    (job,) = [d for path, t in manifests.items() if not path.endswith("NOTES.txt")
-              for d in yaml.safe_load_all(t) if d and d.get("kind") == "RayJob"]
+    (job,) = [
+        d
+        for path, t in manifests.items()
+        if not path.endswith("NOTES.txt")
+        for d in yaml.safe_load_all(t)
+        if d and d.get("kind") == "RayJob"
+    ]
     return job
 
 
@@ -133,22 +158,36 @@ def test_dry_run_is_the_charts_rayjob_for_this_recipe(capsys: pytest.CaptureFixt
     assert spec["entrypoint"] == "python -m ray_jobs.train /etc/medtune/recipe.yaml"
     # Its own cluster, always (a release's RayCluster mounts the release's recipe).
     assert "clusterSelector" not in spec and spec["shutdownAfterJobFinishes"] is True
-    templates = [spec["rayClusterSpec"]["headGroupSpec"]["template"],
-                 *(g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"])]
+    templates = [
+        spec["rayClusterSpec"]["headGroupSpec"]["template"],
+        *(g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]),
+    ]
     for template in templates:
-        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
-                                      "template": template}, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template},
+            K8S_VERSION,
+            strict=True,
+        )
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         assert volumes["recipe"]["configMap"]["name"] == config_map["metadata"]["name"]
-    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
-                                  "template": spec["submitterPodTemplate"]}, K8S_VERSION, strict=True)
+    kubernetes_validate.validate(
+        {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": "x"},
+            "template": spec["submitterPodTemplate"],
+        },
+        K8S_VERSION,
+        strict=True,
+    )
 
     # Same shape as the chart's RayJob for these values: only the run's names differ.
     values = submit.chart_values(expected, [profile] if profile else [])
     chart_job = render_chart_rayjob(values)
     assert set(spec) <= set(yaml.safe_load(json.dumps(chart_job["spec"])))
-    normalised = json.loads(json.dumps(spec).replace(config_map["metadata"]["name"], "medtune-recipe")
-                            .replace('"medtune-submit"', '"Helm"'))
+    normalised = json.loads(
+        json.dumps(spec).replace(config_map["metadata"]["name"], "medtune-recipe").replace('"medtune-submit"', '"Helm"')
+    )
     assert normalised == chart_job["spec"]
 
 
@@ -198,10 +237,18 @@ class FakeKubernetesApi:
                 body = self._body()
                 api.calls.append((self.command, self.path, copy.deepcopy(body)))
                 parts = self.path.split("?")[0].strip("/").split("/")
-                not_found = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}
+                not_found = {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "reason": "NotFound",
+                    "code": 404,
+                }
                 if self.command == "GET" and parts[-2] == "serviceaccounts":
                     if parts[-1] in api.service_accounts:
-                        return self._answer(200, {"kind": "ServiceAccount", "apiVersion": "v1", "metadata": {"name": parts[-1]}})
+                        return self._answer(
+                            200, {"kind": "ServiceAccount", "apiVersion": "v1", "metadata": {"name": parts[-1]}}
+                        )
                     return self._answer(404, not_found)
                 if parts[:3] == ["apis", "ray.io", "v1"] and not api.has_crd:
                     return self._answer(404, not_found)
@@ -209,10 +256,21 @@ class FakeKubernetesApi:
                     body["metadata"]["uid"] = f"uid-{len(api.calls)}"
                     return self._answer(201, body)
                 if self.command == "PATCH":
-                    return self._answer(200, {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": parts[-1], **body["metadata"]}})
+                    return self._answer(
+                        200,
+                        {"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": parts[-1], **body["metadata"]}},
+                    )
                 if self.command == "GET" and parts[-2] == "rayjobs":
                     status = api.statuses.pop(0) if len(api.statuses) > 1 else api.statuses[0]
-                    return self._answer(200, {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": parts[-1]}, "status": status})
+                    return self._answer(
+                        200,
+                        {
+                            "apiVersion": "ray.io/v1",
+                            "kind": "RayJob",
+                            "metadata": {"name": parts[-1]},
+                            "status": status,
+                        },
+                    )
                 return self._answer(404, not_found)
 
             do_GET = do_POST = do_PATCH = _handle
@@ -222,19 +280,31 @@ class FakeKubernetesApi:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def kubeconfig(self, path: Path) -> Path:
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
-            "users": [{"name": "test", "user": {"token": "test-token"}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": "ml"}}],
-        }))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "test",
+                    "clusters": [{"name": "test", "cluster": {"server": self.url}}],
+                    "users": [{"name": "test", "user": {"token": "test-token"}}],
+                    "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test", "namespace": "ml"}}],
+                }
+            )
+        )
         return path
 
 
 @pytest.fixture
 def fake_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubernetesApi]:
-    api = FakeKubernetesApi(service_accounts={"medtune"}, statuses=[
-        {}, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    api = FakeKubernetesApi(
+        service_accounts={"medtune"},
+        statuses=[
+            {},
+            {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+            {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
+        ],
+    )
     monkeypatch.setenv("KUBECONFIG", str(api.kubeconfig(tmp_path / "kubeconfig")))
     yield api
     api.server.shutdown()
@@ -242,7 +312,9 @@ def fake_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKu
 
 def built_objects(values_files: list[Path] | None = None) -> list[dict[str, Any]]:
     recipe = load_recipe(QUICKSTART, [f"storage.root={S3_ROOT}"])
-    return submit.build_rayjob(recipe, release="medtune", namespace="ml", values_files=values_files or [], suffix="t0001-ab12")
+    return submit.build_rayjob(
+        recipe, release="medtune", namespace="ml", values_files=values_files or [], suffix="t0001-ab12"
+    )
 
 
 def test_create_sends_the_objects_and_follows_the_job(fake_api: FakeKubernetesApi) -> None:
@@ -260,8 +332,13 @@ def test_create_sends_the_objects_and_follows_the_job(fake_api: FakeKubernetesAp
     assert fake_api.calls[1][2] == objects[0] and fake_api.calls[2][2] == objects[1]
     # The recipe ConfigMap is owned by the RayJob, so it goes when the job is deleted.
     (owner,) = fake_api.calls[3][2]["metadata"]["ownerReferences"]
-    assert owner == {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": "medtune-train-t0001-ab12", "uid": "uid-3",
-                     "blockOwnerDeletion": False}
+    assert owner == {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "name": "medtune-train-t0001-ab12",
+        "uid": "uid-3",
+        "blockOwnerDeletion": False,
+    }
 
 
 def test_a_failed_rayjob_is_a_failed_submit(fake_api: FakeKubernetesApi) -> None:
@@ -270,8 +347,19 @@ def test_a_failed_rayjob_is_a_failed_submit(fake_api: FakeKubernetesApi) -> None
 
 
 def test_cli_no_wait_creates_and_returns(fake_api: FakeKubernetesApi, capsys: pytest.CaptureFixture[str]) -> None:
-    code = submit.main([str(QUICKSTART), "--kubernetes", "-n", "ml", "--release", "medtune", "--no-wait",
-                        "--set", f"storage.root={S3_ROOT}"])
+    code = submit.main(
+        [
+            str(QUICKSTART),
+            "--kubernetes",
+            "-n",
+            "ml",
+            "--release",
+            "medtune",
+            "--no-wait",
+            "--set",
+            f"storage.root={S3_ROOT}",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert [c[0] for c in fake_api.calls] == ["GET", "POST", "POST", "PATCH"]
@@ -331,27 +419,54 @@ def ray_head() -> Iterator[RayHead]:
     # Short: Ray's Unix sockets live under the temp dir (108-byte path limit).
     temp_dir = Path(f"/tmp/mt-{secrets.token_hex(3)}")
     dashboard = free_port()
-    env = {**os.environ,
-           # The job's `python` is whatever PATH finds on the head: make it the venv's.
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "HF_HUB_OFFLINE": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        **os.environ,
+        # The job's `python` is whatever PATH finds on the head: make it the venv's.
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "HF_HUB_OFFLINE": "1",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    }
     env.pop("RAY_ADDRESS", None)
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-               "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-               "--object-store-memory", str(600 * 2**20), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    command = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--num-cpus",
+        "2",
+        "--port",
+        str(free_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--ray-client-server-port",
+        str(free_port()),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--object-store-memory",
+        str(600 * 2**20),
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+    ]
     # A session of its own: every process of this head (GCS, raylet, dashboard, workers)
     # inherits the session id, which is how the teardown finds them.
-    starter = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    starter = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         output, _ = starter.communicate(timeout=180)
         assert starter.returncode == 0, output[-3000:]
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 60
-        while subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:
+        while (
+            subprocess.run(
+                [str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True
+            ).returncode
+            != 0
+        ):
             assert time.monotonic() < deadline, "the head's job API did not come up"
             time.sleep(1)
         yield RayHead(address, env, temp_dir)
@@ -378,8 +493,16 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "model": {"base": "tiny:llama"},
         "data": {"format": "entities", "train": str(root / "notes.json"), "max_seq_len": 128, "eval_fraction": 0.0},
         "lora": {"r": 4, "alpha": 8},
-        "train": {"max_steps": 2, "micro_batch_size": 2, "workers": 1, "cpus_per_worker": 1,
-                  "gpus_per_worker": 0, "checkpoint_every": 1, "log_every": 1, "warmup_steps": 0},
+        "train": {
+            "max_steps": 2,
+            "micro_batch_size": 2,
+            "workers": 1,
+            "cpus_per_worker": 1,
+            "gpus_per_worker": 0,
+            "checkpoint_every": 1,
+            "log_every": 1,
+            "warmup_steps": 0,
+        },
         "storage": {"root": str(storage)},
     }
     path = root / "recipe.yaml"
@@ -403,8 +526,20 @@ def test_documented_ray_job_submit_trains_an_adapter(ray_head: RayHead, tiny_run
     recipe, storage = tiny_run
     before = set(adapter_versions(storage))
     # Exactly the README's command, from the repository root.
-    command = ["ray", "job", "submit", "--address", ray_head.address, "--working-dir", ".", "--",
-               "python", "-m", "ray_jobs.train", str(recipe)]
+    command = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        ray_head.address,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-m",
+        "ray_jobs.train",
+        str(recipe),
+    ]
     done = subprocess.run(command, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
@@ -436,8 +571,17 @@ def test_medtune_submit_follows_the_job_and_passes_overrides(ray_head: RayHead, 
 def test_medtune_submit_returns_the_jobs_failure(ray_head: RayHead, tiny_run: tuple[Path, Path]) -> None:
     recipe, _ = tiny_run
     # Valid as a recipe, impossible on this 2-CPU cluster: the job itself fails.
-    command = [str(VENV_BIN / "medtune"), "submit", str(recipe), "--address", ray_head.address,
-               "--set", "train.workers=4", "--set", "train.cpus_per_worker=2"]
+    command = [
+        str(VENV_BIN / "medtune"),
+        "submit",
+        str(recipe),
+        "--address",
+        ray_head.address,
+        "--set",
+        "train.workers=4",
+        "--set",
+        "train.cpus_per_worker=2",
+    ]
     done = subprocess.run(command, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 2, output[-3000:]  # the driver's exit status: a user error
@@ -448,7 +592,7 @@ PROBE = """
 import sys
 import ray
 from ray_jobs.runlogs import copy_run_logs
-from ray_jobs.storage import Storage
+from ray_jobs.core.storage import Storage
 
 marker, root = sys.argv[1], sys.argv[2]
 print("probe driver started", flush=True)
@@ -469,8 +613,20 @@ print("copied", len(copy_run_logs(Storage.from_uri(root), "probe-run")), flush=T
 def test_run_logs_are_copied_through_the_state_api(ray_head: RayHead, tmp_path: Path) -> None:
     (tmp_path / "probe.py").write_text(PROBE)
     marker, root = f"marker-{secrets.token_hex(4)}", tmp_path / "store"
-    command = ["ray", "job", "submit", "--address", ray_head.address, "--working-dir", str(tmp_path), "--",
-               "python", "probe.py", marker, str(root)]
+    command = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        ray_head.address,
+        "--working-dir",
+        str(tmp_path),
+        "--",
+        "python",
+        "probe.py",
+        marker,
+        str(root),
+    ]
     done = subprocess.run(command, cwd=tmp_path, env=ray_head.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     logs = root / "runs" / "probe-run" / "logs"

@@ -16,8 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ray_jobs.tiny_model import TEMPLATES, build_tiny_model
 
 MEDTUNE = Path(sys.executable).parent / "medtune"
-HUB_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-             "generation_config.json", "medtune_tiny.json"}
+HUB_FILES = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "medtune_tiny.json",
+}
 CONVERSATION = [
     {"role": "system", "content": "You are a medical entity extractor."},
     {"role": "user", "content": "The patient has diabetes mellitus."},
@@ -37,7 +43,7 @@ def model_dir(request: pytest.FixtureRequest, tiny_llama_dir: Path) -> Path:
 
 
 def test_the_tiny_model_is_saved_like_a_hub_model(model_dir: Path):
-    assert HUB_FILES <= {p.name for p in model_dir.iterdir()}
+    assert {p.name for p in model_dir.iterdir()} >= HUB_FILES
     recorded = json.loads((model_dir / "medtune_tiny.json").read_text())
     assert recorded["arch"] == model_dir.name
     assert recorded["template"] == {"llama": "llama3", "qwen2": "chatml"}[model_dir.name]
@@ -49,11 +55,12 @@ def test_the_tiny_model_loads_with_auto_classes_and_generates(model_dir: Path):
     assert model.config.model_type == model_dir.name
     assert model.config.vocab_size == len(tokenizer)
 
-    prompt = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        CONVERSATION, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         output = model.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    new_tokens = output[0, prompt["input_ids"].shape[1]:]
+    new_tokens = output[0, prompt["input_ids"].shape[1] :]
     assert len(new_tokens) == 8
     assert all(0 <= int(t) < len(tokenizer) for t in new_tokens)
 
@@ -102,7 +109,9 @@ def test_every_chat_template_renders_its_family_markers(template: str, tiny_toke
 def test_the_mistral_template_folds_the_system_prompt_into_the_first_user_turn(tiny_tokenizers: dict[str, Path]):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizers["mistral"])
     rendered = tokenizer.apply_chat_template(CONVERSATION[:3], tokenize=False)
-    assert rendered.startswith("<s>[INST] You are a medical entity extractor.\n\nThe patient has diabetes mellitus. [/INST]")
+    assert rendered.startswith(
+        "<s>[INST] You are a medical entity extractor.\n\nThe patient has diabetes mellitus. [/INST]"
+    )
 
 
 def test_the_gemma_template_calls_the_assistant_model(tiny_tokenizers: dict[str, Path]):
@@ -138,8 +147,9 @@ def test_unknown_architectures_and_templates_are_refused(tmp_path: Path):
 
 def test_medtune_tiny_model_cli_builds_a_loadable_qwen2_model(tmp_path: Path):
     out = tmp_path / "cli-qwen"
-    result = subprocess.run([str(MEDTUNE), "tiny-model", "--arch", "qwen2", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(MEDTUNE), "tiny-model", "--arch", "qwen2", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert f"tiny qwen2 model saved to {out}" in result.stdout
     assert json.loads((out / "medtune_tiny.json").read_text())["template"] == "chatml"

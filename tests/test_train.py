@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ray_jobs.config import parse_recipe
-from ray_jobs.storage import Storage, adapter_prefix, run_prefix
+from ray_jobs import pipeline
+from ray_jobs.core.modeling import collate, summed_loss
+from ray_jobs.core.recipe import parse_recipe
+from ray_jobs.core.storage import Storage, adapter_prefix, run_prefix
 from ray_jobs.synthetic import entity_rows
 from ray_jobs.train import run as train_run
-from ray_jobs.train.loop import ADAPTER_DIR, STATE_FILE, collate, summed_loss
+from ray_jobs.train.loop import ADAPTER_DIR, STATE_FILE
 
 SYSTEM = "Extract the entities from the text as JSON."
 
@@ -33,17 +35,32 @@ def notes_file(directory: Path, rows: int = 64, seed: int = 3) -> Path:
     return path
 
 
-def tiny_recipe(name: str, data_file: Path, root: str, *, train: dict | None = None, model: dict | None = None,
-                lora: dict | None = None):
-    return parse_recipe({
-        "name": name,
-        "model": {"base": "tiny:llama", **(model or {})},
-        "data": {"format": "entities", "train": [str(data_file)], "system_prompt": SYSTEM, "max_seq_len": 256},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "attention", **(lora or {})},
-        "train": {"max_steps": 4, "micro_batch_size": 2, "checkpoint_every": 2, "log_every": 1,
-                  "cpus_per_worker": 0.5, **(train or {})},
-        "storage": {"root": root},
-    })
+def tiny_recipe(
+    name: str,
+    data_file: Path,
+    root: str,
+    *,
+    train: dict | None = None,
+    model: dict | None = None,
+    lora: dict | None = None,
+):
+    return parse_recipe(
+        {
+            "name": name,
+            "model": {"base": "tiny:llama", **(model or {})},
+            "data": {"format": "entities", "train": [str(data_file)], "system_prompt": SYSTEM, "max_seq_len": 256},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "attention", **(lora or {})},
+            "train": {
+                "max_steps": 4,
+                "micro_batch_size": 2,
+                "checkpoint_every": 2,
+                "log_every": 1,
+                "cpus_per_worker": 0.5,
+                **(train or {}),
+            },
+            "storage": {"root": root},
+        }
+    )
 
 
 def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +94,7 @@ def test_packed_documents_score_exactly_like_the_same_documents_one_by_one(tiny_
     docs = []
     for length in (37, 61, 18, 90):
         ids = torch.randint(5, 600, (length,)).tolist()
-        labels = [-100] * (length // 3) + ids[length // 3:]
+        labels = [-100] * (length // 3) + ids[length // 3 :]
         docs.append((ids, labels))
     (row,) = pack_documents(docs, max_seq_len=256)
 
@@ -93,18 +110,24 @@ def test_packed_documents_score_exactly_like_the_same_documents_one_by_one(tiny_
     assert packed[1] == sum(n for _, n in one_by_one)
     assert packed[0] == pytest.approx(sum(t for t, _ in one_by_one), rel=1e-4)
 
-    naive = dict(input_ids=[row["input_ids"]], labels=[row["labels"]],
-                 position_ids=[list(range(len(row["input_ids"])))])
+    naive = dict(
+        input_ids=[row["input_ids"]], labels=[row["labels"]], position_ids=[list(range(len(row["input_ids"])))]
+    )
     plain = sum(t for t, _ in one_by_one)
     # A random tiny model attends almost uniformly, so leaking attention moves the loss only a
     # little; it must still move it far more than the packed path's float rounding does.
-    assert abs(loss_of(naive)[0] - plain) > 20 * abs(packed[0] - plain) + 1e-2, "cross-document attention went unnoticed"
+    assert abs(loss_of(naive)[0] - plain) > 20 * abs(packed[0] - plain) + 1e-2, (
+        "cross-document attention went unnoticed"
+    )
 
 
 def metrics_cfg(tmp_path: Path) -> dict:
     """The part of the worker config the metrics.jsonl writer reads."""
-    return {"tensorboard_dir": str(tmp_path / "worker" / "tensorboard"), "storage_root": str(tmp_path / "store"),
-            "tensorboard_rel": "runs/r1/tensorboard"}
+    return {
+        "tensorboard_dir": str(tmp_path / "worker" / "tensorboard"),
+        "storage_root": str(tmp_path / "store"),
+        "tensorboard_rel": "runs/r1/tensorboard",
+    }
 
 
 def logged_steps(path: Path) -> list[int]:
@@ -149,16 +172,26 @@ def test_a_diverged_loss_is_logged_as_null_in_valid_json(tmp_path: Path):
         raise AssertionError(f"{constant} is not JSON")
 
     (line,) = path.read_text().splitlines()
-    assert json.loads(line, parse_constant=not_json) == {"step": 1, "loss": None, "grad_norm": None, "lr": 1e-4,
-                                                          "final": False}
+    assert json.loads(line, parse_constant=not_json) == {
+        "step": 1,
+        "loss": None,
+        "grad_norm": None,
+        "lr": 1e-4,
+        "final": False,
+    }
 
 
 def test_zero3_with_8bit_weights_is_refused_naming_the_key():
-    from ray_jobs.config import RecipeError
+    from ray_jobs.core.recipe import RecipeError
 
     with pytest.raises(RecipeError, match="train.deepspeed") as error:
-        tiny_recipe("x", Path("notes.json"), "/tmp/x", model={"quantization": "8bit"},
-                    train={"deepspeed": "zero3", "gpus_per_worker": 1})
+        tiny_recipe(
+            "x",
+            Path("notes.json"),
+            "/tmp/x",
+            model={"quantization": "8bit"},
+            train={"deepspeed": "zero3", "gpus_per_worker": 1},
+        )
     assert len(error.value.problems) == 1
 
 
@@ -188,14 +221,14 @@ def local_runs(tmp_path_factory: pytest.TempPathFactory, ray_cluster) -> tuple[P
 def test_more_gpus_than_the_cluster_has_fails_before_any_worker_starts(tmp_path: Path):
     recipe = tiny_recipe("x", notes_file(tmp_path), str(tmp_path), train={"workers": 2, "gpus_per_worker": 4})
     with pytest.raises(train_run.TrainError, match=r"asks for 8 GPUs but the Ray cluster has 0"):
-        train_run.run(recipe)
+        pipeline.train(recipe)
 
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_workers_that_would_take_every_cpu_are_refused(tmp_path: Path):
     recipe = tiny_recipe("x", notes_file(tmp_path), str(tmp_path), train={"workers": 2, "cpus_per_worker": 1})
     with pytest.raises(train_run.TrainError, match="Ray Data needs at least one free CPU"):
-        train_run.run(recipe)
+        pipeline.train(recipe)
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -204,7 +237,7 @@ def test_missing_training_data_is_a_one_line_error(tmp_path: Path):
 
     recipe = tiny_recipe("x", tmp_path / "absent.json", str(tmp_path))
     with pytest.raises((PreprocessError, FileNotFoundError), match="absent.json"):
-        train_run.run(recipe)
+        pipeline.train(recipe)
 
 
 def test_too_few_rows_for_one_step_names_the_keys(local_runs):
@@ -212,7 +245,7 @@ def test_too_few_rows_for_one_step_names_the_keys(local_runs):
     data, root = local_runs
     recipe = tiny_recipe(LOCAL, data, root, train={"micro_batch_size": 64, "grad_accum": 4})
     with pytest.raises(train_run.TrainError, match="too few for one optimizer step"):
-        train_run.run(recipe)
+        pipeline.train(recipe)
 
 
 # --------------------------------------------------------------------------- real runs
@@ -229,9 +262,10 @@ def s3_lora_run(tmp_path_factory: pytest.TempPathFactory, s3_server: str, ray_cl
     tracking = {"mlflow_uri": f"file://{tmp / 'mlruns'}"}
     previous = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
-    recipe = tiny_recipe("two-workers", notes_file(tmp), f"s3://{bucket}/medtune",
-                         train={"workers": 2, "tracking": tracking})
-    result = train_run.run(recipe, run_name="two-workers-r1")
+    recipe = tiny_recipe(
+        "two-workers", notes_file(tmp), f"s3://{bucket}/medtune", train={"workers": 2, "tracking": tracking}
+    )
+    result = pipeline.train(recipe, run_name="two-workers-r1")
     yield recipe, result, Storage.from_uri(recipe.storage.root), tmp
     if previous is None:
         os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
@@ -286,7 +320,7 @@ def test_the_published_adapter_reproduces_the_trained_weights_in_plain_peft(s3_l
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ray_jobs.models import resolve_model_dir
+    from ray_jobs.core.modeling import resolve_model_dir
     from ray_jobs.train.loop import load_trainable
 
     recipe, result, storage, tmp = s3_lora_run
@@ -297,8 +331,10 @@ def test_the_published_adapter_reproduces_the_trained_weights_in_plain_peft(s3_l
 
     # The trained model, rebuilt from the raw trainable tensors of the checkpoint's state...
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                             LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    trained = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
     assert load_trainable(trained, state["trainable"]) == []
     # ... and the published adapter loaded the way any PEFT user would.
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), published)
@@ -327,15 +363,17 @@ def test_checkpoints_hold_adapter_optimizer_scheduler_rng_and_data_position(s3_l
 def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_ends(local_runs):
     data, root = local_runs
     recipe = tiny_recipe(LOCAL, data, root, train={"max_steps": 6, "checkpoint_every": 2, "max_failures": 1})
-    unbroken = train_run.run(recipe, run_name=f"{LOCAL}-unbroken")
+    unbroken = pipeline.train(recipe, run_name=f"{LOCAL}-unbroken")
     # The worker process exits hard (os._exit) right after optimizer step 5, as an OOM kill would.
-    broken = train_run.run(recipe, run_name=f"{LOCAL}-broken", fault_at_step=5)
+    broken = pipeline.train(recipe, run_name=f"{LOCAL}-broken", fault_at_step=5)
     assert broken.run != unbroken.run and broken.adapter_uri != unbroken.adapter_uri
     lineage = json.loads(Path(broken.adapter_uri, "lineage.json").read_text())
     # Ray Train registers a reported checkpoint asynchronously, so the restart may find the
     # step-4 checkpoint or (if the crash won the race) step 2; never a fresh start.
     assert lineage["final_metrics"].get("resumed_from_step") in (2, 4)
-    assert "resumed_from_step" not in json.loads(Path(unbroken.adapter_uri, "lineage.json").read_text())["final_metrics"]
+    assert (
+        "resumed_from_step" not in json.loads(Path(unbroken.adapter_uri, "lineage.json").read_text())["final_metrics"]
+    )
     # Each step logged once, though the failed attempt logged steps past the checkpoint too.
     metrics = Storage.from_uri(root).read_text(f"{run_prefix(broken.run)}/tensorboard/metrics.jsonl").splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3, 4, 5, 6]
@@ -349,9 +387,14 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_where_an_unbroken_
 @pytest.mark.slow
 def test_qlora_4bit_trains_on_two_workers_and_saves_a_plain_lora_adapter(local_runs):
     data, root = local_runs
-    recipe = tiny_recipe(LOCAL, data, root, model={"quantization": "4bit", "quant": {"compute_dtype": "fp32"}},
-                         train={"workers": 2, "max_steps": 2})
-    result = train_run.run(recipe, run_name=f"{LOCAL}-qlora")
+    recipe = tiny_recipe(
+        LOCAL,
+        data,
+        root,
+        model={"quantization": "4bit", "quant": {"compute_dtype": "fp32"}},
+        train={"workers": 2, "max_steps": 2},
+    )
+    result = pipeline.train(recipe, run_name=f"{LOCAL}-qlora")
     tensors = adapter_tensors(Path(result.adapter_uri))
     assert any("lora_A" in k for k in tensors) and all(t.numel() > 0 for t in tensors.values())
     lineage = json.loads(Path(result.adapter_uri, "lineage.json").read_text())
@@ -367,7 +410,7 @@ def test_deepspeed_saves_the_gathered_adapter_equal_to_its_own_checkpoint(local_
 
     data, root = local_runs
     recipe = tiny_recipe(LOCAL, data, root, train={"workers": 2, "deepspeed": stage, "max_steps": 2})
-    result = train_run.run(recipe, run_name=f"{LOCAL}-ds-{stage}")
+    result = pipeline.train(recipe, run_name=f"{LOCAL}-ds-{stage}")
     published = adapter_tensors(Path(result.adapter_uri))
     lora_a = [t for k, t in published.items() if "lora_A" in k]
     assert lora_a and all(t.shape == (4, 128) for t in lora_a)  # r x hidden, not [0]
@@ -376,19 +419,24 @@ def test_deepspeed_saves_the_gathered_adapter_equal_to_its_own_checkpoint(local_
     final = checkpoint_dirs(storage, result.run, tmp_path / "ckpt")[2]
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(final / "deepspeed"), tag="state")
     for key, tensor in published.items():
-        match = [v for k, v in consolidated.items() if k.replace(".default", "").endswith(key.split("base_model.model.")[-1])]
+        match = [
+            v for k, v in consolidated.items() if k.replace(".default", "").endswith(key.split("base_model.model.")[-1])
+        ]
         assert match, f"{key} missing from the DeepSpeed checkpoint"
         torch.testing.assert_close(tensor.float(), match[0].float(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(("key", "value", "package"), [("mlflow_uri", "http://mlflow.internal:5000", "mlflow"),
-                                                       ("wandb_project", "medtune", "wandb")])
-def test_configured_tracking_without_its_package_is_refused_before_training(tmp_path, monkeypatch, key, value,
-                                                                             package):
+@pytest.mark.parametrize(
+    ("key", "value", "package"),
+    [("mlflow_uri", "http://mlflow.internal:5000", "mlflow"), ("wandb_project", "medtune", "wandb")],
+)
+def test_configured_tracking_without_its_package_is_refused_before_training(tmp_path, monkeypatch, key, value, package):
     import sys
 
     monkeypatch.setitem(sys.modules, package, None)  # Python's own "not installed": imports and find_spec fail
     recipe = tiny_recipe("x", tmp_path / "notes.json", str(tmp_path), train={"tracking": {key: value}})
     with pytest.raises(train_run.TrainError, match=f"train.tracking.{key} is set but the {package} package"):
         train_run.check_tracking(recipe)
-    train_run.check_tracking(tiny_recipe("x", tmp_path / "notes.json", str(tmp_path)))  # not configured: no network, no error
+    train_run.check_tracking(
+        tiny_recipe("x", tmp_path / "notes.json", str(tmp_path))
+    )  # not configured: no network, no error

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ray_jobs.config import RecipeError, parse_recipe
+from ray_jobs.core import attention
+from ray_jobs.core.modeling import collate, summed_loss
+from ray_jobs.core.recipe import RecipeError, parse_recipe
 from ray_jobs.preprocess.tokenize import pack_documents
-from ray_jobs.train import attention
-from ray_jobs.train.loop import (build_model, collate, enable_checkpointing, layers_to_checkpoint,
-                                 optimizer_bytes_per_param, summed_loss)
+from ray_jobs.train.loop import build_model, enable_checkpointing, layers_to_checkpoint, optimizer_bytes_per_param
 
 
 def random_documents(lengths, seed: int = 0):
@@ -30,7 +30,7 @@ def random_documents(lengths, seed: int = 0):
     docs = []
     for length in lengths:
         ids = torch.randint(5, 600, (length,), generator=generator).tolist()
-        docs.append((ids, [-100] * (length // 3) + ids[length // 3:]))
+        docs.append((ids, [-100] * (length // 3) + ids[length // 3 :]))
     return docs
 
 
@@ -139,8 +139,15 @@ def test_a_sliding_window_model_loaded_with_varlen_by_hand_fails_at_its_first_fo
     from transformers import AutoModelForCausalLM, MistralConfig
 
     attention.register()
-    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+    )
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.NAME)
     with pytest.raises(ValueError, match="sliding_window=16"):
         model(input_ids=torch.randint(0, 64, (1, 20)), position_ids=torch.arange(20)[None])
@@ -159,8 +166,7 @@ def test_auto_attention_is_varlen_only_where_the_flash_kernel_runs():
 
 
 def model_configs():
-    from transformers import (Gemma2Config, Gemma3Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
-                              Qwen2Config)
+    from transformers import Gemma2Config, Gemma3Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     return {
         # (config, what `auto` picks on a GPU where the flash kernel runs)
@@ -190,8 +196,9 @@ def test_auto_attention_keeps_sliding_window_and_softcapped_models_off_varlen(mo
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["bf16-base", "quantised-base"])
-def test_checkpointing_a_subset_of_layers_spreads_them_and_keeps_gradients_identical(tiny_llama_dir: Path,
-                                                                                     reentrant: bool):
+def test_checkpointing_a_subset_of_layers_spreads_them_and_keeps_gradients_identical(
+    tiny_llama_dir: Path, reentrant: bool
+):
     """Quantised bases use reentrant checkpointing, which silently drops the gradients of a
     layer whose input does not require grad: the LoRA weights must get them all the same."""
     from peft import LoraConfig, get_peft_model
@@ -202,8 +209,9 @@ def test_checkpointing_a_subset_of_layers_spreads_them_and_keeps_gradients_ident
         base = load(tiny_llama_dir, "sdpa")
         for param in base.parameters():
             param.requires_grad = False
-        return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                               init_lora_weights=False)).train()
+        return get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        ).train()
 
     docs = random_documents((40, 70, 25), seed=1)
     batch = packed_batch(docs, width=160)
@@ -232,15 +240,17 @@ def test_a_short_run_has_the_same_loss_curve_packed_with_varlen_as_document_by_d
     docs = []
     for i in range(24):
         ids = [5 + (i * 7 + j) % 60 for j in range(17 + (i * 37) % 90)]
-        docs.append((ids, [-100] * (len(ids) // 3) + ids[len(ids) // 3:]))
-    groups = [docs[i:i + 3] for i in range(0, len(docs), 3)]  # one packed row per step
+        docs.append((ids, [-100] * (len(ids) // 3) + ids[len(ids) // 3 :]))
+    groups = [docs[i : i + 3] for i in range(0, len(docs), 3)]  # one packed row per step
 
     def lora_model(attn: str):
         torch.manual_seed(0)
         base = load(tiny_llama_dir, attn)
         for param in base.parameters():
             param.requires_grad = False
-        return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        return get_peft_model(
+            base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        )
 
     def curve(model, step_loss) -> list[float]:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -257,7 +267,9 @@ def test_a_short_run_has_the_same_loss_curve_packed_with_varlen_as_document_by_d
         return summed_loss(model, *packed_batch(group, width=512))
 
     def one_by_one(model, group):
-        parts = [summed_loss(model, *collate({"input_ids": [ids], "labels": [labels]}, pad_id=0)) for ids, labels in group]
+        parts = [
+            summed_loss(model, *collate({"input_ids": [ids], "labels": [labels]}, pad_id=0)) for ids, labels in group
+        ]
         return sum(total for total, _ in parts), sum(count for _, count in parts)
 
     optimised = lora_model(attention.NAME).train()
@@ -268,26 +280,31 @@ def test_a_short_run_has_the_same_loss_curve_packed_with_varlen_as_document_by_d
     assert plain[-1] < plain[0] - 0.05, "the run must learn, or matching curves prove nothing"
 
 
-@pytest.mark.parametrize(("peak", "budget", "logits", "expected"), [
-    (30, 40, 0, 0),     # fits: no recompute at all
-    (50, 40, 0, 11),    # 32 layers share 32 GiB of activations: free 10 GiB -> 10 layers, + 1 for the inputs kept
-    (50, 41.5, 0, 10),  # rounds up, never under-checkpoints
-    (90, 15, 0, 32),    # more than all the activations: every layer
-    # 16 of the 32 GiB are logits, which checkpointing never frees: each layer frees 0.5 GiB,
-    # not 1, so freeing 10 GiB takes 20 layers (+ 1), twice what spreading the logits gave.
-    (50, 40, 16, 21),
-    (50, 49.9, 0, 2),   # just over: the one-layer margin
-])
+@pytest.mark.parametrize(
+    ("peak", "budget", "logits", "expected"),
+    [
+        (30, 40, 0, 0),  # fits: no recompute at all
+        (50, 40, 0, 11),  # 32 layers share 32 GiB of activations: free 10 GiB -> 10 layers, + 1 for the inputs kept
+        (50, 41.5, 0, 10),  # rounds up, never under-checkpoints
+        (90, 15, 0, 32),  # more than all the activations: every layer
+        # 16 of the 32 GiB are logits, which checkpointing never frees: each layer frees 0.5 GiB,
+        # not 1, so freeing 10 GiB takes 20 layers (+ 1), twice what spreading the logits gave.
+        (50, 40, 16, 21),
+        (50, 49.9, 0, 2),  # just over: the one-layer margin
+    ],
+)
 def test_auto_checkpoints_enough_layers_to_fit_the_budget(peak, budget, logits, expected):
     gib = 2**30
-    assert layers_to_checkpoint(peak=peak * gib, static=18 * gib, layers=32, budget=budget * gib,
-                                logits=logits * gib) == expected
+    assert (
+        layers_to_checkpoint(peak=peak * gib, static=18 * gib, layers=32, budget=budget * gib, logits=logits * gib)
+        == expected
+    )
 
 
 def test_optimizer_states_count_deepspeeds_fp32_master_copy_partitioned_over_workers():
-    assert optimizer_bytes_per_param(deepspeed=False, workers=4) == 8   # AdamW moments on every DDP worker
-    assert optimizer_bytes_per_param(deepspeed=True, workers=1) == 12   # + fp32 master weights
-    assert optimizer_bytes_per_param(deepspeed=True, workers=4) == 3    # ZeRO-2 partitions all of it
+    assert optimizer_bytes_per_param(deepspeed=False, workers=4) == 8  # AdamW moments on every DDP worker
+    assert optimizer_bytes_per_param(deepspeed=True, workers=1) == 12  # + fp32 master weights
+    assert optimizer_bytes_per_param(deepspeed=True, workers=4) == 3  # ZeRO-2 partitions all of it
 
 
 def test_a_memory_limit_must_be_positive_and_is_named_when_wrong():
@@ -299,13 +316,31 @@ def test_a_memory_limit_must_be_positive_and_is_named_when_wrong():
 
 def bf16_lora_cfg(model_dir: Path, **lora) -> dict:
     """build_model's config for LoRA on a bf16 base (4-bit needs a GPU; bf16 shows the same on CPU)."""
-    return {"model_dir": str(model_dir), "recipe": {
-        "model": {"base": str(model_dir), "quantization": "none", "dtype": "bf16", "attn_implementation": "auto",
-                  "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "bf16"}},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "bias": "none", "targets": "attention", "modules_to_save": [],
-                 "use_rslora": False, "use_dora": False, **lora},
-        "train": {"method": "lora", "gradient_checkpointing": True, "liger_kernels": False, "micro_batch_size": 1},
-        "data": {"max_seq_len": 128}}}
+    return {
+        "model_dir": str(model_dir),
+        "recipe": {
+            "model": {
+                "base": str(model_dir),
+                "quantization": "none",
+                "dtype": "bf16",
+                "attn_implementation": "auto",
+                "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "bf16"},
+            },
+            "lora": {
+                "r": 4,
+                "alpha": 8,
+                "dropout": 0.0,
+                "bias": "none",
+                "targets": "attention",
+                "modules_to_save": [],
+                "use_rslora": False,
+                "use_dora": False,
+                **lora,
+            },
+            "train": {"method": "lora", "gradient_checkpointing": True, "liger_kernels": False, "micro_batch_size": 1},
+            "data": {"max_seq_len": 128},
+        },
+    }
 
 
 def test_the_frozen_base_keeps_its_dtype_and_only_lora_weights_train(tiny_llama_dir: Path):
@@ -340,8 +375,11 @@ def test_modules_to_save_copies_train_in_fp32_beside_the_bf16_base(tiny_llama_di
 
 
 def test_a_token_budget_per_step_sets_grad_accum_from_workers_and_row_length():
-    recipe = {"name": "x", "model": {"base": "tiny:llama"},
-              "data": {"format": "entities", "train": ["a.json"], "max_seq_len": 4096}}
+    recipe = {
+        "name": "x",
+        "model": {"base": "tiny:llama"},
+        "data": {"format": "entities", "train": ["a.json"], "max_seq_len": 4096},
+    }
     two_workers = parse_recipe({**recipe, "train": {"tokens_per_step": 65536, "workers": 2}})
     assert two_workers.train.grad_accum == 8  # 65,536 / (2 workers x 1 row x 4,096 tokens)
     four_workers = parse_recipe({**recipe, "train": {"tokens_per_step": 65536, "workers": 4}})

@@ -17,10 +17,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.config import Recipe
+from ray_jobs.core.errors import MedtuneError
+from ray_jobs.core.recipe import Recipe
 
 
-class EngineUnavailableError(RuntimeError):
+class EngineUnavailableError(MedtuneError):
     """serve.engine or eval.engine names an engine this process cannot run."""
 
 
@@ -28,9 +29,15 @@ def unservable_fields(lora: dict[str, Any]) -> list[str]:
     """The LoRA settings that vLLM and the stacked LoRA bank cannot apply, among `use_dora`,
     `modules_to_save` and `bias`: the same keys in a PEFT adapter_config.json and in a recipe's
     `lora` section. Adapters using them are served by PEFT's static batches."""
-    return [key for key, set_ in (("use_dora", bool(lora.get("use_dora"))),
-                                  ("modules_to_save", bool(lora.get("modules_to_save"))),
-                                  ("bias", (lora.get("bias") or "none") != "none")) if set_]
+    return [
+        key
+        for key, set_ in (
+            ("use_dora", bool(lora.get("use_dora"))),
+            ("modules_to_save", bool(lora.get("modules_to_save"))),
+            ("bias", (lora.get("bias") or "none") != "none"),
+        )
+        if set_
+    ]
 
 
 def vllm_available() -> bool:
@@ -52,11 +59,16 @@ def choose_engine(choice: str, recipe: Recipe, *, has_vllm: bool, has_gpu: bool)
     if choice == "hf":
         return "hf", "asked for"
     blockers = [f"lora.{key}" for key in unservable_fields(recipe.lora.model_dump())]
-    missing = [what for what, ok in (("vLLM is not installed (pip install 'medtune[vllm]')", has_vllm),
-                                     ("no GPU is visible to this process", has_gpu),
-                                     (f"the recipe's adapters use {', '.join(blockers)}", not blockers),
-                                     ("model.dtype fp32: vLLM's LoRA kernels take bf16 or fp16",
-                                      recipe.model.dtype != "fp32")) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("vLLM is not installed (pip install 'medtune[vllm]')", has_vllm),
+            ("no GPU is visible to this process", has_gpu),
+            (f"the recipe's adapters use {', '.join(blockers)}", not blockers),
+            ("model.dtype fp32: vLLM's LoRA kernels take bf16 or fp16", recipe.model.dtype != "fp32"),
+        )
+        if not ok
+    ]
     if choice == "vllm" and missing:
         raise EngineUnavailableError(f"engine vllm cannot run here: {'; '.join(missing)}")
     if missing:
@@ -97,10 +109,14 @@ def vllm_problems(adapter_dir: str | Path, max_lora_rank: int = 64) -> list[str]
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type {config.get('peft_type')!r}: vLLM serves LoRA only")
     for key in unservable_fields(config):
-        problems.append({"use_dora": "use_dora: vLLM does not support DoRA",
-                         "bias": f"bias {config.get('bias')!r}: vLLM does not support adapter bias",
-                         "modules_to_save": f"modules_to_save {config.get('modules_to_save')}: vLLM serves "
-                                            "LoRA A/B matrices only"}[key])
+        problems.append(
+            {
+                "use_dora": "use_dora: vLLM does not support DoRA",
+                "bias": f"bias {config.get('bias')!r}: vLLM does not support adapter bias",
+                "modules_to_save": f"modules_to_save {config.get('modules_to_save')}: vLLM serves "
+                "LoRA A/B matrices only",
+            }[key]
+        )
     rank = adapter_rank(folder)
     if rank > max_lora_rank:
         problems.append(f"rank {rank} exceeds max_lora_rank {max_lora_rank} (serve.vllm.max_lora_rank)")
@@ -142,19 +158,28 @@ def engine_args(recipe: Recipe, model_dir: str, adapter_ranks: list[int], listed
     serve.keep_quantization quantises the base in flight with bitsandbytes instead."""
     cfg, model = recipe.serve.vllm, recipe.model
     args: dict[str, Any] = dict(
-        model=model_dir, tokenizer=model_dir, revision=model.revision, trust_remote_code=model.trust_remote_code,
-        dtype=DTYPES[model.dtype], served_model_name=recipe.serve.served_model_name or model.base,
-        enable_lora=True, **lora_limits(recipe, adapter_ranks, listed),
-        gpu_memory_utilization=cfg.gpu_memory_utilization, enable_prefix_caching=cfg.enable_prefix_caching,
-        enforce_eager=cfg.enforce_eager, max_logprobs=20, disable_log_stats=True,
+        model=model_dir,
+        tokenizer=model_dir,
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
+        dtype=DTYPES[model.dtype],
+        served_model_name=recipe.serve.served_model_name or model.base,
+        enable_lora=True,
+        **lora_limits(recipe, adapter_ranks, listed),
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        enforce_eager=cfg.enforce_eager,
+        max_logprobs=20,
+        disable_log_stats=True,
     )
     for key in ("max_model_len", "max_num_seqs"):
         if getattr(cfg, key) is not None:
             args[key] = getattr(cfg, key)
     if model.quantization != "none" and recipe.serve.keep_quantization:
         if model.quantization != "4bit":
-            raise ValueError("serve.keep_quantization: vLLM quantises a base in flight to 4-bit only; "
-                             "model.quantization is 8bit")
+            raise ValueError(
+                "serve.keep_quantization: vLLM quantises a base in flight to 4-bit only; model.quantization is 8bit"
+            )
         args.update(quantization="bitsandbytes", load_format="bitsandbytes")
     return args
 
@@ -166,8 +191,9 @@ def lora_request_fields(key: str, lora_id: int, local_path: str) -> dict[str, An
     return {"lora_name": key, "lora_int_id": lora_id, "lora_path": str(Path(local_path).resolve())}
 
 
-def structured_output_fields(response_format: dict[str, Any] | None,
-                             json_whitespace: bool = True) -> dict[str, Any] | None:
+def structured_output_fields(
+    response_format: dict[str, Any] | None, json_whitespace: bool = True
+) -> dict[str, Any] | None:
     """vLLM StructuredOutputsParams fields for an OpenAI response_format (None: free text)."""
     if not response_format or response_format.get("type") == "text":
         return None
@@ -180,10 +206,16 @@ def structured_output_fields(response_format: dict[str, Any] | None,
 def sampling_fields(request: Any, json_whitespace: bool = True) -> dict[str, Any]:
     """vLLM SamplingParams fields for one serving GenerationRequest (structured outputs as a dict)."""
     fields: dict[str, Any] = dict(
-        max_tokens=request.max_tokens, temperature=request.temperature,
-        top_p=request.top_p if request.temperature > 0 else 1.0, seed=request.seed, stop=list(request.stop),
-        ignore_eos=request.ignore_eos, logprobs=request.logprobs, presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty, skip_special_tokens=True,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p if request.temperature > 0 else 1.0,
+        seed=request.seed,
+        stop=list(request.stop),
+        ignore_eos=request.ignore_eos,
+        logprobs=request.logprobs,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        skip_special_tokens=True,
     )
     structured = structured_output_fields(request.response_format, json_whitespace)
     if structured is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray_jobs.config import GenerationConfig, ModelConfig
+from ray_jobs.core.recipe import GenerationConfig, ModelConfig
 
 FAMILY_DEFAULTS: dict[str, dict[str, float | int]] = {
     "llama": {"temperature": 1.5, "min_p": 0.1},
@@ -19,8 +19,15 @@ FAMILY_DEFAULTS: dict[str, dict[str, float | int]] = {
     "mistral": {"temperature": 0.8, "top_p": 0.95},
     "qwen2": {"temperature": 0.7, "top_p": 0.8, "top_k": 20},
 }
-_NAME_HINTS = (("gemma", "gemma"), ("mistral", "mistral"), ("mixtral", "mistral"), ("qwen", "qwen2"),
-               ("llama", "llama"), ("tiny:qwen2", "qwen2"), ("tiny:llama", "llama"))
+_NAME_HINTS = (
+    ("gemma", "gemma"),
+    ("mistral", "mistral"),
+    ("mixtral", "mistral"),
+    ("qwen", "qwen2"),
+    ("llama", "llama"),
+    ("tiny:qwen2", "qwen2"),
+    ("tiny:llama", "llama"),
+)
 
 
 def model_family(model: ModelConfig) -> str:

@@ -28,26 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.config import Recipe
+from ray_jobs.core.artifacts import DatasetRef, resolve_adapter
 from ray_jobs.core.engines import choose_engine, vllm_available
+from ray_jobs.core.errors import MedtuneError
+from ray_jobs.core.recipe import Recipe
+from ray_jobs.core.storage import Storage, adapter_prefix, report_prefix, run_prefix
 from ray_jobs.evaluate.generation import sampling_kwargs
-from ray_jobs.storage import Storage, adapter_prefix, report_prefix, run_prefix
 
 
-class EvaluateError(RuntimeError):
-    """Nothing to evaluate (no eval split, no adapter); the message says what exists."""
-
-
-def resolve_adapter(storage: Storage, spec: str) -> tuple[str, str]:
-    """`name` or `name@version` -> (name, version) of a complete adapter, or EvaluateError."""
-    name, _, version = spec.partition("@")
-    versions = storage.complete_versions(adapter_prefix(name))
-    if not versions:
-        existing = [n for n in storage.listdir("adapters")]
-        raise EvaluateError(f"adapter {name!r} not found under {storage.uri('adapters')}; existing: {existing or 'none'}")
-    if version and version not in versions:
-        raise EvaluateError(f"adapter {name} has no complete version {version!r}; versions: {versions}")
-    return name, version or versions[-1]
+class EvaluateError(MedtuneError):
+    """Nothing to evaluate (no eval split); the message says what to set."""
 
 
 def _eval_rows(storage: Storage, prefix: str, limit: int | None) -> list[dict[str, Any]]:
@@ -62,13 +52,13 @@ def loss_sums(model, rows: list[dict[str, Any]], device, batch_size: int) -> tup
     """(sum of target-token cross-entropies, number of target tokens) over `rows`."""
     import torch
 
-    from ray_jobs.train.loop import collate, summed_loss
+    from ray_jobs.core.modeling import collate, summed_loss
 
     total, count = 0.0, 0
     model.eval()
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             batch = {"input_ids": [r["input_ids"] for r in chunk], "labels": [r["labels"] for r in chunk]}
             ids, labels, pos = (t.to(device) for t in collate(batch, pad_id=0))
             loss_sum, n = summed_loss(model, ids, labels, pos)
@@ -76,8 +66,9 @@ def loss_sums(model, rows: list[dict[str, Any]], device, batch_size: int) -> tup
     return total, count
 
 
-def evaluate_shard(recipe_json: dict[str, Any], adapter: tuple[str, str], rows: list[dict[str, Any]],
-                   generative: bool) -> dict[str, dict[str, Any]]:
+def evaluate_shard(
+    recipe_json: dict[str, Any], adapter: tuple[str, str], rows: list[dict[str, Any]], generative: bool
+) -> dict[str, dict[str, Any]]:
     """Base model, then the adapter on it, over one shard of the eval rows: loss sums and answers.
 
     Runs in the driver or as a Ray task (one per GPU, or per CPU slot): it resolves the base
@@ -86,7 +77,7 @@ def evaluate_shard(recipe_json: dict[str, Any], adapter: tuple[str, str], rows: 
     import torch
     from peft import PeftModel
 
-    from ray_jobs.models import cache_root, load_model, load_tokenizer, resolve_model_dir
+    from ray_jobs.core.modeling import cache_root, load_model, load_tokenizer, resolve_model_dir
 
     recipe = Recipe.model_validate(recipe_json)
     storage = Storage.from_uri(recipe.storage.root)
@@ -133,8 +124,10 @@ def prompt_token_ids(tokenizer, rows: list[dict[str, Any]]) -> list[list[int]]:
 
 
 def prompt_texts(tokenizer, rows: list[dict[str, Any]]) -> list[str]:
-    return [tokenizer.apply_chat_template(json.loads(r["messages"])[:-1], tokenize=False, add_generation_prompt=True)
-            for r in rows]
+    return [
+        tokenizer.apply_chat_template(json.loads(r["messages"])[:-1], tokenize=False, add_generation_prompt=True)
+        for r in rows
+    ]
 
 
 def eval_workers(recipe: Recipe, rows: int) -> int:
@@ -152,8 +145,9 @@ def eval_workers(recipe: Recipe, rows: int) -> int:
     return max(1, min(gpus if gpus else min(cpus, 8), batches))
 
 
-def evaluate_rows(recipe: Recipe, adapter: tuple[str, str], rows: list[dict[str, Any]],
-                  generative: bool) -> dict[str, dict[str, Any]]:
+def evaluate_rows(
+    recipe: Recipe, adapter: tuple[str, str], rows: list[dict[str, Any]], generative: bool
+) -> dict[str, dict[str, Any]]:
     """`evaluate_shard` over all rows, split across Ray tasks when more than one worker helps;
     answers come back in row order."""
     workers = eval_workers(recipe, len(rows))
@@ -163,43 +157,54 @@ def evaluate_rows(recipe: Recipe, adapter: tuple[str, str], rows: list[dict[str,
     import ray
 
     size = -(-len(rows) // workers)
-    shards = [rows[i:i + size] for i in range(0, len(rows), size)]
+    shards = [rows[i : i + size] for i in range(0, len(rows), size)]
     gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
     task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=1)(evaluate_shard)
-    print(f"[medtune] evaluating {len(rows)} rows in {len(shards)} Ray tasks"
-          f"{' (one GPU each)' if gpus else ''}", flush=True)
+    print(
+        f"[medtune] evaluating {len(rows)} rows in {len(shards)} Ray tasks{' (one GPU each)' if gpus else ''}",
+        flush=True,
+    )
     parts = ray.get([task.remote(payload, adapter, shard, generative) for shard in shards])
     merged: dict[str, dict[str, Any]] = {}
     for label in ("base", "adapter"):
-        merged[label] = {"engine": parts[0][label]["engine"], "loss_sum": sum(p[label]["loss_sum"] for p in parts),
-                         "tokens": sum(p[label]["tokens"] for p in parts),
-                         "outputs": [o for p in parts for o in p[label]["outputs"]],
-                         "seconds": [t for p in parts for t in p[label]["seconds"]]}
+        merged[label] = {
+            "engine": parts[0][label]["engine"],
+            "loss_sum": sum(p[label]["loss_sum"] for p in parts),
+            "tokens": sum(p[label]["tokens"] for p in parts),
+            "outputs": [o for p in parts for o in p[label]["outputs"]],
+            "seconds": [t for p in parts for t in p[label]["seconds"]],
+        }
     return merged
 
 
-def generate_answers(model, tokenizer, rows: list[dict[str, Any]], recipe: Recipe, device) -> tuple[list[str], list[float]]:
+def generate_answers(
+    model, tokenizer, rows: list[dict[str, Any]], recipe: Recipe, device
+) -> tuple[list[str], list[float]]:
     """Answers to each row's prompt (its messages without the last assistant turn): greedy for
     metrics unless the recipe samples, then with the model family's settings."""
     import torch
 
-    from ray_jobs.models import decoding_attention
+    from ray_jobs.core.modeling import decoding_attention
 
     gen = recipe.eval.generation
     tokenizer.padding_side = "left"
     eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
     outputs, seconds = [], []
     for start in range(0, len(rows), recipe.eval.batch_size):
-        chunk = rows[start:start + recipe.eval.batch_size]
+        chunk = rows[start : start + recipe.eval.batch_size]
         prompts = prompt_texts(tokenizer, chunk)
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        kwargs: dict[str, Any] = {"max_new_tokens": gen.max_new_tokens, "eos_token_id": eos,
-                                  "pad_token_id": tokenizer.pad_token_id, **sampling_kwargs(gen, recipe.model)}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": gen.max_new_tokens,
+            "eos_token_id": eos,
+            "pad_token_id": tokenizer.pad_token_id,
+            **sampling_kwargs(gen, recipe.model),
+        }
         started = time.perf_counter()
         with torch.no_grad(), decoding_attention(device):
             out = model.generate(**encoded, **kwargs)
         elapsed = time.perf_counter() - started
-        new = out[:, encoded["input_ids"].shape[1]:]
+        new = out[:, encoded["input_ids"].shape[1] :]
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
         seconds.extend([elapsed / len(chunk)] * len(chunk))
     return outputs, seconds
@@ -213,39 +218,50 @@ def task_metrics(recipe: Recipe, rows: list[dict[str, Any]], outputs: list[str],
     wanted = recipe.eval.metrics
     if "entities" in wanted:
         parsed = [m.parse_entities(o) for o in outputs]
-        result["entities"] = m.entity_scores([meta.get("entities", []) for meta in metas], [p[0] for p in parsed],
-                                             unique=recipe.data.unique_entities)
+        result["entities"] = m.entity_scores(
+            [meta.get("entities", []) for meta in metas], [p[0] for p in parsed], unique=recipe.data.unique_entities
+        )
         result["entities"]["json_validity_rate"] = m.json_validity_rate([p[1] for p in parsed])
     if "format" in wanted:
-        result["format"] = m.reasoning_scores(outputs, [meta.get("final_response") for meta in metas],
-                                              count_tokens=lambda t: len(tokenizer(t)["input_ids"]))
+        result["format"] = m.reasoning_scores(
+            outputs,
+            [meta.get("final_response") for meta in metas],
+            count_tokens=lambda t: len(tokenizer(t)["input_ids"]),
+        )
     if "sdtm" in wanted:
-        result["sdtm"] = m.sdtm_step_accuracy(outputs, [meta.get("reference", "") for meta in metas],
-                                              [str(meta.get("step", "unknown")) for meta in metas])
+        result["sdtm"] = m.sdtm_step_accuracy(
+            outputs, [meta.get("reference", "") for meta in metas], [str(meta.get("step", "unknown")) for meta in metas]
+        )
     if "qa_safety" in wanted:
         result["qa_safety"] = m.safety_scores(outputs, [str(meta.get("category", "")) for meta in metas])
     return result
 
 
-def run(recipe: Recipe, adapter: str | None = None) -> dict[str, Any]:
+def run(recipe: Recipe, dataset: DatasetRef, adapter: str | None = None) -> dict[str, Any]:
+    """Evaluate the adapter (default: the recipe's latest) against its base on `dataset`'s eval split."""
     from ray_jobs.evaluate import metrics as m
-    from ray_jobs.preprocess.pipeline import run as preprocess
 
     storage = Storage.from_uri(recipe.storage.root)
     name, version = resolve_adapter(storage, adapter or os.environ.get("MEDTUNE_ADAPTER") or recipe.name)
-    dataset = preprocess(recipe)
     if not dataset.stats["rows_out"].get("eval"):
         raise EvaluateError("data: the dataset has no eval split; set data.eval files or data.eval_fraction > 0")
     rows = _eval_rows(storage, dataset.eval_path, recipe.eval.max_samples)
     generative = [w for w in recipe.eval.metrics if w != "perplexity"]
     results = evaluate_rows(recipe, (name, version), rows, bool(generative))
 
-    from ray_jobs.models import load_tokenizer, resolve_model_dir
+    from ray_jobs.core.modeling import load_tokenizer, resolve_model_dir
 
-    tokenizer = load_tokenizer(resolve_model_dir(recipe.model, storage), recipe.model.revision,
-                               recipe.model.trust_remote_code)
-    report: dict[str, Any] = {"recipe": recipe.name, "adapter": f"{name}@{version}", "base_model": recipe.model.base,
-                              "dataset": dataset.uri, "eval_rows": len(rows), "models": {}}
+    tokenizer = load_tokenizer(
+        resolve_model_dir(recipe.model, storage), recipe.model.revision, recipe.model.trust_remote_code
+    )
+    report: dict[str, Any] = {
+        "recipe": recipe.name,
+        "adapter": f"{name}@{version}",
+        "base_model": recipe.model.base,
+        "dataset": dataset.uri,
+        "eval_rows": len(rows),
+        "models": {},
+    }
     samples: dict[str, list[str]] = {}
     latency: dict[str, Any] = {}
     for label, result in results.items():
@@ -266,13 +282,22 @@ def run(recipe: Recipe, adapter: str | None = None) -> dict[str, Any]:
         out = Path(tmp)
         (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
         if "entities" in recipe.eval.metrics:
-            pairs = [{"row_id": r["row_id"], "text": json.loads(r["messages"])[-2]["content"],
-                      "true": json.loads(r["meta"]).get("entities", []),
-                      "pred": m.parse_entities(o)[0], "raw_output": o}
-                     for r, o in zip(rows, samples.get("adapter", []))]
+            pairs = [
+                {
+                    "row_id": r["row_id"],
+                    "text": json.loads(r["messages"])[-2]["content"],
+                    "true": json.loads(r["meta"]).get("entities", []),
+                    "pred": m.parse_entities(o)[0],
+                    "raw_output": o,
+                }
+                for r, o in zip(rows, samples.get("adapter", []))
+            ]
             (out / "true_pred_entities.json").write_text(json.dumps(pairs, indent=2) + "\n")
-            performance = {**report["models"]["adapter"].get("entities", {}),
-                           "average_inference_time_s": latency.get("adapter", {}).get("mean"), "latency": latency}
+            performance = {
+                **report["models"]["adapter"].get("entities", {}),
+                "average_inference_time_s": latency.get("adapter", {}).get("mean"),
+                "latency": latency,
+            }
             (out / "performance.json").write_text(json.dumps(performance, indent=2, default=str) + "\n")
         (out / "report.md").write_text(render_markdown(report))
         plot_comparison(report, out / "before_after.png")
@@ -334,8 +359,12 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for key, points in curves.items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None,
-                label={"loss": "training loss", "eval_loss": "eval loss"}.get(key, key))
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o" if len(points) < 30 else None,
+            label={"loss": "training loss", "eval_loss": "eval loss"}.get(key, key),
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per target token)")
     ax.set_yscale("log")
@@ -347,9 +376,14 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path) -> None:
 
 def render_markdown(report: dict[str, Any]) -> str:
     base, after = _headline(report["models"]["base"]), _headline(report["models"]["adapter"])
-    lines = [f"# Evaluation: {report['adapter']}", "",
-             f"Base model `{report['base_model']}`, {report['eval_rows']} eval rows from `{report['dataset']}`.", "",
-             "| metric | base | adapter | change |", "|---|---:|---:|---:|"]
+    lines = [
+        f"# Evaluation: {report['adapter']}",
+        "",
+        f"Base model `{report['base_model']}`, {report['eval_rows']} eval rows from `{report['dataset']}`.",
+        "",
+        "| metric | base | adapter | change |",
+        "|---|---:|---:|---:|",
+    ]
     for key in base:
         lines.append(f"| {key} | {base[key]:.4f} | {after[key]:.4f} | {after[key] - base[key]:+.4f} |")
     lines += ["", "![before vs after](before_after.png)", ""]
@@ -378,8 +412,8 @@ def plot_comparison(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(recipe: Recipe) -> dict[str, Any]:
-    report = run(recipe)
+def main(recipe: Recipe, dataset: DatasetRef, adapter: str | None = None) -> dict[str, Any]:
+    report = run(recipe, dataset, adapter)
     base, after = _headline(report["models"]["base"]), _headline(report["models"]["adapter"])
     summary = ", ".join(f"{k} {base[k]:.3f} -> {after[k]:.3f}" for k in base)
     print(f"[medtune] evaluation of {report['adapter']}: {summary}\n[medtune] report: {report['uri']}/report.md")

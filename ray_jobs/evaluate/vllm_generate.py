@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.config import GenerationConfig, ModelConfig, Recipe
 from ray_jobs.core.engines import adapter_rank, engine_args, lora_request_fields, vllm_problems
+from ray_jobs.core.recipe import GenerationConfig, ModelConfig, Recipe
 from ray_jobs.evaluate.generation import sampling_kwargs
-
 
 LORA_ARGS = ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras")
 
@@ -40,8 +39,9 @@ def free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def generate_with_vllm(recipe: Recipe, model_dir: str, adapter_dir: Path,
-                       prompt_ids: list[list[int]]) -> dict[str, tuple[list[str], list[float]]]:
+def generate_with_vllm(
+    recipe: Recipe, model_dir: str, adapter_dir: Path, prompt_ids: list[list[int]]
+) -> dict[str, tuple[list[str], list[float]]]:
     """{"base": (answers, seconds per row), "adapter": (...)} for the prompts, greedy unless the
     recipe samples. Raises RuntimeError naming why vLLM refuses the adapter."""
     from vllm import LLM, SamplingParams
@@ -53,8 +53,9 @@ def generate_with_vllm(recipe: Recipe, model_dir: str, adapter_dir: Path,
     if is_lora:
         problems = vllm_problems(adapter_dir, args["max_lora_rank"])
         if problems:
-            raise RuntimeError(f"vLLM cannot evaluate adapter {adapter_dir}: {'; '.join(problems)} "
-                               "(set eval.engine: hf)")
+            raise RuntimeError(
+                f"vLLM cannot evaluate adapter {adapter_dir}: {'; '.join(problems)} (set eval.engine: hf)"
+            )
     params = SamplingParams(**vllm_sampling_fields(recipe.eval.generation, recipe.model))
     prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
 

@@ -185,9 +185,7 @@ class NearDuplicateIndex:
             ValueError: the signature has the wrong length.
         """
         if len(signature) != self.num_perm:
-            raise ValueError(
-                f"signature has {len(signature)} values, the index expects num_perm={self.num_perm}"
-            )
+            raise ValueError(f"signature has {len(signature)} values, the index expects num_perm={self.num_perm}")
         minhash = MinHash(
             seed=_SIGNATURE_SEED, hashvalues=signature, permutations=self._permutations, scheme=_SIGNATURE_SCHEME
         )

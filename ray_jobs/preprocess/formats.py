@@ -22,7 +22,7 @@ import json
 import re
 from typing import Any
 
-from ray_jobs.config import DataConfig
+from ray_jobs.core.recipe import DataConfig
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "instruction": ("instruction", "instructions", "task", "prompt"),
@@ -41,9 +41,18 @@ ALIASES: dict[str, tuple[str, ...]] = {
 ENTITY_LABEL_KEYS = ("label", "type", "entity_type", "entitytype", "category", "tag", "entity_label")
 ENTITY_TEXT_KEYS = ("text", "value", "span", "entity", "mention", "word", "entity_text")
 ROLE_NAMES = {
-    "system": "system", "user": "user", "human": "user", "patient": "user", "question": "user",
-    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
-    "ai": "assistant", "doctor": "assistant", "answer": "assistant",
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "patient": "user",
+    "question": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "ai": "assistant",
+    "doctor": "assistant",
+    "answer": "assistant",
 }
 ROLE_KEYS = ("role", "from", "speaker", "author")
 CONTENT_KEYS = ("content", "value", "text", "message", "utterance")

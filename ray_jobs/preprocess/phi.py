@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from ray_jobs.config import PHI_TYPES
+from ray_jobs.core.recipe import PHI_TYPES
 
 
 class _Rule(NamedTuple):
@@ -53,8 +53,18 @@ class _Rule(NamedTuple):
 
 
 _MONTH_NAMES = (
-    "Jan(?:uary)?", "Feb(?:ruary)?", "Mar(?:ch)?", "Apr(?:il)?", "May", "June?", "July?",
-    "Aug(?:ust)?", "Sep(?:t(?:ember)?)?", "Oct(?:ober)?", "Nov(?:ember)?", "Dec(?:ember)?",
+    "Jan(?:uary)?",
+    "Feb(?:ruary)?",
+    "Mar(?:ch)?",
+    "Apr(?:il)?",
+    "May",
+    "June?",
+    "July?",
+    "Aug(?:ust)?",
+    "Sep(?:t(?:ember)?)?",
+    "Oct(?:ober)?",
+    "Nov(?:ember)?",
+    "Dec(?:ember)?",
 )
 _MONTH = r"\b(?:" + "|".join(_MONTH_NAMES) + r")\.?"
 _MONTH_CAPS = r"\b(?:" + "|".join(name.upper() for name in _MONTH_NAMES) + r")\.?"
@@ -124,7 +134,7 @@ class PhiScrubber:
     Build one per worker (the compiled pattern is reused for every text) and call `scrub`.
 
     Args:
-        types: PHI types to scrub, a subset of `ray_jobs.config.PHI_TYPES`.
+        types: PHI types to scrub, a subset of `ray_jobs.core.recipe.PHI_TYPES`.
 
     Raises:
         ValueError: a type is not one of `PHI_TYPES`.

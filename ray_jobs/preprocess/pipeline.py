@@ -25,19 +25,20 @@ import logging
 import posixpath
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ray_jobs.config import DataConfig, Recipe
-from ray_jobs.models import load_tokenizer, resolve_model_dir
+from ray_jobs.core.artifacts import DatasetRef
+from ray_jobs.core.errors import MedtuneError
+from ray_jobs.core.modeling import load_tokenizer, resolve_model_dir
+from ray_jobs.core.recipe import DataConfig, Recipe
+from ray_jobs.core.storage import Storage, dataset_prefix
 from ray_jobs.preprocess.formats import RowRejected, to_conversation
 from ray_jobs.preprocess.readers import expand_inputs, file_identity, input_names, parse_file
 from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversation, unpacked_row
-from ray_jobs.storage import Storage, dataset_prefix
 
 log = logging.getLogger("medtune.preprocess")
 
@@ -51,27 +52,8 @@ PACK_ROWS = 2048
 """Conversations packed together per batch: more finds fuller rows, fewer spreads the work."""
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(MedtuneError):
     """The stage cannot produce a dataset (too many rejects, no rows left, bad inputs)."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Where a preprocessed dataset lives and what it holds."""
-
-    prefix: str
-    uri: str
-    fingerprint: str
-    stats: dict[str, Any]
-    reused: bool
-
-    @property
-    def train_path(self) -> str:
-        return posixpath.join(self.prefix, "train")
-
-    @property
-    def eval_path(self) -> str:
-        return posixpath.join(self.prefix, "eval")
 
 
 # ---------------------------------------------------------------------------- reading
@@ -134,8 +116,15 @@ class ConvertBatch:
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         data, clean = self.data, self.data.clean
-        out = {"row_id": row["row_id"], "split": row["split"], "messages": None, "meta": None,
-               "phi": None, "dedupe_key": row["row_id"], "reject_reason": row["reject_reason"]}
+        out = {
+            "row_id": row["row_id"],
+            "split": row["split"],
+            "messages": None,
+            "meta": None,
+            "phi": None,
+            "dedupe_key": row["row_id"],
+            "reject_reason": row["reject_reason"],
+        }
         if out["reject_reason"]:
             return out
         try:
@@ -143,8 +132,9 @@ class ConvertBatch:
             messages, meta = to_conversation(record, data)
             phi: Counter = Counter()
             for message in messages:
-                text = self.clean_text(message["content"], strip_html=clean.strip_html,
-                                       normalize_whitespace=clean.normalize_whitespace)
+                text = self.clean_text(
+                    message["content"], strip_html=clean.strip_html, normalize_whitespace=clean.normalize_whitespace
+                )
                 if len(text) > clean.max_chars:
                     raise RowRejected("too_long_chars")
                 if len(text.strip()) < clean.min_chars and message["role"] != "system":
@@ -165,8 +155,11 @@ class ConvertBatch:
             return out
         if out["split"] == "auto":
             out["split"] = "eval" if _in_eval(row["row_id"], data.split_seed, data.eval_fraction) else "train"
-        out.update(messages=json.dumps(messages, ensure_ascii=False), meta=json.dumps(meta, ensure_ascii=False),
-                   phi=json.dumps(dict(phi)))
+        out.update(
+            messages=json.dumps(messages, ensure_ascii=False),
+            meta=json.dumps(meta, ensure_ascii=False),
+            phi=json.dumps(dict(phi)),
+        )
         if clean.dedupe:
             out["dedupe_key"] = self.content_key([m["content"] for m in messages if m["role"] != "system"])
         return out
@@ -229,9 +222,14 @@ class TokenizeBatch:
             if not isinstance(reason, str):
                 try:
                     ids, labels = tokenize_conversation(
-                        self.tokenizer, json.loads(messages), max_seq_len=self.data.max_seq_len,
-                        truncation=self.data.truncation, train_on_inputs=self.data.train_on_inputs,
-                        min_tokens=self.data.clean.min_tokens, max_tokens=self.data.clean.max_tokens)
+                        self.tokenizer,
+                        json.loads(messages),
+                        max_seq_len=self.data.max_seq_len,
+                        truncation=self.data.truncation,
+                        train_on_inputs=self.data.train_on_inputs,
+                        min_tokens=self.data.clean.min_tokens,
+                        max_tokens=self.data.clean.max_tokens,
+                    )
                     reason = None
                 except RowRejected as rejected:
                     reason = rejected.reason
@@ -250,8 +248,8 @@ class TokenizeBatch:
 
 
 def _pack_batch(batch: pd.DataFrame, max_seq_len: int, packing: bool) -> pd.DataFrame:
-    docs = [(list(i), list(l)) for i, l in zip(batch["input_ids"], batch["labels"])]
-    rows = pack_documents(docs, max_seq_len) if packing else [unpacked_row(i, l) for i, l in docs]
+    docs = [(list(i), list(lab)) for i, lab in zip(batch["input_ids"], batch["labels"])]
+    rows = pack_documents(docs, max_seq_len) if packing else [unpacked_row(i, lab) for i, lab in docs]
     plain = [{k: v.tolist() for k, v in row.items()} for row in rows]
     return pd.DataFrame(plain, columns=["input_ids", "labels", "position_ids", "seq_lens"])
 
@@ -259,10 +257,16 @@ def _pack_batch(batch: pd.DataFrame, max_seq_len: int, packing: bool) -> pd.Data
 def _partial_stats(batch: pd.DataFrame) -> pd.DataFrame:
     """Per-batch statistics, summed on the driver (a few numbers per batch)."""
     ok = batch["reject_reason"].isna() if "reject_reason" in batch else pd.Series(True, index=batch.index)
-    stats: dict[str, Any] = {"rows_in": len(batch), "rejects": Counter(batch.loc[~ok, "reject_reason"]),
-                             "splits": Counter(batch.loc[ok, "split"]), "phi": Counter(),
-                             "tokens": {}, "target_tokens": {}, "histogram": [0] * (len(LENGTH_BUCKETS) - 1),
-                             "meta": Counter()}
+    stats: dict[str, Any] = {
+        "rows_in": len(batch),
+        "rejects": Counter(batch.loc[~ok, "reject_reason"]),
+        "splits": Counter(batch.loc[ok, "split"]),
+        "phi": Counter(),
+        "tokens": {},
+        "target_tokens": {},
+        "histogram": [0] * (len(LENGTH_BUCKETS) - 1),
+        "meta": Counter(),
+    }
     for split in ("train", "eval"):
         mask = ok & (batch["split"] == split)
         stats["tokens"][split] = int(batch.loc[mask, "num_tokens"].sum())
@@ -280,9 +284,16 @@ def _partial_stats(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def _merge_stats(partials: list[str]) -> dict[str, Any]:
-    total: dict[str, Any] = {"rows_in": 0, "rejects": Counter(), "splits": Counter(), "phi": Counter(),
-                             "tokens": Counter(), "target_tokens": Counter(),
-                             "histogram": np.zeros(len(LENGTH_BUCKETS) - 1, dtype=np.int64), "meta": Counter()}
+    total: dict[str, Any] = {
+        "rows_in": 0,
+        "rejects": Counter(),
+        "splits": Counter(),
+        "phi": Counter(),
+        "tokens": Counter(),
+        "target_tokens": Counter(),
+        "histogram": np.zeros(len(LENGTH_BUCKETS) - 1, dtype=np.int64),
+        "meta": Counter(),
+    }
     for blob in partials:
         part = json.loads(blob)
         total["rows_in"] += part["rows_in"]
@@ -304,7 +315,7 @@ def fingerprint(recipe: Recipe, files: list[tuple[str, Any, str]], model_dir: st
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run(recipe: Recipe, *, force: bool = False) -> DatasetInfo:
+def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     """Preprocess the recipe's data (or reuse an identical earlier result)."""
     import ray
     import ray.data
@@ -321,7 +332,9 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetInfo:
     prefix = dataset_prefix(recipe.name, fp)
     if storage.is_complete(prefix) and not force:
         log.info("dataset %s is up to date; reusing it", storage.uri(prefix))
-        return DatasetInfo(prefix, storage.uri(prefix), fp, storage.read_json(posixpath.join(prefix, "stats.json")), True)
+        return DatasetRef(
+            prefix, storage.uri(prefix), fp, storage.read_json(posixpath.join(prefix, "stats.json")), True
+        )
     storage.delete_dir(prefix)
 
     if not ray.is_initialized():
@@ -337,10 +350,15 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetInfo:
     # spread over every worker instead of being converted and tokenised by one task.
     raw = raw.repartition(target_num_rows_per_block=BATCH_ROWS)
     data_dict = data.model_dump(mode="json")
-    converted = raw.map_batches(convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=BATCH_ROWS)
+    converted = raw.map_batches(
+        convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=BATCH_ROWS
+    )
     if data.clean.dedupe:
-        converted = (converted.map_batches(_dedupe_bucket, batch_format="pandas", batch_size=BATCH_ROWS)
-                     .groupby("dedupe_bucket").map_groups(_keep_first, batch_format="pandas"))
+        converted = (
+            converted.map_batches(_dedupe_bucket, batch_format="pandas", batch_size=BATCH_ROWS)
+            .groupby("dedupe_bucket")
+            .map_groups(_keep_first, batch_format="pandas")
+        )
     if data.clean.near_dedupe:
         # One actor sees every row in row-id order. Small batches keep the sort's blocks
         # apart on the way out, so tokenising after it still spreads over the cluster
@@ -348,16 +366,28 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetInfo:
         # reserves no CPU: it is one sequential process, and holding a CPU slot let it wait
         # for minutes on a fresh 2-CPU cluster behind backpressured upstream tasks.
         converted = converted.sort("row_id").map_batches(
-            NearDedupe, fn_constructor_kwargs={"threshold": data.clean.near_dedupe_threshold},
-            batch_format="pandas", batch_size=BATCH_ROWS, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+            NearDedupe,
+            fn_constructor_kwargs={"threshold": data.clean.near_dedupe_threshold},
+            batch_format="pandas",
+            batch_size=BATCH_ROWS,
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0,
+        )
     tokenized = converted.map_batches(
-        tokenize_batch, batch_format="pandas", batch_size=BATCH_ROWS,
-        fn_kwargs={"model_dir": model_dir, "data": data_dict, "revision": recipe.model.revision,
-                   "trust_remote_code": recipe.model.trust_remote_code},
+        tokenize_batch,
+        batch_format="pandas",
+        batch_size=BATCH_ROWS,
+        fn_kwargs={
+            "model_dir": model_dir,
+            "data": data_dict,
+            "revision": recipe.model.revision,
+            "trust_remote_code": recipe.model.trust_remote_code,
+        },
     ).materialize()
 
-    totals = _merge_stats([r["partial"] for r in tokenized.map_batches(
-        _partial_stats, batch_format="pandas", batch_size=4096).take_all()])
+    totals = _merge_stats(
+        [r["partial"] for r in tokenized.map_batches(_partial_stats, batch_format="pandas", batch_size=4096).take_all()]
+    )
     rows_in = totals["rows_in"]
     rejected = sum(totals["rejects"].values())
     write_rejects(storage, prefix, tokenized)
@@ -370,52 +400,77 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetInfo:
         worst = ", ".join(f"{r} {n}" for r, n in totals["rejects"].most_common(4))
         raise PreprocessError(
             f"{bad} of {rows_in} rows rejected ({fraction:.1%} > data.max_reject_fraction "
-            f"{data.max_reject_fraction:.0%}): {worst}; see {storage.uri(prefix, 'rejects.jsonl')}")
+            f"{data.max_reject_fraction:.0%}): {worst}; see {storage.uri(prefix, 'rejects.jsonl')}"
+        )
     if totals["splits"].get("train", 0) == 0:
         raise PreprocessError("data.train: no training rows survived cleaning")
 
     ok = tokenized.filter(lambda row: row["reject_reason"] is None)
     train_rows = ok.filter(lambda row: row["split"] == "train")
-    packed = train_rows.map_batches(_pack_batch, fn_kwargs={"max_seq_len": data.max_seq_len, "packing": data.packing},
-                                    batch_format="pandas", batch_size=PACK_ROWS)
+    packed = train_rows.map_batches(
+        _pack_batch,
+        fn_kwargs={"max_seq_len": data.max_seq_len, "packing": data.packing},
+        batch_format="pandas",
+        batch_size=PACK_ROWS,
+    )
     packed.write_parquet(storage.path(prefix, "train"), filesystem=storage.filesystem)
     eval_rows = ok.filter(lambda row: row["split"] == "eval").select_columns(
-        ["row_id", "messages", "meta", "input_ids", "labels", "num_tokens"])
+        ["row_id", "messages", "meta", "input_ids", "labels", "num_tokens"]
+    )
     if totals["splits"].get("eval", 0):
         eval_rows.write_parquet(storage.path(prefix, "eval"), filesystem=storage.filesystem)
 
     packed_stats = packed.map_batches(
         lambda b: pd.DataFrame([{"rows": len(b), "tokens": int(sum(len(x) for x in b["input_ids"]))}]),
-        batch_format="pandas").take_all()
+        batch_format="pandas",
+    ).take_all()
     packed_rows = sum(p["rows"] for p in packed_stats)
     stats = {
-        "rows_in": rows_in, "rows_out": dict(totals["splits"]), "rejected": rejected,
+        "rows_in": rows_in,
+        "rows_out": dict(totals["splits"]),
+        "rejected": rejected,
         "rejects_by_reason": dict(totals["rejects"].most_common()),
-        "tokens": dict(totals["tokens"]), "target_tokens": dict(totals["target_tokens"]),
+        "tokens": dict(totals["tokens"]),
+        "target_tokens": dict(totals["target_tokens"]),
         "length_histogram": {"bucket_edges": LENGTH_BUCKETS[:-1], "counts": totals["histogram"].tolist()},
-        "phi_replacements": dict(totals["phi"]), "metadata_counts": dict(totals["meta"]),
-        "packing": {"enabled": data.packing, "max_seq_len": data.max_seq_len, "rows": packed_rows,
-                    "efficiency": round(totals["tokens"].get("train", 0) / max(1, packed_rows * data.max_seq_len), 4)},
+        "phi_replacements": dict(totals["phi"]),
+        "metadata_counts": dict(totals["meta"]),
+        "packing": {
+            "enabled": data.packing,
+            "max_seq_len": data.max_seq_len,
+            "rows": packed_rows,
+            "efficiency": round(totals["tokens"].get("train", 0) / max(1, packed_rows * data.max_seq_len), 4),
+        },
     }
     storage.write_json(posixpath.join(prefix, "stats.json"), stats)
-    manifest = {"name": recipe.name, "fingerprint": fp, "format": data.format, "base_model": recipe.model.base,
-                "inputs": [uri for uri, _, _ in train_files + eval_files], "pipeline_version": PIPELINE_VERSION,
-                "train": "train/", "eval": "eval/" if totals["splits"].get("eval") else None}
+    manifest = {
+        "name": recipe.name,
+        "fingerprint": fp,
+        "format": data.format,
+        "base_model": recipe.model.base,
+        "inputs": [uri for uri, _, _ in train_files + eval_files],
+        "pipeline_version": PIPELINE_VERSION,
+        "train": "train/",
+        "eval": "eval/" if totals["splits"].get("eval") else None,
+    }
     storage.write_json(posixpath.join(prefix, "manifest.json"), manifest)
     storage.mark_complete(prefix, {"fingerprint": fp})
     log.info("dataset written to %s: %s", storage.uri(prefix), json.dumps(stats["rows_out"]))
-    return DatasetInfo(prefix, storage.uri(prefix), fp, stats, False)
+    return DatasetRef(prefix, storage.uri(prefix), fp, stats, False)
 
 
 def write_rejects(storage: Storage, prefix: str, tokenized) -> None:
     """rejects.jsonl: row id and reason only; rejected rows' text may hold PHI."""
-    lines = [json.dumps({"row_id": r["row_id"], "reason": r["reject_reason"]})
-             for r in tokenized.filter(lambda row: row["reject_reason"] is not None)
-             .select_columns(["row_id", "reject_reason"]).iter_rows()]
+    lines = [
+        json.dumps({"row_id": r["row_id"], "reason": r["reject_reason"]})
+        for r in tokenized.filter(lambda row: row["reject_reason"] is not None)
+        .select_columns(["row_id", "reject_reason"])
+        .iter_rows()
+    ]
     storage.write_text(posixpath.join(prefix, "rejects.jsonl"), "\n".join(sorted(lines)) + ("\n" if lines else ""))
 
 
-def main(recipe: Recipe) -> DatasetInfo:
+def main(recipe: Recipe) -> DatasetRef:
     info = run(recipe)
     state = "reused" if info.reused else "written"
     print(f"dataset {state}: {info.uri}  rows {info.stats['rows_out']}  rejected {info.stats['rejected']}")

@@ -18,14 +18,23 @@ import io
 import json
 import os
 import posixpath
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow.fs as pafs
 
-from ray_jobs.storage import is_remote, s3_filesystem
+from ray_jobs.core.storage import is_remote, s3_filesystem
 
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".pq": "parquet",
-           ".csv": "csv", ".tsv": "csv", ".txt": "text"}
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "text",
+}
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 """A record larger than this is quarantined as `giant_row` before it is parsed."""
 
@@ -50,7 +59,7 @@ def expand_inputs(patterns: list[str]) -> list[tuple[str, pafs.FileSystem, str]]
     for pattern in patterns:
         if is_remote(pattern):
             fs = s3_filesystem()
-            bare = pattern[len("s3://"):]
+            bare = pattern[len("s3://") :]
             if any(ch in bare for ch in "*?["):
                 root = bare.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
                 infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
@@ -69,8 +78,11 @@ def expand_inputs(patterns: list[str]) -> list[tuple[str, pafs.FileSystem, str]]
                 paths = [os.path.join(r, f) for r, _, fs_ in os.walk(local) for f in fs_]
             else:
                 paths = glob.glob(local, recursive=True)
-            found = {os.path.abspath(p): (os.path.abspath(p), pafs.LocalFileSystem(), os.path.abspath(p))
-                     for p in paths if os.path.isfile(p)}
+            found = {
+                os.path.abspath(p): (os.path.abspath(p), pafs.LocalFileSystem(), os.path.abspath(p))
+                for p in paths
+                if os.path.isfile(p)
+            }
         if not found:
             raise InputError(f"{pattern}: no such file (or the glob matches nothing)")
         files.update({k: v for k, v in found.items() if not posixpath.basename(k).startswith((".", "_"))})
@@ -100,8 +112,11 @@ def file_identity(fs: pafs.FileSystem, fs_path: str) -> dict[str, Any]:
 
 
 def _row(row_id: str, record: Any = None, reason: str | None = None) -> dict[str, Any]:
-    return {"row_id": row_id, "record": None if reason else json.dumps(record, ensure_ascii=False, default=str),
-            "reject_reason": reason}
+    return {
+        "row_id": row_id,
+        "record": None if reason else json.dumps(record, ensure_ascii=False, default=str),
+        "reject_reason": reason,
+    }
 
 
 def _decode(raw: bytes, row_id: str) -> tuple[str | None, dict[str, Any] | None]:
@@ -121,8 +136,7 @@ def _lines(data: bytes, name: str) -> Iterator[tuple[str, str | None, dict[str, 
             yield (row_id, *_decode(raw, row_id))
 
 
-def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None = None
-               ) -> Iterator[dict[str, Any]]:
+def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None = None) -> Iterator[dict[str, Any]]:
     """Parse one file's bytes into rows; bad rows come out with a reject_reason.
 
     Args:
@@ -135,6 +149,7 @@ def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None 
     kind = kind or file_format(uri)
     if uri.lower().endswith(".gz") and data[:2] == b"\x1f\x8b":  # not yet decompressed
         import gzip
+
         data = gzip.decompress(data)
     if kind == "jsonl":
         for row_id, text, rejected in _lines(data, name):
@@ -147,7 +162,11 @@ def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None 
                 yield _row(row_id, reason="invalid_json")
         return
     if kind == "json":
-        text, rejected = _decode(data, f"{name}:0") if len(data) <= MAX_RECORD_BYTES * 64 else (None, _row(f"{name}:0", reason="giant_row"))
+        text, rejected = (
+            _decode(data, f"{name}:0")
+            if len(data) <= MAX_RECORD_BYTES * 64
+            else (None, _row(f"{name}:0", reason="giant_row"))
+        )
         if rejected:
             yield rejected
             return

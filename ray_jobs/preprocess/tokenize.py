@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ray_jobs.core.modeling import IGNORE_INDEX
 from ray_jobs.preprocess.formats import RowRejected
-
-IGNORE_INDEX = -100
 
 
 def render_with_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -48,10 +47,17 @@ def render_with_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[s
     return full, spans
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], *, max_seq_len: int,
-                          truncation: str, train_on_inputs: bool, add_eos_to_text: bool = True,
-                          min_tokens: int = 0, max_tokens: int | None = None
-                          ) -> tuple[list[int], list[int]]:
+def tokenize_conversation(
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    *,
+    max_seq_len: int,
+    truncation: str,
+    train_on_inputs: bool,
+    add_eos_to_text: bool = True,
+    min_tokens: int = 0,
+    max_tokens: int | None = None,
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one conversation, raising RowRejected when unusable.
 
     `min_tokens` / `max_tokens` (data.clean) are length filters on the whole rendered
@@ -117,11 +123,21 @@ def pack_documents(docs: list[tuple[list[int], list[int]]], max_seq_len: int) ->
         labels = np.concatenate([np.asarray(docs[i][1], dtype=np.int32) for i in members])
         seq_lens = [len(docs[i][0]) for i in members]
         position_ids = np.concatenate([np.arange(n, dtype=np.int32) for n in seq_lens])
-        rows.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                     "seq_lens": np.asarray(seq_lens, dtype=np.int32)})
+        rows.append(
+            {
+                "input_ids": input_ids,
+                "labels": labels,
+                "position_ids": position_ids,
+                "seq_lens": np.asarray(seq_lens, dtype=np.int32),
+            }
+        )
     return rows
 
 
 def unpacked_row(ids: list[int], labels: list[int]) -> dict[str, Any]:
-    return {"input_ids": np.asarray(ids, dtype=np.int32), "labels": np.asarray(labels, dtype=np.int32),
-            "position_ids": np.arange(len(ids), dtype=np.int32), "seq_lens": np.asarray([len(ids)], dtype=np.int32)}
+    return {
+        "input_ids": np.asarray(ids, dtype=np.int32),
+        "labels": np.asarray(labels, dtype=np.int32),
+        "position_ids": np.arange(len(ids), dtype=np.int32),
+        "seq_lens": np.asarray([len(ids)], dtype=np.int32),
+    }

@@ -32,14 +32,25 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_jobs.config import Recipe
+from ray_jobs.core.recipe import Recipe
+from ray_jobs.core.storage import Storage
 from ray_jobs.serve.admission import Admission
 from ray_jobs.serve.engines.base import GenerationRequest
 from ray_jobs.serve.metrics import RequestRecord, ServeMetrics, log_request
-from ray_jobs.serve.protocol import (Answer, APIError, ChatRequest, CompletionRequest, Sampling, check_features,
-                                     chunk_body, parse_request, response_body, sse, usage)
+from ray_jobs.serve.protocol import (
+    Answer,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Sampling,
+    check_features,
+    chunk_body,
+    parse_request,
+    response_body,
+    sse,
+    usage,
+)
 from ray_jobs.serve.registry import AdapterRegistry, Target
-from ray_jobs.storage import Storage
 
 log = logging.getLogger("ray.serve")
 DEFAULT_MAX_TOKENS = 128
@@ -73,8 +84,9 @@ async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse
 
 
 def _timeout_error(seconds: float) -> APIError:
-    return APIError(504, f"generation took longer than serve.request_timeout_s ({seconds:g}s)", "server_error",
-                    "timeout")
+    return APIError(
+        504, f"generation took longer than serve.request_timeout_s ({seconds:g}s)", "server_error", "timeout"
+    )
 
 
 @serve.deployment(name="medtune", health_check_period_s=10)
@@ -83,9 +95,9 @@ class MedtuneServer:
     """One replica: the base model in its engine, adapters loaded on demand."""
 
     async def __init__(self, recipe: dict[str, Any]):
-        from ray_jobs.models import resolve_model_dir
-        from ray_jobs.serve.engines import build_engine
         from ray_jobs.core.engines import adapter_rank
+        from ray_jobs.core.modeling import resolve_model_dir
+        from ray_jobs.serve.engines import build_engine
 
         self.recipe = Recipe.model_validate(recipe)
         self.cfg = cfg = self.recipe.serve
@@ -104,8 +116,7 @@ class MedtuneServer:
         self.engine = build_engine(self.recipe, model_dir, ranks, self.metrics.record_adapter_event)
         self.registry.engine = self.engine
         self.api_keys = _read_keys(cfg.api_keys_file)
-        self.admission = Admission(cfg.max_ongoing_requests + cfg.max_queued_requests,
-                                   hold_s=cfg.request_timeout_s + 5)
+        self.admission = Admission(cfg.max_ongoing_requests + cfg.max_queued_requests, hold_s=cfg.request_timeout_s + 5)
         for name in listed:
             try:
                 await self.registry.load(name)
@@ -130,8 +141,9 @@ class MedtuneServer:
         tokenizer = self.engine.tokenizer
         if chat:
             try:
-                text = tokenizer.apply_chat_template(body.template_messages(), tokenize=False,
-                                                     add_generation_prompt=True)
+                text = tokenizer.apply_chat_template(
+                    body.template_messages(), tokenize=False, add_generation_prompt=True
+                )
             except Exception as exc:
                 raise APIError(400, f"messages do not fit the model's chat template: {exc}", param="messages") from None
             return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -141,18 +153,31 @@ class MedtuneServer:
         context = self.engine.context_length
         asked = body.requested_tokens()
         if prompt_tokens >= context or (asked and prompt_tokens + asked > context):
-            raise APIError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({asked or 1}) exceeds the "
-                                f"context length {context}", code="context_length_exceeded",
-                           param="messages" if chat else "prompt")
+            raise APIError(
+                400,
+                f"prompt ({prompt_tokens} tokens) plus max_tokens ({asked or 1}) exceeds the context length {context}",
+                code="context_length_exceeded",
+                param="messages" if chat else "prompt",
+            )
         return asked or min(DEFAULT_MAX_TOKENS, context - prompt_tokens)
 
     def _requests(self, body: Sampling, target: Target, prompt_ids: list[int], chat: bool) -> list[GenerationRequest]:
         """One generation request per choice; choice i samples with seed + i."""
         first = GenerationRequest(
-            prompt_ids, target.key, self._max_tokens(body, len(prompt_ids), chat), body.temperature, body.top_p,
-            body.seed, body.stops(), adapter_path=target.local_path, logprobs=body.top_logprobs_count(),
-            ignore_eos=body.ignore_eos, response_format=body.response_format.spec() if body.response_format else None,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+            prompt_ids,
+            target.key,
+            self._max_tokens(body, len(prompt_ids), chat),
+            body.temperature,
+            body.top_p,
+            body.seed,
+            body.stops(),
+            adapter_path=target.local_path,
+            logprobs=body.top_logprobs_count(),
+            ignore_eos=body.ignore_eos,
+            response_format=body.response_format.spec() if body.response_format else None,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+        )
         return [dataclasses.replace(first, seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
 
     def _finish_record(self, record: RequestRecord, started: float, requests: list[GenerationRequest]) -> None:
@@ -181,9 +206,14 @@ class MedtuneServer:
             self._check_auth(http_request)
             place = self.admission.enter()
             if place is None:
-                raise APIError(503, f"this replica already holds {self.admission.limit} requests "
-                                    "(serve.max_ongoing_requests + serve.max_queued_requests); retry later",
-                               "server_error", "overloaded", headers={"Retry-After": str(self.cfg.retry_after_s)})
+                raise APIError(
+                    503,
+                    f"this replica already holds {self.admission.limit} requests "
+                    "(serve.max_ongoing_requests + serve.max_queued_requests); retry later",
+                    "server_error",
+                    "overloaded",
+                    headers={"Retry-After": str(self.cfg.retry_after_s)},
+                )
             body = parse_request(await http_request.body(), ChatRequest if chat else CompletionRequest)
             check_features(body, self.engine.kind, self.engine.supports)
             record.stream, record.user = body.stream, body.user_hash()
@@ -198,8 +228,19 @@ class MedtuneServer:
             with_logprobs = body.top_logprobs_count() is not None
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                events = self._sse(requests, body.model, rid, created, chat, include_usage, with_logprobs, record,
-                                   started, deadline, place)
+                events = self._sse(
+                    requests,
+                    body.model,
+                    rid,
+                    created,
+                    chat,
+                    include_usage,
+                    with_logprobs,
+                    record,
+                    started,
+                    deadline,
+                    place,
+                )
                 streaming = True  # from here on the stream records the request when it ends
                 return StreamingResponse(events, media_type="text/event-stream")
             try:
@@ -261,9 +302,20 @@ class MedtuneServer:
             for task in tasks:
                 task.cancel()
 
-    async def _sse(self, requests: list[GenerationRequest], model: str, rid: str, created: int, chat: bool,
-                   include_usage: bool, with_logprobs: bool, record: RequestRecord, started: float, deadline: float,
-                   place: object):
+    async def _sse(
+        self,
+        requests: list[GenerationRequest],
+        model: str,
+        rid: str,
+        created: int,
+        chat: bool,
+        include_usage: bool,
+        with_logprobs: bool,
+        record: RequestRecord,
+        started: float,
+        deadline: float,
+        place: object,
+    ):
         """Server-sent events for one request; the engine batches it with everything else."""
         answers = [Answer(i) for i in range(len(requests))]
         try:
@@ -285,9 +337,16 @@ class MedtuneServer:
             if self.cfg.log_prompts:
                 record.completion = answers[0].text
             if include_usage:
-                yield sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                           "created": created, "model": model, "choices": [],
-                           "usage": usage(len(requests[0].prompt_ids), record.completion_tokens)})
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": usage(len(requests[0].prompt_ids), record.completion_tokens),
+                    }
+                )
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             record.status, record.error_code = 499, "client_closed"
@@ -295,8 +354,9 @@ class MedtuneServer:
         except Exception as exc:  # headers are sent: the error travels as an event, as OpenAI's do
             log.error("stream failed: %s", type(exc).__name__)
             record.status, record.error_code = 500, "internal_error"
-            yield sse(APIError(500, f"generation failed ({type(exc).__name__})", "server_error",
-                               "internal_error").body())
+            yield sse(
+                APIError(500, f"generation failed ({type(exc).__name__})", "server_error", "internal_error").body()
+            )
             yield "data: [DONE]\n\n"
         finally:
             for request in requests:
@@ -307,9 +367,14 @@ class MedtuneServer:
     # ------------------------------------------------------------------ routes
     @api.get("/healthz")
     def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "base_model": self.base_name, "engine": self.engine.kind,
-                "loaded_adapters": self.engine.loaded_adapters(), "adapter_load_seconds": self.engine.load_seconds,
-                "device": self.engine.device}
+        return {
+            "status": "ok",
+            "base_model": self.base_name,
+            "engine": self.engine.kind,
+            "loaded_adapters": self.engine.loaded_adapters(),
+            "adapter_load_seconds": self.engine.load_seconds,
+            "device": self.engine.device,
+        }
 
     @api.get("/v1/models")
     def models(self, request: Request) -> dict[str, Any]:
@@ -332,4 +397,3 @@ class MedtuneServer:
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         return await self._run(request, chat=False)
-

@@ -1,8 +1,8 @@
 """Deploying the serving app: Serve options from the recipe, and the ways to start it.
 
-    medtune serve RECIPE                                   # blocks; Ctrl-C stops it
-    serve run ray_jobs.serve:app_builder recipe=RECIPE      # Ray's own CLI
-    # RayService: import_path ray_jobs.serve:app_builder, args {recipe: /etc/medtune/recipe.yaml}
+medtune serve RECIPE                                   # blocks; Ctrl-C stops it
+serve run ray_jobs.serve:app_builder recipe=RECIPE      # Ray's own CLI
+# RayService: import_path ray_jobs.serve:app_builder, args {recipe: /etc/medtune/recipe.yaml}
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import serve
 
-from ray_jobs.config import Recipe, load_recipe
+from ray_jobs.core.recipe import Recipe, load_recipe
 
 
 def routing_cap(admission_limit: int) -> int:
@@ -36,8 +36,11 @@ def deployment_options(recipe: Recipe) -> dict[str, Any]:
         logging_config={"encoding": "JSON", "enable_access_log": True},
     )
     if cfg.max_replicas > cfg.min_replicas:
-        options["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                         "target_ongoing_requests": cfg.target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        }
     else:
         options["num_replicas"] = max(cfg.min_replicas, 1)
     return options
@@ -67,6 +70,9 @@ def start(recipe: Recipe, *, blocking: bool = False, app_name: str = "medtune"):
 
 
 def main(recipe: Recipe) -> None:
-    print(f"[medtune] serving {recipe.model.base} and adapters from {recipe.storage.root} "
-          f"on http://{recipe.serve.host}:{recipe.serve.port}", flush=True)
+    print(
+        f"[medtune] serving {recipe.model.base} and adapters from {recipe.storage.root} "
+        f"on http://{recipe.serve.host}:{recipe.serve.port}",
+        flush=True,
+    )
     start(recipe, blocking=True)

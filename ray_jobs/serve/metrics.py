@@ -59,21 +59,39 @@ class ServeMetrics:
         from ray.serve.metrics import Counter, Histogram
 
         tags = ("adapter",)
-        self.requests = Counter("medtune_requests", description="Requests answered, by adapter and HTTP status.",
-                                tag_keys=("adapter", "status"))
-        self.latency = Histogram("medtune_request_latency_seconds", description="Request latency (end to end).",
-                                 boundaries=LATENCY_BUCKETS_S, tag_keys=tags)
-        self.ttft = Histogram("medtune_time_to_first_token_seconds", description="Time to first generated token.",
-                              boundaries=LATENCY_BUCKETS_S, tag_keys=tags)
-        self.generated_tokens = Counter("medtune_generated_tokens", description="Completion tokens generated.",
-                                        tag_keys=tags)
+        self.requests = Counter(
+            "medtune_requests",
+            description="Requests answered, by adapter and HTTP status.",
+            tag_keys=("adapter", "status"),
+        )
+        self.latency = Histogram(
+            "medtune_request_latency_seconds",
+            description="Request latency (end to end).",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=tags,
+        )
+        self.ttft = Histogram(
+            "medtune_time_to_first_token_seconds",
+            description="Time to first generated token.",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=tags,
+        )
+        self.generated_tokens = Counter(
+            "medtune_generated_tokens", description="Completion tokens generated.", tag_keys=tags
+        )
         self.prompt_tokens = Counter("medtune_prompt_tokens", description="Prompt tokens processed.", tag_keys=tags)
-        self.adapter_loads = Counter("medtune_adapter_loads", description="Adapters loaded into a replica.",
-                                     tag_keys=tags)
-        self.adapter_load_seconds = Histogram("medtune_adapter_load_seconds", description="Adapter load time.",
-                                              boundaries=LATENCY_BUCKETS_S, tag_keys=tags)
-        self.adapter_evictions = Counter("medtune_adapter_evictions", description="Adapters evicted (LRU bound).",
-                                         tag_keys=tags)
+        self.adapter_loads = Counter(
+            "medtune_adapter_loads", description="Adapters loaded into a replica.", tag_keys=tags
+        )
+        self.adapter_load_seconds = Histogram(
+            "medtune_adapter_load_seconds",
+            description="Adapter load time.",
+            boundaries=LATENCY_BUCKETS_S,
+            tag_keys=tags,
+        )
+        self.adapter_evictions = Counter(
+            "medtune_adapter_evictions", description="Adapters evicted (LRU bound).", tag_keys=tags
+        )
 
     def record_request(self, record: RequestRecord) -> None:
         tags = {"adapter": record.adapter}
@@ -98,5 +116,10 @@ class ServeMetrics:
 
 def log_request(record: RequestRecord, log_prompts: bool) -> None:
     """One structured log line per request (JSON keys under Serve's JSON log encoding)."""
-    log.info("medtune request %s %s -> %s", record.endpoint, record.adapter, record.status,
-             extra=record.log_fields(log_prompts))
+    log.info(
+        "medtune request %s %s -> %s",
+        record.endpoint,
+        record.adapter,
+        record.status,
+        extra=record.log_fields(log_prompts),
+    )

@@ -20,8 +20,15 @@ from ray_jobs.serve.engines.base import Delta, LogprobEntry
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
         self.headers = headers or {}
@@ -31,8 +38,9 @@ class APIError(Exception):
 
 
 def not_found(model: str) -> APIError:
-    return APIError(404, f"model {model!r} not found; GET /v1/models lists what is served",
-                    code="model_not_found", param="model")
+    return APIError(
+        404, f"model {model!r} not found; GET /v1/models lists what is served", code="model_not_found", param="model"
+    )
 
 
 # ---------------------------------------------------------------------- requests
@@ -185,8 +193,9 @@ def parse_request(raw: bytes, schema: type[Sampling]) -> Sampling:
         param = ".".join(str(p) for p in first["loc"]) or None
         where = f"{param}: " if param else ""
         if first["type"] == "extra_forbidden":
-            raise APIError(400, f"{where}this server does not support this field", code="unsupported_field",
-                           param=param) from None
+            raise APIError(
+                400, f"{where}this server does not support this field", code="unsupported_field", param=param
+            ) from None
         # The message names the field and the rule, never the value: values may hold PHI.
         raise APIError(422, f"{where}{first['msg']}", code="invalid_field", param=param) from None
 
@@ -195,8 +204,12 @@ def check_features(body: Sampling, engine_name: str, supported: frozenset[str]) 
     """A 400 naming the first field whose feature the replica's engine does not honour."""
     for feature, field_name in body.features().items():
         if feature not in supported:
-            raise APIError(400, f"{field_name}: not supported by this server's {engine_name} engine "
-                                f"(serve.engine; vLLM supports it)", code="unsupported_field", param=field_name)
+            raise APIError(
+                400,
+                f"{field_name}: not supported by this server's {engine_name} engine (serve.engine; vLLM supports it)",
+                code="unsupported_field",
+                param=field_name,
+            )
 
 
 # ---------------------------------------------------------------------- responses
@@ -209,9 +222,18 @@ def _token_bytes(token: str) -> list[int]:
 
 
 def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
-    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": _token_bytes(e.token),
-                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": _token_bytes(t)} for t, lp in e.top]}
-                        for e in entries], "refusal": None}
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": _token_bytes(e.token),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": _token_bytes(t)} for t, lp in e.top],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
 
 
 def completion_logprobs(entries: list[LogprobEntry], offset: int = 0) -> dict[str, Any]:
@@ -219,8 +241,12 @@ def completion_logprobs(entries: list[LogprobEntry], offset: int = 0) -> dict[st
     for entry in entries:
         offsets.append(offset)
         offset += len(entry.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t: lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
 
 
 class Answer:
@@ -237,41 +263,78 @@ class Answer:
         self.finish_reason = delta.finish_reason or self.finish_reason
 
 
-def response_body(chat: bool, rid: str, created: int, model: str, answers: list[Answer], prompt_tokens: int,
-                  with_logprobs: bool) -> dict[str, Any]:
+def response_body(
+    chat: bool, rid: str, created: int, model: str, answers: list[Answer], prompt_tokens: int, with_logprobs: bool
+) -> dict[str, Any]:
     choices = []
     for answer in answers:
         if chat:
-            choice = {"index": answer.index, "message": {"role": "assistant", "content": answer.text},
-                      "finish_reason": answer.finish_reason,
-                      "logprobs": chat_logprobs(answer.logprobs) if with_logprobs else None}
+            choice = {
+                "index": answer.index,
+                "message": {"role": "assistant", "content": answer.text},
+                "finish_reason": answer.finish_reason,
+                "logprobs": chat_logprobs(answer.logprobs) if with_logprobs else None,
+            }
         else:
-            choice = {"index": answer.index, "text": answer.text, "finish_reason": answer.finish_reason,
-                      "logprobs": completion_logprobs(answer.logprobs) if with_logprobs else None}
+            choice = {
+                "index": answer.index,
+                "text": answer.text,
+                "finish_reason": answer.finish_reason,
+                "logprobs": completion_logprobs(answer.logprobs) if with_logprobs else None,
+            }
         choices.append(choice)
     completion_tokens = sum(answer.tokens for answer in answers)
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def chunk_body(chat: bool, rid: str, created: int, model: str, index: int, delta: Delta | None,
-               with_logprobs: bool, role: bool = False) -> dict[str, Any]:
+def chunk_body(
+    chat: bool,
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    delta: Delta | None,
+    with_logprobs: bool,
+    role: bool = False,
+) -> dict[str, Any]:
     """One streamed chunk: a delta's text (and logprobs), its finish reason, or the role opener."""
     finish = delta.finish_reason if delta else None
     if chat:
         content: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if delta is not None and (delta.text or not finish):
             content["content"] = delta.text
-        choice = {"index": index, "delta": content, "finish_reason": finish,
-                  "logprobs": chat_logprobs(delta.logprobs) if with_logprobs and delta and delta.logprobs else None}
+        choice = {
+            "index": index,
+            "delta": content,
+            "finish_reason": finish,
+            "logprobs": chat_logprobs(delta.logprobs) if with_logprobs and delta and delta.logprobs else None,
+        }
     else:
-        choice = {"index": index, "text": delta.text if delta else "", "finish_reason": finish,
-                  "logprobs": completion_logprobs(delta.logprobs) if with_logprobs and delta and delta.logprobs
-                  else None}
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice]}
+        choice = {
+            "index": index,
+            "text": delta.text if delta else "",
+            "finish_reason": finish,
+            "logprobs": completion_logprobs(delta.logprobs) if with_logprobs and delta and delta.logprobs else None,
+        }
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }

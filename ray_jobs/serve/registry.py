@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ray_jobs.config import NAME_PATTERN
+from ray_jobs.core.recipe import NAME_PATTERN
+from ray_jobs.core.storage import Storage, adapter_prefix
 from ray_jobs.serve.engines.base import AdapterLoadError
 from ray_jobs.serve.metrics import BASE_TAG
 from ray_jobs.serve.protocol import APIError, not_found
-from ray_jobs.storage import Storage, adapter_prefix
 
 NAME_RE = re.compile(NAME_PATTERN)
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -76,8 +76,13 @@ class AdapterRegistry:
                 raise not_found(f"{base}:{model}")
         name, _, version = model.partition("@")
         if not NAME_RE.match(name) or (version and not VERSION_RE.match(version)):
-            raise APIError(400, "invalid model name: adapter names are lower-case letters, digits, '.', '_' "
-                                "and '-', optionally followed by @version", code="invalid_model_name", param="model")
+            raise APIError(
+                400,
+                "invalid model name: adapter names are lower-case letters, digits, '.', '_' "
+                "and '-', optionally followed by @version",
+                code="invalid_model_name",
+                param="model",
+            )
         versions = self.versions(name)
         if version and version not in versions:  # maybe published since the last listing
             versions = self.versions(name, refresh=True)
@@ -85,13 +90,17 @@ class AdapterRegistry:
             raise not_found(model)
         version = version or versions[-1]
         if version not in versions:
-            raise APIError(404, f"adapter {name} has no complete version {version!r}; versions: {versions}",
-                           code="model_not_found", param="model")
+            raise APIError(
+                404,
+                f"adapter {name} has no complete version {version!r}; versions: {versions}",
+                code="model_not_found",
+                param="model",
+            )
         return name, version
 
     def fetch(self, name: str, version: str) -> str:
         """The adapter version's files on this node (downloaded once per node and version)."""
-        from ray_jobs.models import cache_root, node_lock
+        from ray_jobs.core.modeling import cache_root, node_lock
 
         with node_lock(f"adapter-{name}-{version}"):  # replicas on one node share the cache
             local = self.storage.local_view(adapter_prefix(name, version), cache_root() / "adapters" / name / version)
@@ -122,8 +131,9 @@ class AdapterRegistry:
                 local = await asyncio.to_thread(self.fetch, name, version)
                 await self.engine.load_adapter(key, local)
             except (AdapterLoadError, OSError) as error:
-                raise APIError(500, f"adapter {key} could not be loaded: {error}", "server_error",
-                               "adapter_load_failed", "model") from None
+                raise APIError(
+                    500, f"adapter {key} could not be loaded: {error}", "server_error", "adapter_load_failed", "model"
+                ) from None
         self.local_paths[key] = local
         return Target(key, local, name, version)
 
@@ -136,9 +146,18 @@ class AdapterRegistry:
                 continue
             versions = self.versions(name, refresh=True)
             for version in versions:
-                data.append({"id": f"{name}@{version}", "object": "model", "owned_by": "medtune", "root": base,
-                             "parent": base})
+                data.append(
+                    {"id": f"{name}@{version}", "object": "model", "owned_by": "medtune", "root": base, "parent": base}
+                )
             if versions:
-                data.append({"id": name, "object": "model", "owned_by": "medtune", "root": base, "parent": base,
-                             "latest_version": versions[-1]})
+                data.append(
+                    {
+                        "id": name,
+                        "object": "model",
+                        "owned_by": "medtune",
+                        "root": base,
+                        "parent": base,
+                        "latest_version": versions[-1],
+                    }
+                )
         return data

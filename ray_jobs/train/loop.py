@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from ray_jobs.core.modeling import collate, summed_loss
+
 LORA_TARGETS = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mlp": ["gate_proj", "up_proj", "down_proj"],
@@ -44,50 +45,6 @@ METRICS_FILE = "metrics.jsonl"
 """Every logged step's metrics, one JSON object per line, in the run's tensorboard/ folder."""
 FAULT_ENV = "MEDTUNE_FAIL_AT_STEP"
 """Test hook: a worker exits hard at this optimizer step once, to exercise resume."""
-
-
-def collate(rows: dict[str, Any], pad_id: int):
-    """Right-pad a micro-batch of variable-length rows into tensors."""
-    import torch
-
-    lengths = [len(x) for x in rows["input_ids"]]
-    width = max(lengths)
-    size = len(lengths)
-    input_ids = torch.full((size, width), pad_id, dtype=torch.long)
-    labels = torch.full((size, width), IGNORE_INDEX, dtype=torch.long)
-    # Padding continues as its own "document" (positions from 0), so it never joins a real one.
-    position_ids = torch.zeros((size, width), dtype=torch.long)
-    for i, length in enumerate(lengths):
-        input_ids[i, :length] = torch.as_tensor(np.asarray(rows["input_ids"][i], dtype=np.int64))
-        labels[i, :length] = torch.as_tensor(np.asarray(rows["labels"][i], dtype=np.int64))
-        if "position_ids" in rows:
-            position_ids[i, :length] = torch.as_tensor(np.asarray(rows["position_ids"][i], dtype=np.int64))
-        else:  # unpacked rows (the eval split)
-            position_ids[i, :length] = torch.arange(length)
-        position_ids[i, length:] = torch.arange(width - length)
-    return input_ids, labels, position_ids
-
-
-def summed_loss(model, input_ids, labels, position_ids, *, fused: bool = False):
-    """(sum of token cross-entropies, number of target tokens) for one micro-batch.
-
-    `fused`: the model's forward was patched by Liger to compute the loss from the hidden
-    states chunk by chunk (never materialising [tokens x vocab] logits); asking for a sum
-    (`num_items_in_batch=1`) keeps the token weighting identical to the plain path.
-    """
-    import torch.nn.functional as F
-
-    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    if fused:
-        out = model(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False,
-                    num_items_in_batch=1)
-        return out.loss, count
-    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, count
 
 
 def lora_targets(targets: str | list[str]) -> str | list[str]:
@@ -104,16 +61,17 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig
 
-    from ray_jobs.config import ModelConfig
-    from ray_jobs.models import load_model
-    from ray_jobs.train import attention
+    from ray_jobs.core import attention
+    from ray_jobs.core.modeling import load_model
+    from ray_jobs.core.recipe import ModelConfig
 
     recipe = cfg["recipe"]
     model_cfg = ModelConfig.model_validate(recipe["model"])
     train = recipe["train"]
     # The config alone (no weights) says whether the model's attention is one varlen computes.
-    config = AutoConfig.from_pretrained(cfg["model_dir"], revision=model_cfg.revision,
-                                        trust_remote_code=model_cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        cfg["model_dir"], revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
     attn = attention.training_attention(model_cfg.attn_implementation, device, config)
     if attn == attention.NAME:
         attention.register()
@@ -123,8 +81,9 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         # Before PEFT wraps the modules; the patched forward computes the loss itself.
-        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
-                                        cross_entropy=False, fused_linear_cross_entropy=True)
+        _apply_liger_kernel_to_instance(
+            model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True
+        )
     if model_cfg.quantization != "none":
         # What PEFT's prepare_model_for_kbit_training does, less its cast of every
         # non-quantised weight (embeddings, lm_head, norms) to fp32: those stay frozen, and
@@ -134,11 +93,20 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
             param.requires_grad = False
     if train["method"] == "lora":
         lora = recipe["lora"]
-        model = get_peft_model(model, LoraConfig(
-            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias=lora["bias"],
-            target_modules=lora_targets(lora["targets"]), modules_to_save=lora["modules_to_save"] or None,
-            use_rslora=lora["use_rslora"], use_dora=lora["use_dora"], task_type="CAUSAL_LM",
-        ))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora["r"],
+                lora_alpha=lora["alpha"],
+                lora_dropout=lora["dropout"],
+                bias=lora["bias"],
+                target_modules=lora_targets(lora["targets"]),
+                modules_to_save=lora["modules_to_save"] or None,
+                use_rslora=lora["use_rslora"],
+                use_dora=lora["use_dora"],
+                task_type="CAUSAL_LM",
+            ),
+        )
         trainable_in_fp32(model)
     # `auto` starts without; train_loop_per_worker turns it on after a probe step if needed.
     if train["gradient_checkpointing"] is True:
@@ -179,7 +147,11 @@ def autocast(model_cfg: dict[str, Any], device):
 
     if device is None or torch.device(device).type != "cuda":
         return contextlib.nullcontext()
-    name = model_cfg["quant"]["compute_dtype"] if model_cfg.get("quantization", "none") == "4bit" else model_cfg.get("dtype", "auto")
+    name = (
+        model_cfg["quant"]["compute_dtype"]
+        if model_cfg.get("quantization", "none") == "4bit"
+        else model_cfg.get("dtype", "auto")
+    )
     dtype = {"fp16": torch.float16, "fp32": None}.get(name, torch.bfloat16)
     return torch.autocast("cuda", dtype=dtype) if dtype else contextlib.nullcontext()
 
@@ -249,9 +221,19 @@ def optimizer_bytes_per_param(*, deepspeed: bool, workers: int) -> float:
     return 12 / workers if deepspeed else 8
 
 
-def checkpoint_plan(model, *, micro_batch: int, seq_len: int, device, fused: bool, full_finetune: bool,
-                    budget_gib: float | None = None, headroom: float = 0.85,
-                    autocast_ctx=contextlib.nullcontext, state_bytes_per_param: float = 8) -> int | None:
+def checkpoint_plan(
+    model,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    device,
+    fused: bool,
+    full_finetune: bool,
+    budget_gib: float | None = None,
+    headroom: float = 0.85,
+    autocast_ctx=contextlib.nullcontext,
+    state_bytes_per_param: float = 8,
+) -> int | None:
     """Decoder layers to checkpoint (0: none, None: all), from one probe step.
 
     The probe runs one full-size forward/backward without checkpointing (packed rows all
@@ -307,9 +289,9 @@ class Position:
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    import ray.train
     import torch
     import torch.distributed as dist
-    import ray.train
     from ray.train import Checkpoint
     from transformers import get_scheduler
 
@@ -337,25 +319,33 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             # out of memory at 78 GiB (benchmarks/results/train_resume-8bit-ddp-h100-oom.txt).
             layers = None
         else:
-            layers = checkpoint_plan(model, micro_batch=train["micro_batch_size"], seq_len=recipe["data"]["max_seq_len"],
-                                     device=device, fused=fused, full_finetune=train["method"] == "full",
-                                     budget_gib=train["max_gpu_memory_gib"],
-                                     state_bytes_per_param=optimizer_bytes_per_param(deepspeed=bool(ds_config),
-                                                                                     workers=world),
-                                     # Before DeepSpeed casts the model, the probe autocasts as DDP would.
-                                     autocast_ctx=lambda: autocast(recipe["model"], device))
+            layers = checkpoint_plan(
+                model,
+                micro_batch=train["micro_batch_size"],
+                seq_len=recipe["data"]["max_seq_len"],
+                device=device,
+                fused=fused,
+                full_finetune=train["method"] == "full",
+                budget_gib=train["max_gpu_memory_gib"],
+                state_bytes_per_param=optimizer_bytes_per_param(deepspeed=bool(ds_config), workers=world),
+                # Before DeepSpeed casts the model, the probe autocasts as DDP would.
+                autocast_ctx=lambda: autocast(recipe["model"], device),
+            )
             if world > 1:  # every rank must make the same choice: the most checkpointing any needs
                 count = torch.tensor([float("inf") if layers is None else float(layers)], device=device)
                 dist.all_reduce(count, op=dist.ReduceOp.MAX)
                 layers = None if math.isinf(count.item()) else int(count.item())
         chosen = enable_checkpointing(model, quantized, layers) if layers != 0 else 0
         if rank == 0:
-            print(f"[medtune] gradient checkpointing (auto): {chosen} of "
-                  f"{model.config.num_hidden_layers} layers", flush=True)
+            print(
+                f"[medtune] gradient checkpointing (auto): {chosen} of {model.config.num_hidden_layers} layers",
+                flush=True,
+            )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
-    scheduler = get_scheduler(train["scheduler"], optimizer, num_warmup_steps=train["warmup_steps"],
-                              num_training_steps=cfg["total_steps"])
+    scheduler = get_scheduler(
+        train["scheduler"], optimizer, num_warmup_steps=train["warmup_steps"], num_training_steps=cfg["total_steps"]
+    )
     engine = None
     if ds_config:
         import deepspeed
@@ -363,11 +353,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if device.type == "cpu":
             skip_shm_collectives()
         dtype = next(p.dtype for p in model.parameters())
-        ds_config = {**ds_config, "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16},
-                     "train_micro_batch_size_per_gpu": train["micro_batch_size"],
-                     "gradient_accumulation_steps": train["grad_accum"], "gradient_clipping": train["max_grad_norm"]}
+        ds_config = {
+            **ds_config,
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16},
+            "train_micro_batch_size_per_gpu": train["micro_batch_size"],
+            "gradient_accumulation_steps": train["grad_accum"],
+            "gradient_clipping": train["max_grad_norm"],
+        }
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
         forward_model = engine
     elif world > 1:
         forward_model = ray.train.torch.prepare_model(model, move_to_device=False)
@@ -394,8 +390,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             torch.set_rng_state(state["rng"]["torch"])
         resumed_from = position.step
         if rank == 0:
-            print(f"[medtune] resumed from step {position.step} (epoch {position.epoch}, "
-                  f"micro-batch {position.micro_batches})", flush=True)
+            print(
+                f"[medtune] resumed from step {position.step} (epoch {position.epoch}, "
+                f"micro-batch {position.micro_batches})",
+                flush=True,
+            )
             if cfg.get("tensorboard_dir"):
                 resume_metrics(cfg, position.step)
 
@@ -445,11 +444,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # example (with length-sorted packing, read in order, a tiny model's held-out entity
         # F1 was 0.17, shuffled 0.44; see pack_documents). A seeded local shuffle per epoch mixes them and stays
         # deterministic, so a resumed worker still skips exactly the rows it trained on.
-        batches = train_shard.iter_batches(batch_size=train["micro_batch_size"], batch_format="numpy",
-                                           local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, train["micro_batch_size"]),
-                                           local_shuffle_seed=seed + position.epoch)
+        batches = train_shard.iter_batches(
+            batch_size=train["micro_batch_size"],
+            batch_format="numpy",
+            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, train["micro_batch_size"]),
+            local_shuffle_seed=seed + position.epoch,
+        )
         skip = position.micro_batches
-        micro_in_step, step_tokens, step_loss = 0, 0, None
+        micro_in_step = 0
         for index, rows in enumerate(batches):
             if index < skip:
                 continue  # consumed before the restart
@@ -492,7 +494,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 window = summed_over_workers(window, device)
             now = time.perf_counter()
             metrics: dict[str, Any] = {
-                "step": position.step, "epoch": position.epoch,
+                "step": position.step,
+                "epoch": position.epoch,
                 "loss": float(window[0] / max(window[1], 1)),
                 "lr": float(scheduler.get_last_lr()[0]),
                 # Real (non-pad) tokens per second over all workers since the last log.
@@ -527,8 +530,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                         writer.add_scalar(f"train/{key}", value, position.step)
             if rank == 0:
                 extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
-                print(f"[medtune] step {position.step}/{total_steps} loss {metrics['loss']:.4f}"
-                      f"{extra} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
+                print(
+                    f"[medtune] step {position.step}/{total_steps} loss {metrics['loss']:.4f}"
+                    f"{extra} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s",
+                    flush=True,
+                )
             if at_checkpoint or stop_early:
                 save_and_report(metrics)
             else:
@@ -551,8 +557,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 def metrics_line(metrics: dict[str, Any]) -> str:
     """One metrics.jsonl line. A non-finite float (a diverged loss) is written as null:
     json.dumps would write NaN or Infinity, which no strict JSON reader accepts."""
-    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
-              for key, value in metrics.items()}
+    finite = {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in metrics.items()
+    }
     return json.dumps(finite) + "\n"
 
 
@@ -587,7 +594,7 @@ def resume_metrics(cfg: dict[str, Any], step: int) -> None:
     """
     import posixpath
 
-    from ray_jobs.storage import Storage
+    from ray_jobs.core.storage import Storage
 
     path = Path(cfg["tensorboard_dir"]) / METRICS_FILE
     if not path.exists():
@@ -626,7 +633,7 @@ def skip_shm_collectives() -> None:
 
 def sync_tensorboard(cfg: dict[str, Any]) -> None:
     """Copy the TensorBoard event files and metrics.jsonl to <storage>/runs/<run>/tensorboard/."""
-    from ray_jobs.storage import Storage
+    from ray_jobs.core.storage import Storage
 
     if not cfg.get("tensorboard_dir") or not Path(cfg["tensorboard_dir"]).is_dir():
         return
@@ -645,8 +652,17 @@ def load_trainable(model, state: dict[str, Any]) -> list[str]:
     return missing
 
 
-def save_checkpoint(directory: Path, model, engine, optimizer, scheduler, position: Position,
-                    best_eval: float, stale_evals: int, rank: int) -> None:
+def save_checkpoint(
+    directory: Path,
+    model,
+    engine,
+    optimizer,
+    scheduler,
+    position: Position,
+    best_eval: float,
+    stale_evals: int,
+    rank: int,
+) -> None:
     """Write this worker's part of a checkpoint (rank 0 only, except DeepSpeed shards)."""
     import torch
 
@@ -663,8 +679,15 @@ def save_checkpoint(directory: Path, model, engine, optimizer, scheduler, positi
         return
     if rank != 0:
         return
-    torch.save({**base, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, directory / STATE_FILE)
+    torch.save(
+        {
+            **base,
+            "trainable": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        },
+        directory / STATE_FILE,
+    )
     export_adapter(model, directory / ADAPTER_DIR, zero3=False, rank=rank)
 
 
@@ -718,8 +741,7 @@ class Tracker:
         if tracking.get("wandb_project"):
             import wandb
 
-            self.wandb = wandb.init(project=tracking["wandb_project"], name=run, resume="allow",
-                                    config=cfg["recipe"])
+            self.wandb = wandb.init(project=tracking["wandb_project"], name=run, resume="allow", config=cfg["recipe"])
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

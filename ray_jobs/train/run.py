@@ -27,14 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.config import Recipe
-from ray_jobs.storage import Storage, adapter_prefix, run_prefix
+from ray_jobs.core.artifacts import DatasetRef
+from ray_jobs.core.errors import MedtuneError
+from ray_jobs.core.recipe import Recipe
+from ray_jobs.core.storage import Storage, adapter_prefix, run_prefix
 
 log = logging.getLogger("medtune.train")
 DEEPSPEED_PROFILES = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
-class TrainError(RuntimeError):
+class TrainError(MedtuneError):
     """The run cannot start or did not produce an adapter; the message names the cause."""
 
 
@@ -66,10 +68,15 @@ def check_tracking(recipe: Recipe) -> None:
     import importlib.util
 
     tracking = recipe.train.tracking
-    for key, value, module in (("mlflow_uri", tracking.mlflow_uri, "mlflow"), ("wandb_project", tracking.wandb_project, "wandb")):
+    for key, value, module in (
+        ("mlflow_uri", tracking.mlflow_uri, "mlflow"),
+        ("wandb_project", tracking.wandb_project, "wandb"),
+    ):
         if value and importlib.util.find_spec(module) is None:
-            raise TrainError(f"train.tracking.{key} is set but the {module} package is not installed on the "
-                             f"driver; pip install {module} (and bake it into the image) or remove the key")
+            raise TrainError(
+                f"train.tracking.{key} is set but the {module} package is not installed on the "
+                f"driver; pip install {module} (and bake it into the image) or remove the key"
+            )
 
 
 def check_resources(recipe: Recipe) -> None:
@@ -82,14 +89,17 @@ def check_resources(recipe: Recipe) -> None:
     if wanted_gpus > have_gpus and not autoscaling:
         raise TrainError(
             f"train.workers x train.gpus_per_worker asks for {wanted_gpus} GPUs but the Ray cluster has "
-            f"{have_gpus:g}; lower them (gpus_per_worker: 0 trains on CPU) or set MEDTUNE_CLUSTER_AUTOSCALES=1")
+            f"{have_gpus:g}; lower them (gpus_per_worker: 0 trains on CPU) or set MEDTUNE_CLUSTER_AUTOSCALES=1"
+        )
     wanted_cpus = recipe.train.workers * recipe.train.cpus_per_worker
     have_cpus = available.get("CPU", 0)
     if wanted_cpus > have_cpus - 1 and not autoscaling:
         # Workers holding every CPU starve Ray Data's read tasks and the run hangs silently.
-        raise TrainError(f"train.workers x train.cpus_per_worker asks for {wanted_cpus:g} CPUs but the Ray "
-                         f"cluster has {have_cpus:g} and Ray Data needs at least one free CPU to feed the "
-                         f"workers; lower train.cpus_per_worker (fractions such as 0.5 are allowed)")
+        raise TrainError(
+            f"train.workers x train.cpus_per_worker asks for {wanted_cpus:g} CPUs but the Ray "
+            f"cluster has {have_cpus:g} and Ray Data needs at least one free CPU to feed the "
+            f"workers; lower train.cpus_per_worker (fractions such as 0.5 are allowed)"
+        )
 
 
 def steps_per_epoch(train_rows: int, recipe: Recipe) -> int:
@@ -99,30 +109,42 @@ def steps_per_epoch(train_rows: int, recipe: Recipe) -> int:
     return micro_batches // t.grad_accum
 
 
-def run(recipe: Recipe, *, run_name: str | None = None, fault_at_step: int | None = None) -> TrainResult:
+def preflight(recipe: Recipe) -> dict[str, Any] | None:
+    """What can fail before any data is read or worker started: the DeepSpeed profile (returned),
+    the tracking settings and the Ray cluster's resources. Raises TrainError."""
     import ray
-    import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ray_jobs.models import load_tokenizer, resolve_model_dir
-    from ray_jobs.preprocess.pipeline import run as preprocess
-    from ray_jobs.runlogs import copy_run_logs
 
     ds_config = deepspeed_config(recipe)
     check_tracking(recipe)
     if not ray.is_initialized():
         ray.init()
     check_resources(recipe)
+    return ds_config
+
+
+def run(
+    recipe: Recipe, dataset: DatasetRef, *, run_name: str | None = None, fault_at_step: int | None = None
+) -> TrainResult:
+    """Train on `dataset` (preprocess's output for this recipe) and publish the adapter."""
+    import ray
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_jobs.core.modeling import load_tokenizer, resolve_model_dir
+    from ray_jobs.runlogs import copy_run_logs
+
+    ds_config = preflight(recipe)
     storage = Storage.from_uri(recipe.storage.root)
-    dataset = preprocess(recipe)
     packed_rows = dataset.stats["packing"]["rows"]
     per_epoch = steps_per_epoch(packed_rows, recipe)
     if per_epoch == 0:
         t = recipe.train
-        raise TrainError(f"data: {packed_rows} training rows are too few for one optimizer step with "
-                         f"train.workers={t.workers} x micro_batch_size={t.micro_batch_size} x grad_accum={t.grad_accum}")
+        raise TrainError(
+            f"data: {packed_rows} training rows are too few for one optimizer step with "
+            f"train.workers={t.workers} x micro_batch_size={t.micro_batch_size} x grad_accum={t.grad_accum}"
+        )
     total_steps = recipe.train.max_steps or per_epoch * recipe.train.epochs
     model_dir = resolve_model_dir(recipe.model, storage)
     tokenizer = load_tokenizer(model_dir, recipe.model.revision, recipe.model.trust_remote_code)
@@ -135,15 +157,22 @@ def run(recipe: Recipe, *, run_name: str | None = None, fault_at_step: int | Non
         # split at every checkpoint, and re-reading the parquet files each time launched a
         # list-and-read task round of several seconds per evaluation (about a third of the
         # quickstart's training stage on 2 CPUs).
-        datasets["eval"] = ray.data.read_parquet(storage.path(dataset.eval_path), filesystem=storage.filesystem,
-                                                 columns=["input_ids", "labels"]).materialize()
+        datasets["eval"] = ray.data.read_parquet(
+            storage.path(dataset.eval_path), filesystem=storage.filesystem, columns=["input_ids", "labels"]
+        ).materialize()
     scratch = Path(tempfile.mkdtemp(prefix="medtune-train-"))
     config = {
-        "recipe": recipe.model_dump(mode="json"), "model_dir": model_dir, "deepspeed_config": ds_config,
-        "total_steps": total_steps, "pad_id": tokenizer.pad_token_id, "has_eval": has_eval,
-        "storage_root": recipe.storage.root, "tensorboard_dir": str(scratch / "tensorboard"),
+        "recipe": recipe.model_dump(mode="json"),
+        "model_dir": model_dir,
+        "deepspeed_config": ds_config,
+        "total_steps": total_steps,
+        "pad_id": tokenizer.pad_token_id,
+        "has_eval": has_eval,
+        "storage_root": recipe.storage.root,
+        "tensorboard_dir": str(scratch / "tensorboard"),
         "tensorboard_rel": posixpath.join(run_prefix(run_name), "tensorboard"),
-        "fault_marker": str(scratch / "fault-injected"), "run_name": run_name,
+        "fault_marker": str(scratch / "fault-injected"),
+        "run_name": run_name,
     }
     # The trackers a recipe configures read their credentials and settings from the environment
     # (MLFLOW_TRACKING_TOKEN, WANDB_API_KEY, ...): hand the driver's to the workers.
@@ -177,8 +206,11 @@ def run(recipe: Recipe, *, run_name: str | None = None, fault_at_step: int | Non
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
         ),
     )
-    print(f"[medtune] training {recipe.name}: {recipe.train.workers} worker(s), {total_steps} steps, "
-          f"{packed_rows} packed rows, run {storage.uri(run_prefix(run_name))}", flush=True)
+    print(
+        f"[medtune] training {recipe.name}: {recipe.train.workers} worker(s), {total_steps} steps, "
+        f"{packed_rows} packed rows, run {storage.uri(run_prefix(run_name))}",
+        flush=True,
+    )
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; keep the cause, drop the trace
@@ -192,10 +224,16 @@ def run(recipe: Recipe, *, run_name: str | None = None, fault_at_step: int | Non
     checkpoint, metrics = best
     version = run_name.removeprefix(f"{recipe.name}-")
     lineage = {
-        "adapter": recipe.name, "version": version, "run": storage.uri(run_prefix(run_name)),
-        "base_model": recipe.model.base, "resolved_base_model": model_dir if recipe.model.base.startswith("tiny:") else recipe.model.base,
-        "dataset": dataset.uri, "dataset_fingerprint": dataset.fingerprint, "recipe_hash": recipe.recipe_hash(),
-        "method": recipe.train.method, "quantization": recipe.model.quantization,
+        "adapter": recipe.name,
+        "version": version,
+        "run": storage.uri(run_prefix(run_name)),
+        "base_model": recipe.model.base,
+        "resolved_base_model": model_dir if recipe.model.base.startswith("tiny:") else recipe.model.base,
+        "dataset": dataset.uri,
+        "dataset_fingerprint": dataset.fingerprint,
+        "recipe_hash": recipe.recipe_hash(),
+        "method": recipe.train.method,
+        "quantization": recipe.model.quantization,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
     }
@@ -221,7 +259,9 @@ def _best_checkpoint(result, has_eval: bool):
     return max(candidates, key=lambda c: c[1].get("step", 0))
 
 
-def publish_adapter(storage: Storage, checkpoint, recipe: Recipe, version: str, tokenizer, lineage: dict[str, Any]) -> str:
+def publish_adapter(
+    storage: Storage, checkpoint, recipe: Recipe, version: str, tokenizer, lineage: dict[str, Any]
+) -> str:
     """Copy the checkpoint's adapter + tokenizer + lineage to adapters/<name>/<version>/."""
     from ray_jobs.train.loop import ADAPTER_DIR
 
@@ -245,5 +285,5 @@ def publish_adapter(storage: Storage, checkpoint, recipe: Recipe, version: str, 
         return storage.upload_dir(out, adapter_prefix(recipe.name, version), info={"base_model": recipe.model.base})
 
 
-def main(recipe: Recipe) -> TrainResult:
-    return run(recipe)
+def main(recipe: Recipe, dataset: DatasetRef) -> TrainResult:
+    return run(recipe, dataset)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 
-from ray_jobs.config import Recipe
 from ray_jobs.core.engines import EngineUnavailableError, choose_engine, gpu_available, vllm_available
+from ray_jobs.core.recipe import Recipe
 from ray_jobs.serve.engines.base import AdapterEvent, Engine
 
 log = logging.getLogger("ray.serve")

@@ -150,7 +150,7 @@ def check_adapter_dir(path: str) -> None:
         raise AdapterLoadError("no adapter_model.safetensors")
     try:
         with safe_open(str(weights), framework="pt") as handle:
-            for name in handle.keys():  # reads every tensor: truncated files fail here, not in PEFT
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict); reads every tensor: truncated files fail here, not in PEFT
                 handle.get_tensor(name)
     except Exception as exc:
         raise AdapterLoadError(f"adapter_model.safetensors is unreadable: {type(exc).__name__}: {exc}") from None
@@ -170,10 +170,10 @@ class IncrementalDecoder:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset])
-        full = decode(self.ids[self.prefix_offset:])
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
+        full = decode(self.ids[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):  # nothing new, or half a character
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]

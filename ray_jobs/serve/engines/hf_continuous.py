@@ -30,9 +30,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_jobs.models import decoding_attention
-from ray_jobs.serve.engines.base import (AdapterLoadError, GenerationRequest, GenerationResult, TokenLogprobs,
-                                         cut_at_stops, eos_token_ids)
+from ray_jobs.core.modeling import decoding_attention
+from ray_jobs.serve.engines.base import (
+    AdapterLoadError,
+    GenerationRequest,
+    GenerationResult,
+    TokenLogprobs,
+    cut_at_stops,
+    eos_token_ids,
+)
 from ray_jobs.serve.engines.lora_bank import LoRABank, read_adapter
 
 log = logging.getLogger("ray.serve")
@@ -54,8 +60,10 @@ def check_cache_layout(config: Any) -> None:
 
     odd = {type(layer).__name__ for layer in DynamicCache(config=config).layers if type(layer) is not DynamicLayer}
     if odd:
-        raise UnsupportedModelError(f"the continuous engine needs plain KV-cache layers, this model uses "
-                                    f"{sorted(odd)}; set serve.batching: mixed")
+        raise UnsupportedModelError(
+            f"the continuous engine needs plain KV-cache layers, this model uses "
+            f"{sorted(odd)}; set serve.batching: mixed"
+        )
 
 
 @dataclass
@@ -79,16 +87,26 @@ class ContinuousEngine:
         on_adapter_event: called with ("load", key, seconds) and ("evict", key, 0.0), for metrics.
     """
 
-    def __init__(self, model_dir: str, model_cfg: Any, max_loaded_adapters: int = 8, device: str | None = None,
-                 on_adapter_event: Callable[[str, str, float], None] | None = None, max_batch_size: int = 32):
+    def __init__(
+        self,
+        model_dir: str,
+        model_cfg: Any,
+        max_loaded_adapters: int = 8,
+        device: str | None = None,
+        on_adapter_event: Callable[[str, str, float], None] | None = None,
+        max_batch_size: int = 32,
+    ):
         import torch
         from transformers import AutoConfig
 
-        from ray_jobs.models import load_model, load_tokenizer
+        from ray_jobs.core.modeling import load_model, load_tokenizer
 
         # Before the weights: a model this engine cannot run must not be loaded twice.
-        check_cache_layout(AutoConfig.from_pretrained(model_dir, revision=model_cfg.revision,
-                                                      trust_remote_code=model_cfg.trust_remote_code))
+        check_cache_layout(
+            AutoConfig.from_pretrained(
+                model_dir, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+            )
+        )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(model_dir, model_cfg.revision, model_cfg.trust_remote_code)
         self.model = load_model(model_cfg, model_dir, device=self.device).eval()
@@ -151,8 +169,10 @@ class ContinuousEngine:
             self.stats["evictions"] += 1
             self.on_adapter_event("evict", candidate, 0.0)
             return slot
-        raise AdapterLoadError(f"all {self.max_loaded} adapter slots hold adapters that queued or running requests "
-                               "need; retry, or raise serve.max_loaded_adapters")
+        raise AdapterLoadError(
+            f"all {self.max_loaded} adapter slots hold adapters that queued or running requests "
+            "need; retry, or raise serve.max_loaded_adapters"
+        )
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: GenerationRequest) -> Future:
@@ -230,8 +250,14 @@ class ContinuousEngine:
         self.bank.set_rows(slots)
         try:
             with decoding_attention(self.device):
-                return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                  use_cache=True, logits_to_keep=1)
+                return self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
         finally:
             self.bank.release_inputs()
 
@@ -244,8 +270,8 @@ class ContinuousEngine:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):  # left padding: every row's newest token in the last column
             prompt = row.request.prompt_ids
-            ids[i, width - len(prompt):] = torch.tensor(prompt)
-            mask[i, width - len(prompt):] = 1
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         output = self._forward(ids, mask, positions, DynamicCache(config=self.model.config), [r.slot for r in rows])
@@ -313,8 +339,11 @@ class ContinuousEngine:
                 continue
             scores = torch.log_softmax(logits[i].float(), dim=-1)
             best = scores.topk(top) if top else None
-            logprobs[i] = TokenLogprobs(tokens[i], float(scores[tokens[i]]),
-                                        list(zip(best.indices.tolist(), best.values.tolist())) if best else [])
+            logprobs[i] = TokenLogprobs(
+                tokens[i],
+                float(scores[tokens[i]]),
+                list(zip(best.indices.tolist(), best.values.tolist())) if best else [],
+            )
         return tokens, logprobs
 
     def _advance(self, rows: list[_Row], tokens: list[int], logprobs: list[TokenLogprobs | None]) -> None:
@@ -376,6 +405,7 @@ class ContinuousEngine:
         if error is not None:
             row.future.set_exception(error)
             return
-        text, finish = cut_at_stops(self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.request.stop,
-                                    finish)
+        text, finish = cut_at_stops(
+            self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.request.stop, finish
+        )
         row.future.set_result(GenerationResult(text, len(row.tokens), finish, row.logprobs))

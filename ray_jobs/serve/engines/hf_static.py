@@ -26,8 +26,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ray_jobs.serve.engines.base import (AdapterLoadError, GenerationRequest, GenerationResult, check_adapter_dir,
-                                         cut_at_stops, eos_token_ids)
+from ray_jobs.serve.engines.base import (
+    AdapterLoadError,
+    GenerationRequest,
+    GenerationResult,
+    check_adapter_dir,
+    cut_at_stops,
+    eos_token_ids,
+)
 
 log = logging.getLogger("ray.serve")
 BASE = "__base__"
@@ -89,11 +95,18 @@ class StaticEngine:
         on_adapter_event: called with ("load", key, seconds) and ("evict", key, 0.0), for metrics.
     """
 
-    def __init__(self, model_dir: str, model_cfg: Any, max_loaded_adapters: int = 8, device: str | None = None,
-                 on_adapter_event: Callable[[str, str, float], None] | None = None, batching: str = "mixed"):
+    def __init__(
+        self,
+        model_dir: str,
+        model_cfg: Any,
+        max_loaded_adapters: int = 8,
+        device: str | None = None,
+        on_adapter_event: Callable[[str, str, float], None] | None = None,
+        batching: str = "mixed",
+    ):
         import torch
 
-        from ray_jobs.models import load_model, load_tokenizer
+        from ray_jobs.core.modeling import load_model, load_tokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(model_dir, model_cfg.revision, model_cfg.trust_remote_code)
@@ -173,8 +186,8 @@ class StaticEngine:
         ids = torch.full((len(requests), width), pad, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
         for i, r in enumerate(requests):  # left padding: every row ends at the same column
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
     def _generate_kwargs(self, requests: list[GenerationRequest], prompt_width: int) -> dict[str, Any]:
@@ -184,8 +197,10 @@ class StaticEngine:
         first = requests[0]
         sample = first.temperature > 0
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=max(r.max_tokens for r in requests), do_sample=sample,
-            eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
+            max_new_tokens=max(r.max_tokens for r in requests),
+            do_sample=sample,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
             stopping_criteria=StoppingCriteriaList([_RowsDone(requests, prompt_width)]),
         )
         if sample:
@@ -201,7 +216,7 @@ class StaticEngine:
         settings run in separate sub-batches, since one `generate` call takes one setting."""
         import torch
 
-        from ray_jobs.models import decoding_attention
+        from ray_jobs.core.modeling import decoding_attention
 
         groups: dict[tuple, list[int]] = {}
         for index, r in enumerate(requests):
@@ -222,7 +237,7 @@ class StaticEngine:
                         kwargs["streamer"] = _RowStreamer(live, self.eos_ids)
                     with decoding_attention(self.model.device):
                         output = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-                new_tokens = {id(r): output[row, ids.shape[1]:].tolist() for row, r in enumerate(live)}
+                new_tokens = {id(r): output[row, ids.shape[1] :].tolist() for row, r in enumerate(live)}
             for index in members:
                 request = requests[index]
                 if request.cancelled:

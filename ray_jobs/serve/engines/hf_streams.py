@@ -20,10 +20,17 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ray_jobs.config import Recipe
-from ray_jobs.serve.engines.base import (AdapterEvent, Delta, GenerationRequest, GenerationResult,
-                                         IncrementalDecoder, LogprobEntry, TokenLogprobs)
 from ray_jobs.core.engines import unservable_fields
+from ray_jobs.core.recipe import Recipe
+from ray_jobs.serve.engines.base import (
+    AdapterEvent,
+    Delta,
+    GenerationRequest,
+    GenerationResult,
+    IncrementalDecoder,
+    LogprobEntry,
+    TokenLogprobs,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -47,16 +54,29 @@ def hf_engine(model_dir: str, recipe: Recipe, model_cfg: Any, on_adapter_event: 
 
         blockers = continuous_blockers(recipe)
         if blockers:
-            log.warning("the recipe's adapters use %s, which the continuous engine cannot apply; "
-                        "serving with static mixed batches (PEFT) instead", ", ".join(blockers))
+            log.warning(
+                "the recipe's adapters use %s, which the continuous engine cannot apply; "
+                "serving with static mixed batches (PEFT) instead",
+                ", ".join(blockers),
+            )
         else:
             try:
-                return ContinuousEngine(model_dir, model_cfg, cfg.max_loaded_adapters,
-                                        on_adapter_event=on_adapter_event, max_batch_size=cfg.max_batch_size)
+                return ContinuousEngine(
+                    model_dir,
+                    model_cfg,
+                    cfg.max_loaded_adapters,
+                    on_adapter_event=on_adapter_event,
+                    max_batch_size=cfg.max_batch_size,
+                )
             except UnsupportedModelError as error:  # raised before any weights are loaded
                 log.warning("%s; serving with static mixed batches instead", error)
-    return StaticEngine(model_dir, model_cfg, cfg.max_loaded_adapters, on_adapter_event=on_adapter_event,
-                        batching="mixed" if cfg.batching == "continuous" else cfg.batching)
+    return StaticEngine(
+        model_dir,
+        model_cfg,
+        cfg.max_loaded_adapters,
+        on_adapter_event=on_adapter_event,
+        batching="mixed" if cfg.batching == "continuous" else cfg.batching,
+    )
 
 
 class _StaticBatcher:
@@ -90,8 +110,11 @@ class HFEngineStreams:
         # Per-token log-probabilities and ignoring end of turn are the continuous engine's;
         # PEFT's generate batches share one setting for all rows.
         self.supports = CONTINUOUS_SUPPORTS if self.continuous else frozenset()
-        self.batcher = None if self.continuous else _StaticBatcher(self.inner, recipe.serve.max_batch_size,
-                                                                   recipe.serve.batch_wait_timeout_s)
+        self.batcher = (
+            None
+            if self.continuous
+            else _StaticBatcher(self.inner, recipe.serve.max_batch_size, recipe.serve.batch_wait_timeout_s)
+        )
 
     @property
     def kind(self) -> str:
@@ -109,7 +132,7 @@ class HFEngineStreams:
         return self.batcher.submit(request)
 
     def _entry(self, logprob: TokenLogprobs) -> LogprobEntry:
-        text = lambda token: self.tokenizer.decode([token])  # noqa: E731
+        text = lambda token: self.tokenizer.decode([token])
         return LogprobEntry(text(logprob.token), logprob.logprob, [(text(t), lp) for t, lp in logprob.top])
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
@@ -150,7 +173,7 @@ class HFEngineStreams:
             result = await future
             # The whole answer decoded at once may end in what the incremental decoder held back
             # (half a character, or text that began like a stop string).
-            rest = result.text[len(emitted):] if result.text.startswith(emitted) else pending
+            rest = result.text[len(emitted) :] if result.text.startswith(emitted) else pending
             yield Delta(text=rest, finish_reason=result.finish_reason)
         finally:
             request.cancelled = True  # a timed-out or abandoned row stops generating

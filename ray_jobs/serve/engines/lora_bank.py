@@ -55,10 +55,14 @@ def read_adapter(folder: str | Path) -> dict[str, tuple[Any, Any]]:
         raise AdapterLoadError(f"peft_type {config.get('peft_type')} is not LoRA")
     refused = unservable_fields(config)
     if refused:
-        what = {"use_dora": "DoRA adapters", "modules_to_save": "modules_to_save adapters",
-                "bias": f"adapters with trained biases (bias={config.get('bias')!r})"}[refused[0]]
-        raise AdapterLoadError(f"{what} are not served by the continuous engine; "
-                               "set serve.batching: mixed to serve them through PEFT")
+        what = {
+            "use_dora": "DoRA adapters",
+            "modules_to_save": "modules_to_save adapters",
+            "bias": f"adapters with trained biases (bias={config.get('bias')!r})",
+        }[refused[0]]
+        raise AdapterLoadError(
+            f"{what} are not served by the continuous engine; set serve.batching: mixed to serve them through PEFT"
+        )
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.exists() and not (folder / "adapter_model.bin").exists():
         raise AdapterLoadError("no adapter_model.safetensors")
@@ -73,8 +77,10 @@ def read_adapter(folder: str | Path) -> dict[str, tuple[Any, Any]]:
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
-            raise AdapterLoadError(f"tensor {key!r} is not a LoRA A/B weight of a linear layer (LoRA on embeddings "
-                                   "and extra trained modules need serve.batching: mixed)")
+            raise AdapterLoadError(
+                f"tensor {key!r} is not a LoRA A/B weight of a linear layer (LoRA on embeddings "
+                "and extra trained modules need serve.batching: mixed)"
+            )
         sides.setdefault(match["module"], {})[match["side"]] = tensor.float()
     if not sides:
         raise AdapterLoadError("the adapter holds no LoRA weights")
@@ -94,8 +100,7 @@ def read_adapter(folder: str | Path) -> dict[str, tuple[Any, Any]]:
 
 
 # Sibling projections that read the same input: their A sides are multiplied in one matmul.
-SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"},
-                {"query", "key", "value"})
+SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"}, {"query", "key", "value"})
 
 
 class _Group:
@@ -134,8 +139,11 @@ class LoRABank:
         import torch
 
         self.model, self.slots = model, slots
-        self.linear = {name: module for name, module in model.named_modules()
-                       if hasattr(module, "in_features") and hasattr(module, "out_features")}
+        self.linear = {
+            name: module
+            for name, module in model.named_modules()
+            if hasattr(module, "in_features") and hasattr(module, "out_features")
+        }
         self.dtype = next(model.parameters()).dtype
         if not self.dtype.is_floating_point:  # quantised storage (bitsandbytes): compute in bf16
             self.dtype = torch.bfloat16
@@ -169,7 +177,7 @@ class LoRABank:
             mask = torch.zeros(len(slots), 1, self.slots * self.rank, dtype=self.dtype)
             for row, slot in enumerate(slots):
                 if slot:
-                    mask[row, 0, slot * self.rank:(slot + 1) * self.rank] = 1
+                    mask[row, 0, slot * self.rank : (slot + 1) * self.rank] = 1
             self._masks[key] = mask.to(self.device)
         self.row_mask = self._masks[key]
         self._repeated = {1: self.row_mask}
@@ -185,11 +193,14 @@ class LoRABank:
         for module, (a, b) in weights.items():
             layer = self.linear.get(module)
             if layer is None:
-                raise AdapterLoadError(f"the base model has no linear layer {module!r}: the adapter was trained "
-                                       "for another architecture")
+                raise AdapterLoadError(
+                    f"the base model has no linear layer {module!r}: the adapter was trained for another architecture"
+                )
             if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-                raise AdapterLoadError(f"module {module}: adapter shapes {tuple(a.shape)}/{tuple(b.shape)} do not "
-                                       f"fit the base layer ({layer.in_features} -> {layer.out_features})")
+                raise AdapterLoadError(
+                    f"module {module}: adapter shapes {tuple(a.shape)}/{tuple(b.shape)} do not "
+                    f"fit the base layer ({layer.in_features} -> {layer.out_features})"
+                )
 
     def write(self, slot: int, weights: dict[str, tuple[Any, Any]]) -> None:
         """Put an adapter (checked with `check`) into `slot`, zeroing the modules it does not target."""
@@ -208,14 +219,14 @@ class LoRABank:
             columns = group.columns(module, slot, self.rank, self.slots)
             with torch.no_grad():
                 group.a[:, columns][:, :r].copy_(a.T.to(self.device, self.dtype))
-                group.b[module][slot * self.rank:slot * self.rank + r].copy_(b.T.to(self.device, self.dtype))
+                group.b[module][slot * self.rank : slot * self.rank + r].copy_(b.T.to(self.device, self.dtype))
 
     def clear(self, slot: int) -> None:
         for group in self._distinct:
             for module in group.members:
                 columns = group.columns(module, slot, self.rank, self.slots)
                 group.a[:, columns].zero_()
-                group.b[module][slot * self.rank:(slot + 1) * self.rank].zero_()
+                group.b[module][slot * self.rank : (slot + 1) * self.rank].zero_()
 
     def _allocate(self, modules: list[str]) -> None:
         """Give `modules` (targeted for the first time) their tensors and hooks.
@@ -243,9 +254,11 @@ class LoRABank:
         import torch
 
         fan_in = self.linear[members[0]].in_features
-        group = _Group(members, torch.zeros(fan_in, len(members) * width, dtype=self.dtype, device=self.device),
-                       {m: torch.zeros(width, self.linear[m].out_features, dtype=self.dtype, device=self.device)
-                        for m in members})
+        group = _Group(
+            members,
+            torch.zeros(fan_in, len(members) * width, dtype=self.dtype, device=self.device),
+            {m: torch.zeros(width, self.linear[m].out_features, dtype=self.dtype, device=self.device) for m in members},
+        )
         self._distinct.append(group)
         for module in members:
             self.groups[module] = group
@@ -257,17 +270,18 @@ class LoRABank:
 
         old = self.rank
         for group in self._distinct:
-            a = torch.zeros(group.a.shape[0], len(group.members) * self.slots * rank, dtype=self.dtype,
-                            device=self.device)
+            a = torch.zeros(
+                group.a.shape[0], len(group.members) * self.slots * rank, dtype=self.dtype, device=self.device
+            )
             for module in group.members:
                 for slot in range(self.slots):
                     target = group.columns(module, slot, rank, self.slots)
-                    a[:, target.start:target.start + old] = group.a[:, group.columns(module, slot, old, self.slots)]
+                    a[:, target.start : target.start + old] = group.a[:, group.columns(module, slot, old, self.slots)]
             group.a = a
             for module, b in group.b.items():
                 wide = torch.zeros(self.slots * rank, b.shape[1], dtype=self.dtype, device=self.device)
                 for slot in range(self.slots):
-                    wide[slot * rank:slot * rank + old] = b[slot * old:(slot + 1) * old]
+                    wide[slot * rank : slot * rank + old] = b[slot * old : (slot + 1) * old]
                 group.b[module] = wide
             group.x = group.hidden = None
         self.rank = rank
@@ -292,7 +306,7 @@ class LoRABank:
                 hidden.mul_(members_mask if hidden.dim() == 3 else members_mask[:, 0])
                 group.x, group.hidden = x, hidden.view(-1, hidden.shape[-1])
             width = self.slots * self.rank
-            hidden = group.hidden[:, first * self.rank:first * self.rank + width]
+            hidden = group.hidden[:, first * self.rank : first * self.rank + width]
             flat_out = output.view(-1, output.shape[-1])
             if same_dtype:
                 flat_out.addmm_(hidden, group.b[module])

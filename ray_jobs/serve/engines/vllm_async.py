@@ -22,9 +22,9 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ray_jobs.config import Recipe
-from ray_jobs.serve.engines.base import AdapterEvent, AdapterLoadError, Delta, GenerationRequest, LogprobEntry
 from ray_jobs.core.engines import engine_args, lora_request_fields, sampling_fields, vllm_problems
+from ray_jobs.core.recipe import Recipe
+from ray_jobs.serve.engines.base import AdapterEvent, AdapterLoadError, Delta, GenerationRequest, LogprobEntry
 
 log = logging.getLogger("ray.serve")
 
@@ -39,7 +39,7 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from ray_jobs.models import load_tokenizer
+        from ray_jobs.core.modeling import load_tokenizer
 
         args = engine_args(recipe, model_dir, adapter_ranks)
         log.info("starting vLLM: %s", {k: v for k, v in args.items() if k not in ("model", "tokenizer")})
@@ -100,8 +100,13 @@ class VLLMEngine:
         for token, position in zip(output.token_ids, output.logprobs or []):
             chosen = position[token]
             ranked = sorted(position.items(), key=lambda item: item[1].rank or 0)[:top]
-            entries.append(LogprobEntry(chosen.decoded_token or "", chosen.logprob,
-                                        [(lp.decoded_token or "", lp.logprob) for _, lp in ranked]))
+            entries.append(
+                LogprobEntry(
+                    chosen.decoded_token or "",
+                    chosen.logprob,
+                    [(lp.decoded_token or "", lp.logprob) for _, lp in ranked],
+                )
+            )
         return entries
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
@@ -120,8 +125,9 @@ class VLLMEngine:
             lora = self._lora_request(request.adapter, self.loaded[request.adapter])
             self.in_use[request.adapter] += 1
         try:
-            async for output in self.engine.generate({"prompt_token_ids": request.prompt_ids}, params,
-                                                     uuid.uuid4().hex, lora_request=lora):
+            async for output in self.engine.generate(
+                {"prompt_token_ids": request.prompt_ids}, params, uuid.uuid4().hex, lora_request=lora
+            ):
                 if request.first_token_at is None:
                     request.first_token_at = time.perf_counter()
                 completion = output.outputs[0]

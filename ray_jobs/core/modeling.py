@@ -20,12 +20,15 @@ import fcntl
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ray_jobs.config import ModelConfig
-from ray_jobs.storage import Storage, model_prefix
+import numpy as np
+
+from ray_jobs.core.recipe import ModelConfig
+from ray_jobs.core.storage import Storage, model_prefix
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -117,13 +120,22 @@ def quantization_config(model: ModelConfig, *, zero3: bool):
     storage_name = model.quant.storage_dtype or (model.quant.compute_dtype if zero3 else "uint8")
     storage = torch.uint8 if storage_name == "uint8" else getattr(torch, DTYPES[storage_name])
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=model.quant.type, bnb_4bit_use_double_quant=model.quant.double_quant,
-        bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model.quant.type,
+        bnb_4bit_use_double_quant=model.quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage,
     )
 
 
-def load_model(model: ModelConfig, model_dir: str, *, device: Any = None, zero3: bool = False,
-               attn_implementation: str | None = None):
+def load_model(
+    model: ModelConfig,
+    model_dir: str,
+    *,
+    device: Any = None,
+    zero3: bool = False,
+    attn_implementation: str | None = None,
+):
     """Load the causal LM for training or inference, quantised as the recipe asks.
 
     `attn_implementation`: what the caller resolved (training picks varlen); by default
@@ -132,15 +144,18 @@ def load_model(model: ModelConfig, model_dir: str, *, device: Any = None, zero3:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ray_jobs.train.attention import inference_attention
+    from ray_jobs.core.attention import inference_attention
 
     on_gpu = device is not None and torch.device(device).type == "cuda"
     if attn_implementation is None:  # the config says whether sdpa can compute the model's attention
-        config = AutoConfig.from_pretrained(model_dir, revision=model.revision,
-                                            trust_remote_code=model.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            model_dir, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
         attn_implementation = inference_attention(model.attn_implementation, config)
     kwargs: dict[str, Any] = dict(
-        revision=model.revision, trust_remote_code=model.trust_remote_code, dtype=torch_dtype(model, on_gpu),
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
+        dtype=torch_dtype(model, on_gpu),
         attn_implementation=attn_implementation,
     )
     quant = quantization_config(model, zero3=zero3)
@@ -174,3 +189,57 @@ def decoding_attention(device: Any):
     if torch.device(device).type != "cuda":
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+# ---------------------------------------------------------------- batches and loss
+IGNORE_INDEX = -100
+"""Label of tokens the loss skips (prompts, padding)."""
+
+
+def collate(rows: dict[str, Any], pad_id: int):
+    """Right-pad a micro-batch of variable-length rows into tensors."""
+    import torch
+
+    lengths = [len(x) for x in rows["input_ids"]]
+    width = max(lengths)
+    size = len(lengths)
+    input_ids = torch.full((size, width), pad_id, dtype=torch.long)
+    labels = torch.full((size, width), IGNORE_INDEX, dtype=torch.long)
+    # Padding continues as its own "document" (positions from 0), so it never joins a real one.
+    position_ids = torch.zeros((size, width), dtype=torch.long)
+    for i, length in enumerate(lengths):
+        input_ids[i, :length] = torch.as_tensor(np.asarray(rows["input_ids"][i], dtype=np.int64))
+        labels[i, :length] = torch.as_tensor(np.asarray(rows["labels"][i], dtype=np.int64))
+        if "position_ids" in rows:
+            position_ids[i, :length] = torch.as_tensor(np.asarray(rows["position_ids"][i], dtype=np.int64))
+        else:  # unpacked rows (the eval split)
+            position_ids[i, :length] = torch.arange(length)
+        position_ids[i, length:] = torch.arange(width - length)
+    return input_ids, labels, position_ids
+
+
+def summed_loss(model, input_ids, labels, position_ids, *, fused: bool = False):
+    """(sum of token cross-entropies, number of target tokens) for one micro-batch.
+
+    `fused`: the model's forward was patched by Liger to compute the loss from the hidden
+    states chunk by chunk (never materialising [tokens x vocab] logits); asking for a sum
+    (`num_items_in_batch=1`) keeps the token weighting identical to the plain path.
+    """
+    import torch.nn.functional as F
+
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    if fused:
+        out = model(
+            input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False, num_items_in_batch=1
+        )
+        return out.loss, count
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, count

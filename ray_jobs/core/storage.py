@@ -141,13 +141,17 @@ class Storage:
         """Write the completion marker of tree `rel`. Call it after every other file."""
         # The nonce makes every completion distinct, so caches keyed on the marker refresh
         # even when a tree is replaced twice within one second.
-        payload = {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "nonce": uuid.uuid4().hex, **(info or {})}
+        payload = {
+            "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "nonce": uuid.uuid4().hex,
+            **(info or {}),
+        }
         self.write_json(posixpath.join(rel, COMPLETE_MARKER), payload)
 
     # ---------------------------------------------------------------- trees
-    def upload_dir(self, local_dir: str | Path, rel: str, *, complete: bool = True,
-                   info: dict[str, Any] | None = None) -> str:
+    def upload_dir(
+        self, local_dir: str | Path, rel: str, *, complete: bool = True, info: dict[str, Any] | None = None
+    ) -> str:
         """Copy a local tree to `rel` and (by default) mark it complete; returns its URI.
 
         An existing marker is removed first, so a tree being replaced is never read as
@@ -161,8 +165,13 @@ class Storage:
         self.filesystem.create_dir(target, recursive=True)
         for attempt in range(3):  # S3 hiccups should not lose a finished training run
             try:
-                pafs.copy_files(str(local_dir), target, source_filesystem=pafs.LocalFileSystem(),
-                                destination_filesystem=self.filesystem, use_threads=True)
+                pafs.copy_files(
+                    str(local_dir),
+                    target,
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=self.filesystem,
+                    use_threads=True,
+                )
                 break
             except OSError:
                 if attempt == 2:
@@ -183,8 +192,13 @@ class Storage:
         if not self.remote:
             shutil.copytree(self.path(rel), local_dir, dirs_exist_ok=True)
             return local_dir
-        pafs.copy_files(self.path(rel), str(local_dir), source_filesystem=self.filesystem,
-                        destination_filesystem=pafs.LocalFileSystem(), use_threads=True)
+        pafs.copy_files(
+            self.path(rel),
+            str(local_dir),
+            source_filesystem=self.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+            use_threads=True,
+        )
         return local_dir
 
     def local_view(self, rel: str, cache_dir: str | Path) -> Path:

@@ -91,8 +91,10 @@ def training_attention(requested: str, device, config) -> str:
         return NAME if available_on(device) else "sdpa"
     if requested == "varlen":
         if features:
-            raise ValueError(f"model.attn_implementation: varlen computes plain causal attention, but this model uses "
-                             f"{'; '.join(features)}; use auto or {plain_attention_for(config)}")
+            raise ValueError(
+                f"model.attn_implementation: varlen computes plain causal attention, but this model uses "
+                f"{'; '.join(features)}; use auto or {plain_attention_for(config)}"
+            )
         return NAME
     return requested
 
@@ -128,9 +130,11 @@ def row_positions(position_ids, batch: int, width: int):
         raise ValueError(f"attention '{NAME}' needs position_ids to find the documents of a packed row")
     if position_ids.dim() == 2 and position_ids.shape[1] == width and position_ids.shape[0] in (1, batch):
         return position_ids.expand(batch, width)
-    raise ValueError(f"attention '{NAME}': position_ids of shape {tuple(position_ids.shape)} do not match the "
-                     f"query's {batch} rows of {width} tokens; pass [{batch}, {width}] positions that restart "
-                     "at 0 where each packed document starts")
+    raise ValueError(
+        f"attention '{NAME}': position_ids of shape {tuple(position_ids.shape)} do not match the "
+        f"query's {batch} rows of {width} tokens; pass [{batch}, {width}] positions that restart "
+        "at 0 where each packed document starts"
+    )
 
 
 def document_bounds(position_ids) -> tuple[Any, int]:
@@ -168,14 +172,27 @@ class _BoundsCache:
 _bounds = _BoundsCache()
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+def varlen_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
     """transformers attention interface: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, S, Hq, D]."""
     if query.shape[2] != key.shape[2]:
-        raise ValueError(f"attention '{NAME}' is for training on whole packed rows (it needs position_ids "
-                         "and no KV cache); load the model with sdpa for generation")
+        raise ValueError(
+            f"attention '{NAME}' is for training on whole packed rows (it needs position_ids "
+            "and no KV cache); load the model with sdpa for generation"
+        )
     if dropout:
-        raise ValueError(f"attention '{NAME}' does not implement attention dropout; set the model's attention_dropout to 0")
+        raise ValueError(
+            f"attention '{NAME}' does not implement attention dropout; set the model's attention_dropout to 0"
+        )
     refuse_unsupported(kwargs)
     batch, q_heads, width, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -202,8 +219,10 @@ def refuse_unsupported(kwargs: dict[str, Any]) -> None:
     asked = {name: kwargs[name] for name in ("sliding_window", "softcap") if kwargs.get(name) is not None}
     if asked:
         settings = ", ".join(f"{name}={value}" for name, value in asked.items())
-        raise ValueError(f"attention '{NAME}' computes plain causal attention and cannot apply {settings}; "
-                         "train this model with model.attn_implementation: auto")
+        raise ValueError(
+            f"attention '{NAME}' computes plain causal attention and cannot apply {settings}; "
+            "train this model with model.attn_implementation: auto"
+        )
 
 
 def _flash(q, k, v, cumulative, longest: int, scaling: float | None):

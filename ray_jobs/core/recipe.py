@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ray_jobs.core.errors import MedtuneError
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 """Names end up in storage paths, Kubernetes objects and URLs: keep them to a safe slug."""
 
@@ -34,7 +36,7 @@ PositiveFloat = Annotated[float, Field(gt=0.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-class RecipeError(ValueError):
+class RecipeError(MedtuneError, ValueError):
     """A recipe that cannot run. `problems` holds one line per offending key."""
 
     def __init__(self, problems: list[str], source: str | None = None):
@@ -512,11 +514,15 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
         derived = max(1, round(train.tokens_per_step / per_pass))
         # A dumped recipe carries the derived grad_accum: only a different one is a conflict.
         if "grad_accum" in train.model_fields_set and train.grad_accum != derived:
-            problems.append(f"train.tokens_per_step: gives grad_accum {derived}, but train.grad_accum is "
-                            f"{train.grad_accum}; set one of them")
+            problems.append(
+                f"train.tokens_per_step: gives grad_accum {derived}, but train.grad_accum is "
+                f"{train.grad_accum}; set one of them"
+            )
         elif train.tokens_per_step < per_pass:
-            problems.append(f"train.tokens_per_step: {train.tokens_per_step} is less than one forward pass of all "
-                            f"workers (train.workers x train.micro_batch_size x data.max_seq_len = {per_pass})")
+            problems.append(
+                f"train.tokens_per_step: {train.tokens_per_step} is less than one forward pass of all "
+                f"workers (train.workers x train.micro_batch_size x data.max_seq_len = {per_pass})"
+            )
     if quant == "8bit" and zero == "zero3":
         problems.append(
             "train.deepspeed: zero3 cannot shard 8-bit weights (8-bit LoRA under ZeRO-3 trains "
@@ -632,3 +638,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def recipe_parser(prog: str, description: str):
+    """An argparse parser for `RECIPE [--set KEY.PATH=VALUE ...]`, the arguments load_recipe takes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("recipe", help="path to the recipe YAML")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    return parser
