@@ -22,6 +22,7 @@ from typing import Any
 
 from ray_jobs.core.artifacts import resolve_adapter
 from ray_jobs.core.errors import MedtuneError
+from ray_jobs.core.modeling import DTYPES
 from ray_jobs.core.recipe import Recipe
 from ray_jobs.core.storage import Storage, adapter_prefix, model_prefix
 
@@ -38,7 +39,6 @@ COMBINATIONS = (
     "magnitude_prune",
     "magnitude_prune_svd",
 )
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 class ExportError(MedtuneError):

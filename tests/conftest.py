@@ -11,7 +11,6 @@ Session-scoped fixtures change the process environment for the whole session (py
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -42,12 +43,6 @@ def session_env(**values: str) -> Iterator[None]:
                 os.environ[key] = old
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session", autouse=True)
 def hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Model caches in a session temp dir; no hub access; no Ray Data progress bars."""
@@ -59,7 +54,7 @@ def hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A moto S3 server on loopback; the AWS_* variables point every client at it."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     script = VENV_BIN / "moto_server"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]

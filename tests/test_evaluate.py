@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_adapters import make_adapter
+from helpers import make_adapter
 from ray_jobs.core.artifacts import AdapterNotFoundError
 from ray_jobs.core.recipe import parse_recipe
 from ray_jobs.core.storage import Storage, adapter_prefix

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from lora_adapters import Oracle, make_adapter
+from helpers import Oracle, make_adapter
 from ray_jobs.core.recipe import parse_recipe
 
 pytestmark = pytest.mark.gpu

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_adapters import make_adapter
+from helpers import make_adapter
 from ray_jobs import export
 from ray_jobs.cli import main as cli
 from ray_jobs.core.artifacts import AdapterNotFoundError

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_adapters import Oracle, make_adapter
+from helpers import Oracle, free_port, make_adapter
 from ray_jobs.core.recipe import parse_recipe
 from ray_jobs.core.storage import Storage, adapter_prefix
 
@@ -69,12 +68,6 @@ def http(
             return Reply(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read().decode())
     except urllib.error.HTTPError as error:
         return Reply(error.code, {k.lower(): v for k, v in error.headers.items()}, error.read().decode())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def chat_body(model: str, text: str, max_tokens: int = 12, **extra) -> dict:

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from lora_adapters import Oracle, make_adapter
+from helpers import Oracle, make_adapter
 from ray_jobs.core.recipe import ModelConfig
 from ray_jobs.serve.engines.base import AdapterLoadError, GenerationRequest
 from ray_jobs.serve.engines.hf_continuous import ContinuousEngine

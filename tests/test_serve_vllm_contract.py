@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from lora_adapters import make_adapter
+from helpers import make_adapter
 from ray_jobs.core.engines import (
     EngineUnavailableError,
     adapter_rank,

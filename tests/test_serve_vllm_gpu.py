@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.request
 
 import pytest
 
-from lora_adapters import Oracle, make_adapter
+from helpers import Oracle, free_port, make_adapter
 from ray_jobs.core.recipe import parse_recipe
 from ray_jobs.core.storage import Storage, adapter_prefix
 
@@ -54,12 +53,6 @@ SCHEMA = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     torch = pytest.importorskip("torch")
@@ -78,7 +71,7 @@ def vllm_server(tmp_path_factory):
     adapters = {name: make_adapter(base, work / name, seed, std=ADAPTER_STD) for name, seed in (("ner", 1), ("qa", 2))}
     for name, folder in adapters.items():
         storage.upload_dir(folder, adapter_prefix(name, "v1"))
-    port = _free_port()
+    port = free_port()
     recipe = parse_recipe(
         {
             "name": "vllm-test",

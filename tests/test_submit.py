@@ -21,7 +21,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from helpers import free_port
 from ray_jobs import submit
 from ray_jobs.core.recipe import load_recipe, parse_recipe
 
@@ -46,12 +46,6 @@ VENV_BIN = Path(sys.executable).parent
 QUICKSTART = REPO / "configs" / "quickstart" / "tiny-llama-lora.yaml"
 K8S_VERSION = "1.34.0"
 S3_ROOT = "s3://medtune-test/medtune"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- unit: Ray path

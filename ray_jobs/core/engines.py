@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_jobs.core.errors import MedtuneError
+from ray_jobs.core.modeling import DTYPES
 from ray_jobs.core.recipe import Recipe
 
 
@@ -78,7 +79,7 @@ def choose_engine(choice: str, recipe: Recipe, *, has_vllm: bool, has_gpu: bool)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for max_lora_rank."""
-DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+VLLM_DTYPES = {"auto": "auto", **DTYPES}
 
 
 def adapter_rank(adapter_dir: str | Path) -> int:
@@ -162,7 +163,7 @@ def engine_args(recipe: Recipe, model_dir: str, adapter_ranks: list[int], listed
         tokenizer=model_dir,
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,
-        dtype=DTYPES[model.dtype],
+        dtype=VLLM_DTYPES[model.dtype],
         served_model_name=recipe.serve.served_model_name or model.base,
         enable_lora=True,
         **lora_limits(recipe, adapter_ranks, listed),

@@ -1,12 +1,20 @@
-"""Test helpers shared by the serving and export tests: random LoRA adapters that change a tiny
+"""Helpers shared by the tests: free loopback ports, random LoRA adapters that change a tiny
 model's answers, and an oracle that answers one request at a time with plain transformers + PEFT."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_adapter(
