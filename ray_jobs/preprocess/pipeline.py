@@ -318,7 +318,6 @@ def fingerprint(recipe: Recipe, files: list[tuple[str, Any, str]], model_dir: st
 def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     """Preprocess the recipe's data (or reuse an identical earlier result)."""
     import ray
-    import ray.data
 
     storage = Storage.from_uri(recipe.storage.root)
     data = recipe.data
@@ -339,6 +338,37 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
 
     if not ray.is_initialized():
         ray.init()
+    tokenized = _tokenized_rows(recipe, model_dir, train_files, eval_files).materialize()
+    totals = _merge_stats(
+        [r["partial"] for r in tokenized.map_batches(_partial_stats, batch_format="pandas", batch_size=4096).take_all()]
+    )
+    write_rejects(storage, prefix, tokenized)
+    _check_rejects(totals, data, storage.uri(prefix, "rejects.jsonl"))
+    packed_rows = _write_splits(tokenized, totals, data, storage, prefix)
+    stats = _dataset_stats(totals, data, packed_rows)
+    storage.write_json(posixpath.join(prefix, "stats.json"), stats)
+    manifest = {
+        "name": recipe.name,
+        "fingerprint": fp,
+        "format": data.format,
+        "base_model": recipe.model.base,
+        "inputs": [uri for uri, _, _ in train_files + eval_files],
+        "pipeline_version": PIPELINE_VERSION,
+        "train": "train/",
+        "eval": "eval/" if totals["splits"].get("eval") else None,
+    }
+    storage.write_json(posixpath.join(prefix, "manifest.json"), manifest)
+    storage.mark_complete(prefix, {"fingerprint": fp})
+    log.info("dataset written to %s: %s", storage.uri(prefix), json.dumps(stats["rows_out"]))
+    return DatasetRef(prefix, storage.uri(prefix), fp, stats, False)
+
+
+def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_files: list):
+    """The Ray Data plan from input files to tokenised rows, each with its split and any reject
+    reason (nothing runs until the caller materialises it)."""
+    import ray.data
+
+    data = recipe.data
     # Sort-based shuffle: hash-shuffle aggregators reserve CPUs and can starve small clusters.
     # Set before any dataset exists: a dataset keeps the context it was created with.
     ray.data.DataContext.get_current().shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
@@ -373,7 +403,7 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0,
         )
-    tokenized = converted.map_batches(
+    return converted.map_batches(
         tokenize_batch,
         batch_format="pandas",
         batch_size=BATCH_ROWS,
@@ -383,14 +413,12 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
             "revision": recipe.model.revision,
             "trust_remote_code": recipe.model.trust_remote_code,
         },
-    ).materialize()
-
-    totals = _merge_stats(
-        [r["partial"] for r in tokenized.map_batches(_partial_stats, batch_format="pandas", batch_size=4096).take_all()]
     )
+
+
+def _check_rejects(totals: dict[str, Any], data: DataConfig, rejects_uri: str) -> None:
+    """PreprocessError when nothing was read, too many rows were bad, or no training row is left."""
     rows_in = totals["rows_in"]
-    rejected = sum(totals["rejects"].values())
-    write_rejects(storage, prefix, tokenized)
     if rows_in == 0:
         raise PreprocessError("data.train: the input files hold no rows")
     # Duplicates are removed, not bad: only bad rows count against the threshold.
@@ -400,11 +428,14 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
         worst = ", ".join(f"{r} {n}" for r, n in totals["rejects"].most_common(4))
         raise PreprocessError(
             f"{bad} of {rows_in} rows rejected ({fraction:.1%} > data.max_reject_fraction "
-            f"{data.max_reject_fraction:.0%}): {worst}; see {storage.uri(prefix, 'rejects.jsonl')}"
+            f"{data.max_reject_fraction:.0%}): {worst}; see {rejects_uri}"
         )
     if totals["splits"].get("train", 0) == 0:
         raise PreprocessError("data.train: no training rows survived cleaning")
 
+
+def _write_splits(tokenized, totals: dict[str, Any], data: DataConfig, storage: Storage, prefix: str) -> int:
+    """Packed training rows and unpacked eval rows as Parquet; returns the packed row count."""
     ok = tokenized.filter(lambda row: row["reject_reason"] is None)
     train_rows = ok.filter(lambda row: row["split"] == "train")
     packed = train_rows.map_batches(
@@ -419,16 +450,19 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     )
     if totals["splits"].get("eval", 0):
         eval_rows.write_parquet(storage.path(prefix, "eval"), filesystem=storage.filesystem)
-
     packed_stats = packed.map_batches(
         lambda b: pd.DataFrame([{"rows": len(b), "tokens": int(sum(len(x) for x in b["input_ids"]))}]),
         batch_format="pandas",
     ).take_all()
-    packed_rows = sum(p["rows"] for p in packed_stats)
-    stats = {
-        "rows_in": rows_in,
+    return sum(p["rows"] for p in packed_stats)
+
+
+def _dataset_stats(totals: dict[str, Any], data: DataConfig, packed_rows: int) -> dict[str, Any]:
+    """stats.json: counts per split and reject reason, tokens, lengths, PHI and packing."""
+    return {
+        "rows_in": totals["rows_in"],
         "rows_out": dict(totals["splits"]),
-        "rejected": rejected,
+        "rejected": sum(totals["rejects"].values()),
         "rejects_by_reason": dict(totals["rejects"].most_common()),
         "tokens": dict(totals["tokens"]),
         "target_tokens": dict(totals["target_tokens"]),
@@ -442,21 +476,6 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
             "efficiency": round(totals["tokens"].get("train", 0) / max(1, packed_rows * data.max_seq_len), 4),
         },
     }
-    storage.write_json(posixpath.join(prefix, "stats.json"), stats)
-    manifest = {
-        "name": recipe.name,
-        "fingerprint": fp,
-        "format": data.format,
-        "base_model": recipe.model.base,
-        "inputs": [uri for uri, _, _ in train_files + eval_files],
-        "pipeline_version": PIPELINE_VERSION,
-        "train": "train/",
-        "eval": "eval/" if totals["splits"].get("eval") else None,
-    }
-    storage.write_json(posixpath.join(prefix, "manifest.json"), manifest)
-    storage.mark_complete(prefix, {"fingerprint": fp})
-    log.info("dataset written to %s: %s", storage.uri(prefix), json.dumps(stats["rows_out"]))
-    return DatasetRef(prefix, storage.uri(prefix), fp, stats, False)
 
 
 def write_rejects(storage: Storage, prefix: str, tokenized) -> None:
