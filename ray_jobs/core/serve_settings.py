@@ -72,9 +72,8 @@ class ServeConfig(Section):
     order (vLLM: serve.vllm.max_num_seqs)."""
     stream_interval_s: Annotated[float, Field(ge=0, le=5)] = 0.0
     """Streaming: the least time between two chunks of one answer (the first is sent at once);
-    tokens generated meanwhile travel together. 0: a chunk as soon as tokens are there. Every
-    chunk costs the replica's event loop, which shares the CPU with decoding; on an H200 an
-    interval of 0.1 changed tokens/s by less than the run-to-run spread (benchmarks/README.md)."""
+    tokens generated meanwhile travel together. 0: a chunk as soon as tokens are there. Raise
+    it when many streams share a replica: every chunk costs its event loop (benchmarks/README.md)."""
     batch_wait_timeout_s: Annotated[float, Field(ge=0)] = 0.01
     """mixed / per_adapter only: how long @serve.batch waits to fill a batch."""
     batching: Literal["continuous", "mixed", "per_adapter"] = "continuous"
