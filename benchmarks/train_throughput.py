@@ -9,10 +9,11 @@ masked). Every variant runs a few warm-up steps, then `--steps` timed optimizer 
 
 - `seeds`: what the seeds' scripts do: HF + PEFT, batches of 4 documents right-padded to
   the longest, attention_mask, HF's own loss, gradient checkpointing.
-- `medtune-*`: `ray_jobs.train.loop.build_model` and `summed_loss`, exactly as a training
-  worker runs them: documents packed into rows of `--seq-len` tokens with position ids
-  restarting per document (documents never attend to each other), token-weighted loss,
-  optionally Liger kernels and gradient checkpointing chosen by a probe step (`auto`).
+- `medtune-*`: the training worker's own `ray_jobs.train.trainer.Trainer` (`setup` and
+  `step`, as a run calls them, gradient clipping and scheduler included): documents packed
+  into rows of `--seq-len` tokens with position ids restarting per document (documents
+  never attend to each other), token-weighted loss, optionally Liger kernels and gradient
+  checkpointing chosen by a probe step (`auto`).
 
 Printed per variant: real (non-pad) tokens/s, peak GPU memory, MFU and the ratio to
 `seeds`. MFU = tokens/s x (6 N + 12 L d s) / peak bf16 FLOP/s, with N the base model's
@@ -43,8 +44,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray_jobs.core.modeling import IGNORE_INDEX, collate, summed_loss
+from ray_jobs.core.recipe import Recipe
 from ray_jobs.preprocess.tokenize import pack_documents
-from ray_jobs.train.loop import autocast, build_model, checkpoint_plan, enable_checkpointing
+from ray_jobs.train.plan import WorkerPlan
+from ray_jobs.train.trainer import Trainer, WorkerContext
 
 SHAPES = {
     "llama-8b": dict(
@@ -116,7 +119,7 @@ def documents(count: int, vocab: int, seq_len: int, seed: int = 0) -> list[tuple
     return docs
 
 
-def recipe_dict(
+def bench_recipe(
     model_dir: Path,
     *,
     quantized: bool,
@@ -125,11 +128,15 @@ def recipe_dict(
     seq_len: int,
     micro_batch: int,
     on_gpu: bool,
+    steps: int,
     attn: str = "sdpa",
-) -> dict:
-    return {
-        "model_dir": str(model_dir),
-        "recipe": {
+    budget_gib: float | None = None,
+) -> Recipe:
+    """A recipe for `Trainer`: the seeds' LoRA (r 16 on attention, lr 1e-4, constant), one
+    micro-batch per optimizer step. The data section is never read: rows come from here."""
+    return Recipe.model_validate(
+        {
+            "name": "train-throughput",
             "model": {
                 "base": str(model_dir),
                 "quantization": "4bit" if quantized else "none",
@@ -137,25 +144,22 @@ def recipe_dict(
                 "attn_implementation": attn,
                 "quant": {"type": "nf4", "double_quant": True, "compute_dtype": "bf16"},
             },
-            "lora": {
-                "r": 16,
-                "alpha": 32,
-                "dropout": 0.0,
-                "bias": "none",
-                "targets": "attention",
-                "modules_to_save": [],
-                "use_rslora": False,
-                "use_dora": False,
-            },
+            "data": {"format": "text", "train": ["unused.jsonl"], "max_seq_len": seq_len},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "attention"},
             "train": {
                 "method": "lora",
                 "gradient_checkpointing": checkpointing,
                 "liger_kernels": liger,
                 "micro_batch_size": micro_batch,
+                "grad_accum": 1,
+                "max_steps": steps,
+                "lr": 1e-4,
+                "scheduler": "constant",
+                "gpus_per_worker": 1 if on_gpu else 0,
+                "max_gpu_memory_gib": budget_gib,
             },
-            "data": {"max_seq_len": seq_len},
-        },
-    }
+        }
+    )
 
 
 def peak_gib() -> float:
@@ -260,9 +264,9 @@ def medtune_variant(
     attn: str = "sdpa",
     budget_gib: float | None = None,
 ) -> dict:
-    """medtune's worker path: build_model + packed rows + summed_loss, as the training loop."""
+    """medtune's worker path: the training worker's own Trainer on packed rows."""
     on_gpu = device.type == "cuda"
-    cfg = recipe_dict(
+    recipe = bench_recipe(
         model_dir,
         quantized=quantized and on_gpu,
         liger=liger and on_gpu,
@@ -270,51 +274,32 @@ def medtune_variant(
         seq_len=args.seq_len,
         micro_batch=args.micro_batch,
         on_gpu=on_gpu,
+        steps=args.warmup + args.steps,
         attn=attn,
+        budget_gib=budget_gib,
     )
-    model = build_model(cfg, device, zero3=False)
-    fused = liger and on_gpu
-    amp = lambda: autocast(cfg["recipe"]["model"], device)
-    layers = model.config.num_hidden_layers
-    chosen = layers if checkpointing is True else 0
-    if checkpointing == "auto":  # as train_loop_per_worker decides it
-        plan = checkpoint_plan(
-            model,
-            micro_batch=args.micro_batch,
-            seq_len=args.seq_len,
-            device=device,
-            fused=fused,
-            full_finetune=False,
-            budget_gib=budget_gib,
-            autocast_ctx=amp,
-        )
-        if plan != 0:
-            chosen = enable_checkpointing(model, quantized, plan)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    plan = WorkerPlan(
+        recipe=recipe, model_dir=str(model_dir), total_steps=args.warmup + args.steps, pad_id=0, has_eval=False
+    )
+    trainer = Trainer(plan, WorkerContext(rank=0, world=1, device=device))
+    trainer.setup()  # the checkpointing decision (`auto`: a probe step) included
     rows = pack_documents(docs, args.seq_len)
     rows.sort(key=lambda r: -len(r["input_ids"]))  # full rows first: the timed steps are full
     batches = [rows[i : i + args.micro_batch] for i in range(0, len(rows) - args.micro_batch + 1, args.micro_batch)]
 
     def step(batch):
-        ids, labels, pos = (
-            t.to(device)
-            for t in collate({k: [r[k] for r in batch] for k in ("input_ids", "labels", "position_ids")}, pad_id=0)
-        )
-        with amp():
-            loss_sum, count = summed_loss(model, ids, labels, pos, fused=fused)
-        (loss_sum / max(count, 1)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return sum(len(r["input_ids"]) for r in batch), float(loss_sum) / max(count, 1)
+        columns = {k: [r[k] for r in batch] for k in ("input_ids", "labels", "position_ids")}
+        result = trainer.step([columns])
+        return result.real_tokens, result.loss
 
     result = run_steps(step, batches, args.warmup, args.steps)
-    result["checkpointed_layers"] = f"{chosen}/{layers}"
-    result["attention"] = model.config._attn_implementation
+    layers = trainer.model.config.num_hidden_layers
+    result["checkpointed_layers"] = f"{trainer.checkpointed_layers}/{layers}"
+    result["attention"] = trainer.model.config._attn_implementation
     result["memory_budget_gib"] = budget_gib
-    with amp():
-        result["guard"] = loss_guard(model, docs[:12], args.seq_len, device, fused)
-    model = optimizer = None  # free the GPU for the next variant
+    with trainer.autocast_ctx():
+        result["guard"] = loss_guard(trainer.model, docs[:12], args.seq_len, device, trainer.fused)
+    trainer = None  # free the GPU for the next variant
     torch.cuda.empty_cache() if on_gpu else None
     return result
 
@@ -354,6 +339,29 @@ def model_flops_per_token(shape: str, mean_doc_len: float) -> float:
     kv = d * spec["num_key_value_heads"] // spec["num_attention_heads"]
     params = layers * (2 * d * d + 2 * d * kv + 3 * d * inter) + 2 * vocab * d
     return 6 * params + 12 * layers * d * mean_doc_len
+
+
+def print_summary(report: dict, shape: str, gpu: str) -> None:
+    """The variants side by side; adds each one's ratio to the seeds' tokens/s to `report`."""
+    base = report["variants"].get("seeds", {}).get("tokens_per_s")
+    print(f"\n{shape} on {gpu}: real tokens/s (ratio to the seeds' recipe), peak GiB, MFU")
+    for name, r in report["variants"].items():
+        if "tokens_per_s" not in r:
+            print(f"  {name:32s} {r.get('error')}")
+            continue
+        ratio = f"{r['tokens_per_s'] / base:5.2f}x" if base else "  n/a"
+        mfu = f"{r['mfu'] * 100:5.1f}%" if "mfu" in r else "  n/a"
+        guard = r.get("guard", {}).get("relative_difference")
+        print(
+            f"  {name:32s} {r['tokens_per_s']:9.0f} tok/s  {ratio}  {r['peak_gib']:6.1f} GiB  MFU {mfu}"
+            + (
+                f"  ckpt={r['checkpointed_layers']}  {r['attention']}  guard diff={guard:.2e}"
+                if guard is not None
+                else ""
+            )
+        )
+        if base:
+            r["ratio_to_seeds"] = r["tokens_per_s"] / base
 
 
 def main() -> int:
@@ -451,25 +459,7 @@ def main() -> int:
         print(json.dumps({name: result}), flush=True)
         out.write_text(json.dumps(report, indent=2) + "\n")  # partial results survive a timeout
 
-    base = report["variants"].get("seeds", {}).get("tokens_per_s")
-    print(f"\n{args.shape} on {gpu}: real tokens/s (ratio to the seeds' recipe), peak GiB, MFU")
-    for name, r in report["variants"].items():
-        if "tokens_per_s" not in r:
-            print(f"  {name:32s} {r.get('error')}")
-            continue
-        ratio = f"{r['tokens_per_s'] / base:5.2f}x" if base else "  n/a"
-        mfu = f"{r['mfu'] * 100:5.1f}%" if "mfu" in r else "  n/a"
-        guard = r.get("guard", {}).get("relative_difference")
-        print(
-            f"  {name:32s} {r['tokens_per_s']:9.0f} tok/s  {ratio}  {r['peak_gib']:6.1f} GiB  MFU {mfu}"
-            + (
-                f"  ckpt={r['checkpointed_layers']}  {r['attention']}  guard diff={guard:.2e}"
-                if guard is not None
-                else ""
-            )
-        )
-        if base:
-            r["ratio_to_seeds"] = r["tokens_per_s"] / base
+    print_summary(report, args.shape, gpu)
     out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -24,7 +24,8 @@ from ray_jobs.core.recipe import parse_recipe
 from ray_jobs.core.storage import Storage, adapter_prefix, run_prefix
 from ray_jobs.synthetic import entity_rows
 from ray_jobs.train import run as train_run
-from ray_jobs.train.loop import ADAPTER_DIR, STATE_FILE
+from ray_jobs.train.checkpointing import ADAPTER_DIR, STATE_FILE
+from ray_jobs.train.tracking import METRICS_FILE, TensorboardFolder
 
 SYSTEM = "Extract the entities from the text as JSON."
 
@@ -121,13 +122,13 @@ def test_packed_documents_score_exactly_like_the_same_documents_one_by_one(tiny_
     )
 
 
-def metrics_cfg(tmp_path: Path) -> dict:
-    """The part of the worker config the metrics.jsonl writer reads."""
-    return {
-        "tensorboard_dir": str(tmp_path / "worker" / "tensorboard"),
-        "storage_root": str(tmp_path / "store"),
-        "tensorboard_rel": "runs/r1/tensorboard",
-    }
+def metrics_folder(tmp_path: Path) -> TensorboardFolder:
+    """The worker's TensorBoard folder, where metrics.jsonl is written, and its storage copy."""
+    return TensorboardFolder(
+        local_dir=str(tmp_path / "worker" / "tensorboard"),
+        storage_root=str(tmp_path / "store"),
+        storage_rel="runs/r1/tensorboard",
+    )
 
 
 def logged_steps(path: Path) -> list[int]:
@@ -137,15 +138,15 @@ def logged_steps(path: Path) -> list[int]:
 def test_a_resumed_run_logs_each_step_once_in_metrics_jsonl(tmp_path: Path):
     """The failed attempt logged past its last checkpoint (and tore a line as it died); the
     resumed attempt logs those steps again, and they must not stand there twice."""
-    from ray_jobs.train.loop import METRICS_FILE, append_metrics, resume_metrics
+    from ray_jobs.train.tracking import append_metrics, resume_metrics
 
-    cfg = metrics_cfg(tmp_path)
-    path = Path(cfg["tensorboard_dir"]) / METRICS_FILE
+    folder = metrics_folder(tmp_path)
+    path = folder.metrics_path
     for step in range(1, 6):
         append_metrics(path, {"step": step, "loss": 2.0 - step / 10})
     with open(path, "a") as handle:
         handle.write('{"step": 6, "lo')
-    resume_metrics(cfg, 3)  # the checkpoint the restart found was step 3's
+    resume_metrics(folder, 3)  # the checkpoint the restart found was step 3's
     for step in range(4, 7):
         append_metrics(path, {"step": step, "loss": 1.5, "resumed_from_step": 3})
     assert logged_steps(path) == [1, 2, 3, 4, 5, 6]
@@ -153,17 +154,17 @@ def test_a_resumed_run_logs_each_step_once_in_metrics_jsonl(tmp_path: Path):
 
 
 def test_a_run_resumed_on_another_node_continues_the_metrics_synced_to_storage(tmp_path: Path):
-    from ray_jobs.train.loop import METRICS_FILE, metrics_line, resume_metrics
+    from ray_jobs.train.tracking import metrics_line, resume_metrics
 
-    cfg = metrics_cfg(tmp_path)
+    folder = metrics_folder(tmp_path)
     synced = "".join(metrics_line({"step": step, "loss": 1.0}) for step in range(1, 5))
-    Storage.from_uri(cfg["storage_root"]).write_text(f"{cfg['tensorboard_rel']}/{METRICS_FILE}", synced)
-    resume_metrics(cfg, 2)  # this node never held the file
-    assert logged_steps(Path(cfg["tensorboard_dir"]) / METRICS_FILE) == [1, 2]
+    Storage.from_uri(folder.storage_root).write_text(f"{folder.storage_rel}/{METRICS_FILE}", synced)
+    resume_metrics(folder, 2)  # this node never held the file
+    assert logged_steps(folder.metrics_path) == [1, 2]
 
 
 def test_a_diverged_loss_is_logged_as_null_in_valid_json(tmp_path: Path):
-    from ray_jobs.train.loop import append_metrics
+    from ray_jobs.train.tracking import append_metrics
 
     path = tmp_path / "metrics.jsonl"
     append_metrics(path, {"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-4, "final": False})
@@ -179,6 +180,58 @@ def test_a_diverged_loss_is_logged_as_null_in_valid_json(tmp_path: Path):
         "lr": 1e-4,
         "final": False,
     }
+
+
+def trainer_plan(tmp_path: Path, model_dir: Path, **fault):
+    from ray_jobs.train.plan import WorkerPlan
+
+    recipe = tiny_recipe("x", tmp_path / "notes.json", str(tmp_path), train={"max_steps": 2, "lr": 1e-2})
+    return WorkerPlan(
+        recipe=recipe, model_dir=str(model_dir), total_steps=2, pad_id=0, has_eval=False, run_name="x-r1", **fault
+    )
+
+
+def test_the_worker_plan_pickles_with_its_typed_recipe(tmp_path: Path, tiny_llama_dir: Path):
+    import pickle
+
+    plan = trainer_plan(tmp_path, tiny_llama_dir)
+    again = pickle.loads(pickle.dumps(plan))
+    assert again == plan and again.recipe.train.max_steps == 2 and not again.zero3
+
+
+def test_the_trainer_steps_outside_ray_train_as_benchmarks_call_it(tmp_path: Path, tiny_llama_dir: Path):
+    """One micro-batch of packed rows per optimizer step; the first steps lower the loss of
+    the batch they keep seeing."""
+    from ray_jobs.preprocess.tokenize import pack_documents
+    from ray_jobs.train.trainer import Trainer, WorkerContext
+
+    trainer = Trainer(
+        trainer_plan(tmp_path, tiny_llama_dir), WorkerContext(rank=0, world=1, device=torch.device("cpu"))
+    )
+    trainer.setup()
+    docs = [
+        ([5 + (i + j) % 50 for j in range(40)], [-100] * 10 + [5 + (i + j) % 50 for j in range(10, 40)])
+        for i in range(4)
+    ]
+    rows = pack_documents(docs, max_seq_len=256)
+    batch = {k: [r[k] for r in rows] for k in ("input_ids", "labels", "position_ids")}
+    first, second = trainer.step([batch]), trainer.step([batch])
+    assert trainer.position.step == 2 and trainer.position.micro_batches == 2
+    assert first.target_tokens == 4 * 30 and first.real_tokens == 4 * 40 and first.grad_norm > 0
+    assert second.loss < first.loss
+
+
+def test_the_crash_hook_is_installed_only_when_asked_for(tmp_path: Path, tiny_llama_dir: Path, monkeypatch):
+    from ray_jobs.train.trainer import FAULT_ENV, CrashOnceAtStep, fault_hooks
+
+    marker = str(tmp_path / "fault-injected")
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert fault_hooks(trainer_plan(tmp_path, tiny_llama_dir, fault_marker=marker)) == []
+    (hook,) = fault_hooks(trainer_plan(tmp_path, tiny_llama_dir, fault_at_step=5, fault_marker=marker))
+    assert isinstance(hook, CrashOnceAtStep) and hook.step == 5
+    monkeypatch.setenv(FAULT_ENV, "3")
+    (hook,) = fault_hooks(trainer_plan(tmp_path, tiny_llama_dir, fault_marker=marker))
+    assert hook.step == 3
 
 
 def test_zero3_with_8bit_weights_is_refused_naming_the_key():
@@ -321,7 +374,7 @@ def test_the_published_adapter_reproduces_the_trained_weights_in_plain_peft(s3_l
     from transformers import AutoModelForCausalLM
 
     from ray_jobs.core.modeling import resolve_model_dir
-    from ray_jobs.train.loop import load_trainable
+    from ray_jobs.train.checkpointing import load_trainable
 
     recipe, result, storage, tmp = s3_lora_run
     base_dir = resolve_model_dir(recipe.model, storage)

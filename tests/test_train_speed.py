@@ -7,8 +7,8 @@
   benchmarks/train_throughput.py.)
 - `gradient_checkpointing: auto` checkpoints only as many layers as memory needs; any
   subset gives the very same gradients.
-- Quantised bases are no longer cast to fp32 around the 4-bit weights (PEFT's
-  prepare_model_for_kbit_training does); the base stays frozen all the same.
+- Quantised bases are not cast to fp32 around the 4-bit weights (PEFT's
+  prepare_model_for_kbit_training would cast them); the base stays frozen all the same.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ from ray_jobs.core import attention
 from ray_jobs.core.modeling import collate, summed_loss
 from ray_jobs.core.recipe import RecipeError, parse_recipe
 from ray_jobs.preprocess.tokenize import pack_documents
-from ray_jobs.train.loop import build_model, enable_checkpointing, layers_to_checkpoint, optimizer_bytes_per_param
+from ray_jobs.train.model_setup import (
+    build_model,
+    enable_checkpointing,
+    layers_to_checkpoint,
+    optimizer_bytes_per_param,
+)
 
 
 def random_documents(lengths, seed: int = 0):
@@ -356,7 +361,9 @@ def test_the_frozen_base_keeps_its_dtype_and_only_lora_weights_train(tiny_llama_
 def test_modules_to_save_copies_train_in_fp32_beside_the_bf16_base(tiny_llama_dir: Path):
     """PEFT copies modules_to_save in the base's bf16, where AdamW's small updates round away:
     like the LoRA weights, they train in fp32 (under autocast, as on a GPU)."""
-    model = build_model(bf16_lora_cfg(tiny_llama_dir, modules_to_save=["lm_head"]), None, zero3=False)
+    model = build_model(
+        bf16_lora_cfg(tiny_llama_dir, modules_to_save=["lm_head"], allow_unservable_modules=True), None, zero3=False
+    )
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     copies = {n: p for n, p in trainable.items() if "modules_to_save" in n}
     assert list(copies) == ["base_model.model.lm_head.modules_to_save.default.weight"]

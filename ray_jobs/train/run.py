@@ -8,7 +8,8 @@ What it does, in order:
 1. Fails fast, before any worker starts, on what cannot work: a missing DeepSpeed profile,
    more GPUs than the cluster has, a dataset with too few rows for one optimizer step.
 2. Runs preprocessing when the dataset is missing (or reuses it by fingerprint).
-3. Trains with `TorchTrainer` (the loop in `ray_jobs.train.loop`), checkpoints under
+3. Trains with `TorchTrainer` (each worker runs a `ray_jobs.train.trainer.Trainer` built from
+   the `WorkerPlan` made here), checkpoints under
    `<storage>/runs/<run>/`, and recovers from worker failures via `FailureConfig`.
 4. Publishes the best checkpoint's adapter to `<storage>/adapters/<name>/<version>/` in
    PEFT format, with the tokenizer and `lineage.json`, and marks it complete last.
@@ -31,6 +32,8 @@ from ray_jobs.core.artifacts import DatasetRef
 from ray_jobs.core.errors import MedtuneError
 from ray_jobs.core.recipe import Recipe
 from ray_jobs.core.storage import Storage, adapter_prefix, run_prefix
+from ray_jobs.train.plan import PLAN_KEY, WorkerPlan
+from ray_jobs.train.tracking import TensorboardFolder
 
 log = logging.getLogger("medtune.train")
 DEEPSPEED_PROFILES = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
@@ -128,9 +131,6 @@ def run(
     """Train on `dataset` (preprocess's output for this recipe) and publish the adapter."""
     import ray
     import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from ray_jobs.core.modeling import load_tokenizer, resolve_model_dir
     from ray_jobs.runlogs import copy_run_logs
@@ -161,51 +161,23 @@ def run(
             storage.path(dataset.eval_path), filesystem=storage.filesystem, columns=["input_ids", "labels"]
         ).materialize()
     scratch = Path(tempfile.mkdtemp(prefix="medtune-train-"))
-    config = {
-        "recipe": recipe.model_dump(mode="json"),
-        "model_dir": model_dir,
-        "deepspeed_config": ds_config,
-        "total_steps": total_steps,
-        "pad_id": tokenizer.pad_token_id,
-        "has_eval": has_eval,
-        "storage_root": recipe.storage.root,
-        "tensorboard_dir": str(scratch / "tensorboard"),
-        "tensorboard_rel": posixpath.join(run_prefix(run_name), "tensorboard"),
-        "fault_marker": str(scratch / "fault-injected"),
-        "run_name": run_name,
-    }
-    # The trackers a recipe configures read their credentials and settings from the environment
-    # (MLFLOW_TRACKING_TOKEN, WANDB_API_KEY, ...): hand the driver's to the workers.
-    tracking = recipe.train.tracking
-    prefixes = ("MLFLOW_",) * bool(tracking.mlflow_uri) + ("WANDB_",) * bool(tracking.wandb_project)
-    worker_env = {key: value for key, value in os.environ.items() if prefixes and key.startswith(prefixes)}
-    if fault_at_step:
-        worker_env["MEDTUNE_FAIL_AT_STEP"] = str(fault_at_step)
-    use_gpu = recipe.train.gpus_per_worker > 0
-    resources = {"CPU": recipe.train.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = recipe.train.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker=_train_loop,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=recipe.train.dist_timeout_s),
-        scaling_config=ScalingConfig(num_workers=recipe.train.workers, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets=datasets,
-        # Ordered, equal shards: a resumed worker skips exactly the rows it already trained on.
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage.path("runs"),
-            storage_filesystem=storage.filesystem,
-            failure_config=FailureConfig(max_failures=recipe.train.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=recipe.train.keep_checkpoints,
-                checkpoint_score_attribute="eval_loss" if has_eval else "step",
-                checkpoint_score_order="min" if has_eval else "max",
-            ),
-            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+    plan = WorkerPlan(
+        recipe=recipe,
+        model_dir=model_dir,
+        total_steps=total_steps,
+        pad_id=tokenizer.pad_token_id,
+        has_eval=has_eval,
+        run_name=run_name,
+        deepspeed_config=ds_config,
+        tensorboard=TensorboardFolder(
+            local_dir=str(scratch / "tensorboard"),
+            storage_root=recipe.storage.root,
+            storage_rel=posixpath.join(run_prefix(run_name), "tensorboard"),
         ),
+        fault_at_step=fault_at_step,
+        fault_marker=str(scratch / "fault-injected"),
     )
+    trainer = torch_trainer(plan, datasets, storage)
     print(
         f"[medtune] training {recipe.name}: {recipe.train.workers} worker(s), {total_steps} steps, "
         f"{packed_rows} packed rows, run {storage.uri(run_prefix(run_name))}",
@@ -242,7 +214,48 @@ def run(
     return TrainResult(run_name, recipe.name, version, uri, lineage["metrics"])
 
 
+def torch_trainer(plan: WorkerPlan, datasets: dict[str, Any], storage: Storage):
+    """Ray Train's TorchTrainer for `plan`: its workers, data shards, checkpoints and restarts."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    recipe = plan.recipe
+    # The trackers a recipe configures read their credentials and settings from the environment
+    # (MLFLOW_TRACKING_TOKEN, WANDB_API_KEY, ...): hand the driver's to the workers.
+    tracking = recipe.train.tracking
+    prefixes = ("MLFLOW_",) * bool(tracking.mlflow_uri) + ("WANDB_",) * bool(tracking.wandb_project)
+    worker_env = {key: value for key, value in os.environ.items() if prefixes and key.startswith(prefixes)}
+    use_gpu = recipe.train.gpus_per_worker > 0
+    resources = {"CPU": recipe.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = recipe.train.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker=_train_loop,
+        # Ray Train wants a dict here; the plan travels as its one value.
+        train_loop_config={PLAN_KEY: plan},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=recipe.train.dist_timeout_s),
+        scaling_config=ScalingConfig(num_workers=recipe.train.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        datasets=datasets,
+        # Ordered, equal shards: a resumed worker skips exactly the rows it already trained on.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=RunConfig(
+            name=plan.run_name,
+            storage_path=storage.path("runs"),
+            storage_filesystem=storage.filesystem,
+            failure_config=FailureConfig(max_failures=recipe.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=recipe.train.keep_checkpoints,
+                checkpoint_score_attribute="eval_loss" if plan.has_eval else "step",
+                checkpoint_score_order="min" if plan.has_eval else "max",
+            ),
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+        ),
+    )
+
+
 def _train_loop(config: dict[str, Any]) -> None:
+    # Imported in the worker: the driver need not load the training stack.
     from ray_jobs.train.loop import train_loop_per_worker
 
     train_loop_per_worker(config)
@@ -263,7 +276,7 @@ def publish_adapter(
     storage: Storage, checkpoint, recipe: Recipe, version: str, tokenizer, lineage: dict[str, Any]
 ) -> str:
     """Copy the checkpoint's adapter + tokenizer + lineage to adapters/<name>/<version>/."""
-    from ray_jobs.train.loop import ADAPTER_DIR
+    from ray_jobs.train.checkpointing import ADAPTER_DIR
 
     with tempfile.TemporaryDirectory() as tmp, checkpoint.as_directory() as ckpt_dir:
         out = Path(tmp) / "adapter"
