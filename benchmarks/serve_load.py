@@ -44,18 +44,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-LLAMA_8B_SHAPE = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+from benchmarks.model_shapes import SHAPES  # noqa: E402
+
 DESIGNS = ["continuous", "mixed", "per_adapter"]
 PROMPT_WORDS = [
     "patient",
@@ -125,7 +115,10 @@ def build_model(kind: str, out: Path) -> Path:
     spec = TEMPLATES["llama3"]
     eos = tokenizer.convert_tokens_to_ids(spec.eos)
     config = LlamaConfig(
-        **LLAMA_8B_SHAPE, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos
+        **{k: v for k, v in SHAPES["llama-8b"].items() if k != "model_type"},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()

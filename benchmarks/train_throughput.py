@@ -43,51 +43,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.model_shapes import SHAPES
 from ray_jobs.core.modeling import IGNORE_INDEX, collate, summed_loss
 from ray_jobs.core.recipe import Recipe
 from ray_jobs.preprocess.tokenize import pack_documents
 from ray_jobs.train.plan import WorkerPlan
 from ray_jobs.train.trainer import Trainer, WorkerContext
 
-SHAPES = {
-    "llama-8b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        rope_theta=500000.0,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
-    "qwen2.5-14b": dict(
-        model_type="qwen2",
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_hidden_layers=48,
-        num_attention_heads=40,
-        num_key_value_heads=8,
-        vocab_size=152064,
-        rope_theta=1000000.0,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    ),
-    "tiny": dict(
-        model_type="llama",
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
-}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
