@@ -254,9 +254,10 @@ def test_a_corrupt_adapter_is_refused_with_the_file_that_is_broken(tmp_path, tin
     ],
 )
 def test_a_recipe_whose_adapters_the_bank_cannot_apply_is_served_by_peft(tiny_llama_dir, lora, expected):
+    from ray_jobs.core.engines import recipe_lora_blockers
     from ray_jobs.core.recipe import parse_recipe
     from ray_jobs.serve.engines.hf_static import StaticEngine
-    from ray_jobs.serve.engines.hf_streams import continuous_blockers, hf_engine
+    from ray_jobs.serve.engines.hf_streams import hf_engine
 
     recipe = parse_recipe(
         {
@@ -266,7 +267,7 @@ def test_a_recipe_whose_adapters_the_bank_cannot_apply_is_served_by_peft(tiny_ll
             "lora": lora,
         }
     )
-    assert continuous_blockers(recipe) == expected
+    assert recipe_lora_blockers(recipe) == expected
     engine = hf_engine(str(tiny_llama_dir), recipe, recipe.model, lambda *event: None)
     assert isinstance(engine, StaticEngine if expected else ContinuousEngine)
 

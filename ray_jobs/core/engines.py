@@ -41,6 +41,11 @@ def unservable_fields(lora: dict[str, Any]) -> list[str]:
     ]
 
 
+def recipe_lora_blockers(recipe: Recipe) -> list[str]:
+    """The recipe's own LoRA settings that neither vLLM nor the stacked LoRA bank can apply."""
+    return [f"lora.{key}" for key in unservable_fields(recipe.lora.model_dump())]
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -59,7 +64,7 @@ def choose_engine(choice: str, recipe: Recipe, *, has_vllm: bool, has_gpu: bool)
     """
     if choice == "hf":
         return "hf", "asked for"
-    blockers = [f"lora.{key}" for key in unservable_fields(recipe.lora.model_dump())]
+    blockers = recipe_lora_blockers(recipe)
     missing = [
         what
         for what, ok in (

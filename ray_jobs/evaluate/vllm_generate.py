@@ -67,7 +67,8 @@ def generate_with_vllm(
 
     args.pop("served_model_name", None)
     results: dict[str, tuple[list[str], list[float]]] = {}
-    llm = LLM(**(args if is_lora else {k: v for k, v in args.items() if k not in LORA_ARGS}))
+    without_lora = {k: v for k, v in args.items() if k not in LORA_ARGS}
+    llm = LLM(**(args if is_lora else without_lora))
     try:
         results["base"] = answer(llm)
         if is_lora:
@@ -76,8 +77,7 @@ def generate_with_vllm(
         del llm
         free_gpu_memory()
     if not is_lora:  # a full fine-tune is a model of its own
-        whole = {k: v for k, v in args.items() if k not in LORA_ARGS}
-        llm = LLM(**{**whole, "model": str(adapter_dir), "tokenizer": str(adapter_dir)})
+        llm = LLM(**{**without_lora, "model": str(adapter_dir), "tokenizer": str(adapter_dir)})
         try:
             results["adapter"] = answer(llm)
         finally:

@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ray_jobs.core.engines import unservable_fields
+from ray_jobs.core.engines import recipe_lora_blockers
 from ray_jobs.core.recipe import Recipe
 from ray_jobs.serve.engines.base import (
     AdapterEvent,
@@ -39,11 +39,6 @@ CONTINUOUS_SUPPORTS = frozenset({"logprobs", "ignore_eos"})
 """Optional request features the continuous engine honours (PEFT's static batches: none)."""
 
 
-def continuous_blockers(recipe: Recipe) -> list[str]:
-    """What in the recipe's own adapters the continuous engine's LoRA bank cannot apply."""
-    return [f"lora.{key}" for key in unservable_fields(recipe.lora.model_dump())]
-
-
 def hf_engine(model_dir: str, recipe: Recipe, model_cfg: Any, on_adapter_event: AdapterEvent):
     """The thread-side HF engine the recipe calls for (see the module docstring)."""
     from ray_jobs.serve.engines.hf_static import StaticEngine
@@ -52,7 +47,7 @@ def hf_engine(model_dir: str, recipe: Recipe, model_cfg: Any, on_adapter_event: 
     if cfg.batching == "continuous":
         from ray_jobs.serve.engines.hf_continuous import ContinuousEngine, UnsupportedModelError
 
-        blockers = continuous_blockers(recipe)
+        blockers = recipe_lora_blockers(recipe)
         if blockers:
             log.warning(
                 "the recipe's adapters use %s, which the continuous engine cannot apply; "
