@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.core.artifacts import resolve_adapter
+from ray_jobs.core.artifacts import Lineage, resolve_adapter, stamp_artifact
 from ray_jobs.core.errors import MedtuneError
 from ray_jobs.core.modeling import DTYPES
 from ray_jobs.core.recipe import Recipe
@@ -79,16 +79,16 @@ def merge(recipe: Recipe, adapter: str, *, out: str | None = None, dtype: str = 
         target = scratch / "merged"
         merged.save_pretrained(target, safe_serialization=True)
         load_tokenizer(str(local) if (local / "tokenizer_config.json").exists() else model_dir).save_pretrained(target)
-        (target / "lineage.json").write_text(
-            json.dumps(
-                {
-                    "merged_from": {"adapter": name, "version": version},
-                    "base_model": recipe.model.base,
-                    "dtype": dtype,
-                },
-                indent=2,
-            )
-            + "\n"
+        stamp_artifact(
+            target,
+            Lineage(
+                kind="merged",
+                name=f"{name}-{version}-merged",
+                version=version,
+                base_model=recipe.model.base,
+                dtype=dtype,
+                sources=({"adapter": name, "version": version, "weight": 1.0},),
+            ),
         )
         if out:
             destination, rel = Storage.from_uri(out), ""
@@ -142,27 +142,22 @@ def combine(
         model.save_pretrained(target, selected_adapters=["combined"], safe_serialization=True)
         # PEFT saves a non-default adapter in a sub-folder named after it.
         produced = target / "combined" if (target / "combined").is_dir() else target
-        config = json.loads((produced / "adapter_config.json").read_text())
-        config["base_model_name_or_path"] = recipe.model.base
-        (produced / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer_dir = sources[0][2]
         for file in tokenizer_dir.iterdir():
             if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
                 (produced / file.name).write_bytes(file.read_bytes())
         version = time.strftime("%Y%m%d-%H%M%S")
-        (produced / "lineage.json").write_text(
-            json.dumps(
-                {
-                    "adapter": name,
-                    "version": version,
-                    "base_model": recipe.model.base,
-                    "method": method,
-                    "density": density,
-                    "sources": [{"adapter": n, "version": v, "weight": w} for (n, v, _), w in zip(sources, weights)],
-                },
-                indent=2,
-            )
-            + "\n"
+        stamp_artifact(
+            produced,
+            Lineage(
+                kind="combined",
+                name=name,
+                version=version,
+                base_model=recipe.model.base,
+                method=method,
+                density=density,
+                sources=tuple({"adapter": n, "version": v, "weight": w} for (n, v, _), w in zip(sources, weights)),
+            ),
         )
         return storage.upload_dir(produced, adapter_prefix(name, version), info={"base_model": recipe.model.base})
 

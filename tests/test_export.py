@@ -62,7 +62,9 @@ def test_a_merged_model_gives_the_logits_of_the_adapter_on_its_base(published, t
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     assert not torch.allclose(logits(merged, ids), logits(base, ids), atol=1e-3)
     assert (Path(uri) / "tokenizer.json").exists()
-    assert json.loads((Path(uri) / "lineage.json").read_text())["merged_from"] == {"adapter": "doctor", "version": "v1"}
+    assert json.loads((Path(uri) / "lineage.json").read_text())["sources"] == [
+        {"adapter": "doctor", "version": "v1", "weight": 1.0}
+    ]
 
 
 def test_a_bf16_merge_through_the_cli_writes_to_the_chosen_place(published, tmp_path, capsys):

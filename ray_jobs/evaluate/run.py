@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.core.artifacts import DatasetRef, resolve_adapter
+from ray_jobs.core.artifacts import DatasetRef, Lineage, resolve_adapter
 from ray_jobs.core.engines import choose_engine, vllm_available
 from ray_jobs.core.errors import MedtuneError
 from ray_jobs.core.recipe import Recipe
@@ -328,10 +328,10 @@ def training_curves(storage: Storage, name: str, version: str) -> dict[str, list
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     try:
-        lineage = json.loads(storage.read_text(posixpath.join(adapter_prefix(name, version), "lineage.json")))
-    except (FileNotFoundError, OSError, ValueError):
+        lineage = Lineage.read(storage, name, version)
+    except (FileNotFoundError, OSError, ValueError, TypeError):
         return {}
-    run = str(lineage.get("run") or "").rstrip("/")
+    run = (lineage.run or "").rstrip("/")
     if not run:
         return {}
     rel = posixpath.join(run_prefix(posixpath.basename(run)), "tensorboard")

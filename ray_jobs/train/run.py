@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.core.artifacts import DatasetRef
+from ray_jobs.core.artifacts import DatasetRef, Lineage, stamp_artifact
 from ray_jobs.core.errors import MedtuneError
 from ray_jobs.core.recipe import Recipe
 from ray_jobs.core.storage import Storage, adapter_prefix, run_prefix
@@ -195,23 +195,24 @@ def run(
         raise TrainError("training finished without a checkpoint; see the Ray logs of the run")
     checkpoint, metrics = best
     version = run_name.removeprefix(f"{recipe.name}-")
-    lineage = {
-        "adapter": recipe.name,
-        "version": version,
-        "run": storage.uri(run_prefix(run_name)),
-        "base_model": recipe.model.base,
-        "resolved_base_model": model_dir if recipe.model.base.startswith("tiny:") else recipe.model.base,
-        "dataset": dataset.uri,
-        "dataset_fingerprint": dataset.fingerprint,
-        "recipe_hash": recipe.recipe_hash(),
-        "method": recipe.train.method,
-        "quantization": recipe.model.quantization,
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        "final_metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-    }
+    lineage = Lineage(
+        kind="trained",
+        name=recipe.name,
+        version=version,
+        run=storage.uri(run_prefix(run_name)),
+        base_model=recipe.model.base,
+        resolved_base_model=model_dir if recipe.model.base.startswith("tiny:") else recipe.model.base,
+        dataset=dataset.uri,
+        dataset_fingerprint=dataset.fingerprint,
+        recipe_hash=recipe.recipe_hash(),
+        method=recipe.train.method,
+        quantization=recipe.model.quantization,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        final_metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+    )
     uri = publish_adapter(storage, checkpoint, recipe, version, tokenizer, lineage)
     print(f"[medtune] adapter published: {uri}", flush=True)
-    return TrainResult(run_name, recipe.name, version, uri, lineage["metrics"])
+    return TrainResult(run_name, recipe.name, version, uri, lineage.metrics)
 
 
 def torch_trainer(plan: WorkerPlan, datasets: dict[str, Any], storage: Storage):
@@ -272,9 +273,7 @@ def _best_checkpoint(result, has_eval: bool):
     return max(candidates, key=lambda c: c[1].get("step", 0))
 
 
-def publish_adapter(
-    storage: Storage, checkpoint, recipe: Recipe, version: str, tokenizer, lineage: dict[str, Any]
-) -> str:
+def publish_adapter(storage: Storage, checkpoint, recipe: Recipe, version: str, tokenizer, lineage: Lineage) -> str:
     """Copy the checkpoint's adapter + tokenizer + lineage to adapters/<name>/<version>/."""
     from ray_jobs.train.checkpointing import ADAPTER_DIR
 
@@ -286,15 +285,8 @@ def publish_adapter(
         import shutil
 
         shutil.copytree(source, out)
-        config_path = out / "adapter_config.json"
-        if config_path.exists():
-            # vLLM and Ray Serve LLM read the base model's name from here; a local tiny path
-            # would mean nothing to them, so record the recipe's base.
-            adapter_config = json.loads(config_path.read_text())
-            adapter_config["base_model_name_or_path"] = recipe.model.base
-            config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(out)
-        (out / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str) + "\n")
+        stamp_artifact(out, lineage)
         return storage.upload_dir(out, adapter_prefix(recipe.name, version), info={"base_model": recipe.model.base})
 
 
