@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ray_jobs.core.recipe import PHI_TYPES
+from ray_jobs.core.recipe import PATTERN_PHI_TYPES
 from ray_jobs.preprocess.clean import (
     NearDuplicateIndex,
     clean_text,
@@ -22,7 +22,7 @@ from ray_jobs.preprocess.phi import PhiScrubber
 
 @pytest.fixture(scope="module")
 def scrubber() -> PhiScrubber:
-    return PhiScrubber(PHI_TYPES)
+    return PhiScrubber(PATTERN_PHI_TYPES)
 
 
 # --------------------------------------------------------------------------- PHI positives

@@ -35,6 +35,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
 ENTITY_PROMPT = "You are a medical entity extractor from clinical texts."
 EMAIL, PHONE, REJECTED_EMAIL = "john.doe@example.com", "555-123-4567", "jane.roe@clinic.org"
+# The row a new user tried (issue 18): every identifier in it, the name included, must go.
+PATIENT, MRN, DOB = "John Q. Smith", "00482913", "03/14/1962"
+NAME_NOTE = f"Patient {PATIENT}, MRN {MRN}, DOB {DOB}, asks about statins for Parkinson's disease."
 
 
 def entity_row(text: str, *entities: tuple[str, str]) -> dict:
@@ -96,6 +99,7 @@ class MessyCorpus:
         self.phi_rows = [
             entity_row(f"Reach the patient at {EMAIL} about asthma.", ("Disease", "asthma")),
             entity_row(f"Callback number {PHONE}; asthma is worse.", ("Disease", "asthma")),
+            entity_row(NAME_NOTE, ("Person", PATIENT), ("Medication", "statins"), ("Disease", "Parkinson's disease")),
         ]
         self.duplicated = good[3]
         lines: list[bytes] = [json.dumps(row).encode() for row in good[:8]]
@@ -187,18 +191,50 @@ def test_a_row_repeated_across_files_is_kept_once(messy: MessyCorpus, messy_run:
 
 
 def test_phi_is_counted_and_replaced_everywhere_in_the_dataset(messy: MessyCorpus, messy_run: DatasetRef):
-    assert messy_run.stats["phi_replacements"] == {"email": 1, "phone": 1}
+    # The entity answer repeats the name, so names count in the prompt and in the answer.
+    assert messy_run.stats["phi_replacements"] == {"email": 1, "phone": 1, "name": 2, "mrn": 1, "date": 1}
     files = dataset_files(messy.root, messy_run)
     assert any(f.suffix == ".parquet" for f in files) and any(f.name == "rejects.jsonl" for f in files)
     for path in files:
         content = path.read_bytes()
-        for value in (EMAIL, PHONE, REJECTED_EMAIL):
+        for value in (EMAIL, PHONE, REJECTED_EMAIL, PATIENT, MRN, DOB):
             assert value.encode() not in content, f"{value} found in {path.name}"
     # Parquet pages may be compressed, so look at the decoded contents too.
     everything = "\n".join(decoded_outputs(messy.root, messy_run))
     assert "Reach the patient at [EMAIL] about asthma." in everything
     assert "Callback number [PHONE]; asthma is worse." in everything
-    assert EMAIL not in everything and PHONE not in everything
+    assert "Patient [NAME], MRN [MRN], DOB [DATE], asks about statins for Parkinson's disease." in everything
+    for value in (EMAIL, PHONE, PATIENT, "Smith", MRN, DOB):
+        assert value not in everything
+
+
+def test_an_entity_that_is_phi_becomes_its_tag_in_the_answer_and_the_gold_labels(
+    messy: MessyCorpus, messy_run: DatasetRef
+):
+    answer = entities_answer(
+        [
+            {"label": "Person", "text": "[NAME]"},
+            {"label": "Medication", "text": "statins"},
+            {"label": "Disease", "text": "Parkinson's disease"},
+        ]
+    )
+    everything = "\n".join(decoded_outputs(messy.root, messy_run))
+    assert answer in everything
+    if (messy.root / messy_run.prefix / "eval").is_dir():
+        for meta in read_split(messy.root, messy_run, "eval").column("meta").to_pylist():
+            assert PATIENT not in meta
+
+
+def test_no_identifier_reaches_a_log_of_the_run(messy: MessyCorpus, messy_run: DatasetRef):
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    logs = [p for p in (session / "logs").rglob("*") if p.is_file()]
+    assert logs
+    for path in logs:
+        content = path.read_bytes()
+        for value in (EMAIL, PHONE, REJECTED_EMAIL, PATIENT, MRN, DOB):
+            assert value.encode() not in content, f"{value} found in {path}"
 
 
 def test_the_dataset_is_marked_complete_with_a_manifest(messy: MessyCorpus, messy_run: DatasetRef):

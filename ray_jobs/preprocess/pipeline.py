@@ -42,7 +42,7 @@ from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversation, 
 
 log = logging.getLogger("medtune.preprocess")
 
-PIPELINE_VERSION = "4"
+PIPELINE_VERSION = "5"
 """Bump when the output of the same inputs changes, to invalidate old fingerprints."""
 LENGTH_BUCKETS = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 30]
 BATCH_ROWS = 256
@@ -107,12 +107,12 @@ class ConvertBatch:
 
     def __init__(self, data: dict[str, Any]):
         from ray_jobs.preprocess.clean import clean_text, content_key
-        from ray_jobs.preprocess.phi import PhiScrubber
+        from ray_jobs.preprocess.phi import build_scrubber
 
         self.data = DataConfig.model_validate(data)
         self.clean_text = clean_text
         self.content_key = content_key
-        self.scrubber = PhiScrubber(self.data.phi.types) if self.data.phi.enabled else None
+        self.scrubber = build_scrubber(self.data.phi) if self.data.phi.enabled else None
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         data, clean = self.data, self.data.clean
@@ -139,15 +139,19 @@ class ConvertBatch:
                     raise RowRejected("too_long_chars")
                 if len(text.strip()) < clean.min_chars and message["role"] != "system":
                     raise RowRejected("too_short")
-                if self.scrubber is not None:
-                    text, counts = self.scrubber.scrub(text)
-                    phi.update(counts)
                 message["content"] = text
-            if self.scrubber is not None and "entities" in meta:
-                # Gold entities must match the scrubbed text, or evaluation would punish a
-                # model for not reproducing PHI it never saw.
-                for entity in meta["entities"]:
-                    entity["text"] = self.scrubber.scrub(entity["text"])[0]
+            if self.scrubber is not None:
+                # Gold entities are scrubbed with their row, so they match the scrubbed text
+                # (an entity that is itself PHI becomes its tag) and evaluation does not punish
+                # a model for not reproducing PHI it never saw.
+                entities = meta.get("entities") or []
+                texts, labels, phi = self.scrubber.scrub_row(
+                    [m["content"] for m in messages], [e["text"] for e in entities]
+                )
+                for message, text in zip(messages, texts):
+                    message["content"] = text
+                for entity, label in zip(entities, labels):
+                    entity["text"] = label
             if "reference" in meta and meta["reference"] is not None:
                 meta["reference"] = messages[-1]["content"]
         except RowRejected as rejected:
@@ -380,9 +384,20 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
     # spread over every worker instead of being converted and tokenised by one task.
     raw = raw.repartition(target_num_rows_per_block=BATCH_ROWS)
     data_dict = data.model_dump(mode="json")
-    converted = raw.map_batches(
-        convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=BATCH_ROWS
-    )
+    if data.phi.enabled and data.phi.engine == "presidio":
+        # The Presidio scrubber loads its word lists (~5 s, ~0.5 GB) once per actor, not per task.
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        converted = raw.map_batches(
+            ConvertBatch,
+            fn_constructor_kwargs={"data": data_dict},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+            batch_format="pandas",
+            batch_size=BATCH_ROWS,
+        )
+    else:
+        converted = raw.map_batches(
+            convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=BATCH_ROWS
+        )
     if data.clean.dedupe:
         converted = (
             converted.map_batches(_dedupe_bucket, batch_format="pandas", batch_size=BATCH_ROWS)
