@@ -22,6 +22,10 @@ Engines:
   `ray.init` and worker start-up included (what one `python -m ray_jobs.preprocess` costs).
 - `medtune-ray warm`: the same recipe again on the same cluster (`force=True`), workers and
   their cached tokenizer already up: the marginal cost on a long-lived cluster.
+- `medtune-ray warm regex-phi`: the same with `data.phi.engine: regex`, so the difference to
+  `medtune-ray warm` is the cost of Presidio and its name and city lists (an actor pool of
+  at most one actor per CPU).
+Every engine but `hf-seed` runs the recipe's PHI engine (presidio by default).
 """
 
 from __future__ import annotations
@@ -281,20 +285,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  medtune-ray cold: {results['medtune-ray cold']['seconds']:.1f} s", flush=True)
     results["medtune-ray warm"] = medtune_ray(recipe, storage_root, force=True)
     print(f"  medtune-ray warm: {results['medtune-ray warm']['seconds']:.1f} s", flush=True)
+    # The PHI engine's cost inside the pipeline: the same warm run with the regex engine
+    # (no names or cities, no Presidio actors). Presidio runs as an actor pool of at most
+    # one actor per CPU, each loading its word lists once.
+    regex_phi = recipe.model_copy(
+        update={"data": recipe.data.model_copy(update={"phi": recipe.data.phi.model_copy(update={"engine": "regex"})})}
+    )
+    results["medtune-ray warm regex-phi"] = medtune_ray(regex_phi, storage_root, force=True)
+    print(f"  medtune-ray warm regex-phi: {results['medtune-ray warm regex-phi']['seconds']:.1f} s", flush=True)
     ray.shutdown()
 
     for result in results.values():
         result["tokens_per_s"] = result["tokens"] / result["seconds"]
+        result["rows_per_s"] = args.rows / result["seconds"]
     seed_rate, same_rate = results["hf-seed"]["tokens_per_s"], results["hf-same-work"]["tokens_per_s"]
     print()
     print(
-        f"{'engine':<18}{'rows out':>10}{'tokens':>12}{'seconds':>10}{'tokens/s':>12}"
+        f"{'engine':<28}{'rows out':>10}{'tokens':>12}{'seconds':>10}{'rows/s':>9}{'tokens/s':>12}"
         f"{'vs hf-seed':>12}{'vs same-work':>14}"
     )
     for name, r in results.items():
         print(
-            f"{name:<18}{r['rows_out']:>10}{r['tokens']:>12}{r['seconds']:>10.1f}{r['tokens_per_s']:>12.0f}"
-            f"{r['tokens_per_s'] / seed_rate:>11.2f}x{r['tokens_per_s'] / same_rate:>13.2f}x"
+            f"{name:<28}{r['rows_out']:>10}{r['tokens']:>12}{r['seconds']:>10.1f}{r['rows_per_s']:>9.0f}"
+            f"{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / seed_rate:>11.2f}x{r['tokens_per_s'] / same_rate:>13.2f}x"
         )
     env["load_average_at_end"] = os.getloadavg()
     print(f"\nload average start {env['load_average_at_start']}, end {env['load_average_at_end']}")

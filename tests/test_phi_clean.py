@@ -10,11 +10,14 @@ import pytest
 
 from ray_jobs.core.recipe import PATTERN_PHI_TYPES
 from ray_jobs.preprocess.clean import (
-    NearDuplicateIndex,
+    band_keys,
     clean_text,
     content_key,
+    lsh_bands,
     minhash_signature,
     normalize_whitespace,
+    rejected_near_duplicates,
+    similar_pairs,
     strip_html,
 )
 from ray_jobs.preprocess.phi import PhiScrubber
@@ -206,15 +209,77 @@ def test_signatures_are_small_picklable_uint64_arrays():
     assert np.array_equal(minhash_signature(SENTENCE.upper()), signature)
 
 
+def near_duplicates_by_banding(texts: dict[str, str], threshold: float) -> set[str]:
+    """What the pipeline does across Ray tasks, in one process: band keys, a group per key,
+    confirmed pairs per group, then the row-order resolution."""
+    signatures = {row_id: minhash_signature(text) for row_id, text in texts.items()}
+    groups: dict[str, list[str]] = {}
+    for row_id, signature in signatures.items():
+        for key in band_keys(signature, lsh_bands(threshold)):
+            groups.setdefault(key, []).append(row_id)
+    pairs = set()
+    for members in groups.values():
+        if len(members) > 1:
+            pairs.update(similar_pairs(members, np.stack([signatures[m] for m in members]), threshold))
+    return rejected_near_duplicates(sorted(pairs))
+
+
+def near_duplicates_sequentially(texts: dict[str, str], threshold: float) -> set[str]:
+    """The reference: one datasketch MinHashLSH index fed every row in row-id order."""
+    from datasketch import MinHash, MinHashLSH
+
+    from ray_jobs.preprocess.clean import _SIGNATURE_SCHEME
+
+    lsh, kept, rejected = MinHashLSH(threshold=threshold, num_perm=64), {}, set()
+    for row_id in sorted(texts):
+        signature = minhash_signature(texts[row_id])
+        minhash = MinHash(num_perm=64, hashvalues=signature, scheme=_SIGNATURE_SCHEME)
+        if any(np.mean(kept[c] == signature) >= threshold for c in lsh.query(minhash)):
+            rejected.add(row_id)
+        else:
+            lsh.insert(row_id, minhash)
+            kept[row_id] = signature
+    return rejected
+
+
 def test_one_changed_word_is_a_near_duplicate_and_unrelated_text_is_not():
-    index = NearDuplicateIndex(threshold=0.7, num_perm=64)
-    assert index.add("first", minhash_signature(SENTENCE)) is True
-    assert index.add("variant", minhash_signature(ONE_WORD_CHANGED)) is False
-    assert index.add("unrelated", minhash_signature(UNRELATED)) is True
-    assert len(index) == 2
+    texts = {"a-first": SENTENCE, "b-variant": ONE_WORD_CHANGED, "c-unrelated": UNRELATED}
+    assert near_duplicates_by_banding(texts, 0.7) == {"b-variant"}
 
 
-def test_a_signature_of_the_wrong_length_is_refused():
-    index = NearDuplicateIndex(threshold=0.7, num_perm=64)
-    with pytest.raises(ValueError, match="num_perm=64"):
-        index.add("row", minhash_signature(SENTENCE, num_perm=32))
+def test_banding_in_groups_rejects_exactly_what_one_sequential_index_rejects():
+    import random
+
+    rng = random.Random(3)
+    words = [
+        "patient",
+        "reports",
+        "chest",
+        "pain",
+        "fever",
+        "cough",
+        "since",
+        "monday",
+        "with",
+        "nausea",
+        "and",
+        "mild",
+        "headache",
+        "today",
+    ]
+    base = [" ".join(rng.choices(words, k=30)) for _ in range(12)]
+    texts = {}
+    for i in range(300):
+        source = base[i % len(base)].split()
+        for _ in range(rng.randint(0, 4)):  # a few edits: some copies stay near, some drift away
+            source[rng.randrange(len(source))] = rng.choice(words)
+        texts[f"row-{rng.randrange(10**6):06d}-{i}"] = " ".join(source)
+    for threshold in (0.7, 0.85):
+        expected = near_duplicates_sequentially(texts, threshold)
+        assert 0 < len(expected) < len(texts)
+        assert near_duplicates_by_banding(texts, threshold) == expected
+
+
+def test_a_chain_keeps_its_first_and_last_link_as_one_sequential_pass_would():
+    # A~B and B~C but A!~C: B goes (like A), C stays (its only earlier match, B, is gone).
+    assert rejected_near_duplicates([("A", "B"), ("B", "C")]) == {"B"}

@@ -395,6 +395,32 @@ SITE_ROWS = {
 }
 
 
+def test_near_duplicates_in_different_blocks_of_one_file_are_found(tmp_path: Path):
+    # 700 distinct rows: Ray Data cuts them into blocks of pipeline.BATCH_ROWS, so row 3 and
+    # its near-copy at row 650 are signed and banded by different tasks.
+    import random
+
+    rng = random.Random(5)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "gu"]
+    words = sorted({"".join(rng.choices(syllables, k=4)) for _ in range(3000)})
+    rows = []
+    for _ in range(700):
+        text = " ".join(rng.sample(words, 24))
+        rows.append(entity_row(f"The patient notes {text}.", ("Finding", text.split()[0])))
+    assert pipeline.BATCH_ROWS < 650
+    copy = dict(rows[2], text=rows[2]["text"].replace("The patient notes", "Patient notes"))
+    rows[649] = copy
+    path = tmp_path / "notes.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    info = pipeline.run(
+        recipe_for("blocks", tmp_path / "storage", [str(path)], eval_fraction=0.0, clean={"near_dedupe": True})
+    )
+
+    assert rejects(tmp_path / "storage", info) == [{"row_id": "notes.jsonl:650", "reason": "near_duplicate"}]
+    assert info.stats["rows_out"] == {"train": 699}
+
+
 def test_files_of_the_same_name_in_different_folders_and_near_duplicates_across_them(tmp_path: Path):
     # Row ids name each file by its path below the inputs' common folder, so the two
     # notes.jsonl stay apart (they used to collide as `notes.jsonl:1` and crash near-dedupe),

@@ -188,14 +188,18 @@ class PhiConfig(Section):
 
     @model_validator(mode="after")
     def _types_fit_engine(self) -> PhiConfig:
-        if self.types is None:
-            self.types = list(PHI_TYPES if self.engine == "presidio" else PATTERN_PHI_TYPES)
-        unsupported = [t for t in self.types if self.engine == "regex" and t in CONTEXT_PHI_TYPES]
+        unsupported = [t for t in self.types or () if self.engine == "regex" and t in CONTEXT_PHI_TYPES]
         if unsupported:
             raise ValueError(f"types {unsupported} need engine: presidio (the regex engine finds only patterns)")
         if self.model and self.engine != "presidio":
             raise ValueError("model needs engine: presidio")
         return self
+
+    def selected_types(self) -> list[str]:
+        """The types to scrub: `types`, or every type the engine finds."""
+        if self.types is not None:
+            return list(self.types)
+        return list(PHI_TYPES if self.engine == "presidio" else PATTERN_PHI_TYPES)
 
 
 class AudienceConfig(Section):

@@ -2,9 +2,10 @@
 
     text = clean_text(raw, strip_html=True, normalize_whitespace=True)
     key = content_key([user_text, assistant_text])        # exact duplicates share a key
-    signature = minhash_signature(user_text + "\n" + assistant_text)  # on Ray workers
-    index = NearDuplicateIndex(threshold=0.85)            # one pass on the driver
-    kept = index.add(row_id, signature)
+    signature = minhash_signature(user_text + "\n" + assistant_text)  # per row, on Ray workers
+    keys = band_keys(signature, lsh_bands(0.85))          # rows sharing a key are candidates
+    pairs = similar_pairs(candidate_ids, candidate_signatures, 0.85)  # per band, confirmed
+    rejected = rejected_near_duplicates(all_pairs)        # as one pass in row-id order would
 
 Design decisions:
 - HTML goes through the stdlib `html.parser`, not regexes over tags: it copes with
@@ -21,9 +22,10 @@ Design decisions:
   word alters every word 5-gram around it (two 14-word sentences differing in one word have
   a Jaccard similarity of 0.33 over word 5-grams, 0.83 over character 5-grams).
 - Signatures are plain `uint64` arrays (datasketch's 64-bit affine scheme, fixed seed), so
-  they pickle cheaply and every Ray worker computes identical permutations. The index
-  confirms each LSH candidate by its estimated Jaccard similarity, because banding alone lets
-  pairs below the threshold through.
+  they pickle cheaply and every Ray worker computes identical permutations. Each LSH
+  candidate is confirmed by its estimated Jaccard similarity, because banding alone lets
+  pairs below the threshold through. The banding is datasketch's own choice of bands and rows
+  for the threshold, done as a group-by on band keys: no single process sees every row.
 """
 
 from __future__ import annotations
@@ -147,51 +149,41 @@ def minhash_signature(text: str, num_perm: int = 64, shingle_chars: int = 5) -> 
     return minhash.hashvalues
 
 
-class NearDuplicateIndex:
-    """Keeps the first of every group of near-duplicate signatures (MinHash LSH).
+def lsh_bands(threshold: float, num_perm: int = 64) -> list[tuple[int, int]]:
+    """The (start, end) signature slices of MinHash LSH at `threshold`: datasketch's own
+    choice of bands and rows, so a group-by on band keys finds the candidates its index would."""
+    return list(MinHashLSH(threshold=threshold, num_perm=num_perm).hashranges)
 
-    Feed it every row's signature once, in a stable order, on one process: the first row of a
-    near-duplicate group is kept and later ones are reported as duplicates.
 
-    Args:
-        threshold: estimated Jaccard similarity at or above which two texts are duplicates
-            (`data.clean.near_dedupe_threshold`).
-        num_perm: signature length; must equal `minhash_signature`'s `num_perm`.
-    """
+def band_keys(signature: np.ndarray, bands: list[tuple[int, int]]) -> list[str]:
+    """One key per band: rows that share any key are near-duplicate candidates."""
+    values = np.asarray(signature, dtype=np.uint64)
+    return [f"{i}:{values[start:end].tobytes().hex()}" for i, (start, end) in enumerate(bands)]
 
-    def __init__(self, threshold: float, num_perm: int = 64):
-        self.threshold = threshold
-        self.num_perm = num_perm
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        # Every signature shares one set of permutations; building it per row is wasted work.
-        self._permutations = MinHash(num_perm=num_perm, seed=_SIGNATURE_SEED, scheme=_SIGNATURE_SCHEME).permutations
-        self._kept: dict[object, np.ndarray] = {}
 
-    def __len__(self) -> int:
-        """Number of signatures kept so far."""
-        return len(self._kept)
+def similar_pairs(row_ids: list[str], signatures: np.ndarray, threshold: float) -> list[tuple[str, str]]:
+    """(earlier, later) pairs among rows that share an LSH band whose estimated Jaccard
+    similarity reaches `threshold`: banding alone lets pairs below it through."""
+    order = np.argsort(np.asarray(row_ids, dtype=object), kind="stable")
+    ids = [row_ids[i] for i in order]
+    signatures = np.asarray(signatures, dtype=np.uint64)[order]
+    pairs = []
+    for i in range(len(ids) - 1):
+        close = (signatures[i + 1 :] == signatures[i]).mean(axis=1) >= threshold
+        pairs += [(ids[i], ids[i + 1 + j]) for j in np.flatnonzero(close)]
+    return pairs
 
-    def add(self, key: object, signature: np.ndarray) -> bool:
-        """Add one row's signature.
 
-        Args:
-            key: unique, hashable row id.
-            signature: from `minhash_signature` with this index's `num_perm`.
-
-        Returns:
-            True when the row is kept, False when it near-duplicates a row kept before.
-
-        Raises:
-            ValueError: the signature has the wrong length.
-        """
-        if len(signature) != self.num_perm:
-            raise ValueError(f"signature has {len(signature)} values, the index expects num_perm={self.num_perm}")
-        minhash = MinHash(
-            seed=_SIGNATURE_SEED, hashvalues=signature, permutations=self._permutations, scheme=_SIGNATURE_SCHEME
-        )
-        for candidate in self._lsh.query(minhash):
-            if np.mean(self._kept[candidate] == minhash.hashvalues) >= self.threshold:
-                return False
-        self._lsh.insert(key, minhash)
-        self._kept[key] = minhash.hashvalues
-        return True
+def rejected_near_duplicates(pairs: list[tuple[str, str]]) -> set[str]:
+    """The rows a sequential pass in row-id order over a MinHash LSH index would reject, from the
+    similar candidate pairs alone: walking the rows in order, a row goes when it is similar to
+    an earlier row that was kept. Chains (A~B, B~C, A!~C) keep A and C, as that pass does."""
+    neighbours: dict[str, list[str]] = {}
+    for a, b in pairs:
+        neighbours.setdefault(a, []).append(b)
+        neighbours.setdefault(b, []).append(a)
+    rejected: set[str] = set()
+    for row in sorted(neighbours):
+        if any(other < row and other not in rejected for other in neighbours.get(row, ())):
+            rejected.add(row)
+    return rejected

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import zlib
 from collections import Counter
@@ -33,12 +34,12 @@ import pandas as pd
 
 from ray_jobs.core.artifacts import DatasetRef
 from ray_jobs.core.errors import MedtuneError
-from ray_jobs.core.modeling import load_tokenizer, resolve_model_dir
+from ray_jobs.core.modeling import IGNORE_INDEX, load_tokenizer, resolve_model_dir
 from ray_jobs.core.recipe import DataConfig, Recipe
 from ray_jobs.core.storage import Storage, dataset_prefix
 from ray_jobs.preprocess.formats import RowRejected, to_conversation
 from ray_jobs.preprocess.readers import expand_inputs, file_identity, input_names, parse_file
-from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversation, unpacked_row
+from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversations, unpacked_row
 
 log = logging.getLogger("medtune.preprocess")
 
@@ -113,6 +114,14 @@ class ConvertBatch:
         self.clean_text = clean_text
         self.content_key = content_key
         self.scrubber = build_scrubber(self.data.phi) if self.data.phi.enabled else None
+        audience_prompts = self.data.audience.prompts.values() if self.data.audience else ()
+        self.config_prompts = {
+            clean_text(
+                p, strip_html=self.data.clean.strip_html, normalize_whitespace=self.data.clean.normalize_whitespace
+            )
+            for p in [self.data.system_prompt or "", *audience_prompts]
+            if p
+        }
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         data, clean = self.data, self.data.clean
@@ -144,11 +153,14 @@ class ConvertBatch:
                 # Gold entities are scrubbed with their row, so they match the scrubbed text
                 # (an entity that is itself PHI becomes its tag) and evaluation does not punish
                 # a model for not reproducing PHI it never saw.
+                # System prompts written in the recipe hold no PHI: only the data's texts are
+                # analysed (the recipe's prompt alone is a sixth of a short row's text).
                 entities = meta.get("entities") or []
+                from_data = [m for m in messages if m["role"] != "system" or m["content"] not in self.config_prompts]
                 texts, labels, phi = self.scrubber.scrub_row(
-                    [m["content"] for m in messages], [e["text"] for e in entities]
+                    [m["content"] for m in from_data], [e["text"] for e in entities]
                 )
-                for message, text in zip(messages, texts):
+                for message, text in zip(from_data, texts):
                     message["content"] = text
                 for entity, label in zip(entities, labels):
                     entity["text"] = label
@@ -193,23 +205,83 @@ def _keep_first(bucket: pd.DataFrame) -> pd.DataFrame:
     return bucket.drop(columns="dedupe_bucket")
 
 
-class NearDedupe:
-    """Single-actor MinHash LSH pass: near-duplicate rows after the first are rejected."""
+NEAR_DEDUPE_BUCKETS = 64
+"""LSH band keys are grouped by a bucket of the key, as exact dedupe's keys are."""
 
-    def __init__(self, threshold: float):
-        from ray_jobs.preprocess.clean import NearDuplicateIndex, minhash_signature
 
-        self.index = NearDuplicateIndex(threshold=threshold)
-        self.signature = minhash_signature
+def _with_signature(batch: pd.DataFrame) -> pd.DataFrame:
+    """The MinHash signature of each usable row's non-system text (empty for rejected rows)."""
+    from ray_jobs.preprocess.clean import minhash_signature
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        batch = batch.sort_values("row_id", kind="stable").copy()
-        for index, row in batch.iterrows():
-            if row["reject_reason"] is None or (isinstance(row["reject_reason"], float)):
-                text = " ".join(m["content"] for m in json.loads(row["messages"]) if m["role"] != "system")
-                if not self.index.add(row["row_id"], self.signature(text)):
-                    batch.at[index, "reject_reason"] = "near_duplicate"
-        return batch
+    batch = batch.copy()
+    batch["signature"] = [
+        minhash_signature(" ".join(m["content"] for m in json.loads(messages) if m["role"] != "system")).tolist()
+        if not isinstance(reason, str)
+        else []
+        for messages, reason in zip(batch["messages"], batch["reject_reason"])
+    ]
+    return batch
+
+
+def _band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]]) -> pd.DataFrame:
+    """One row per (usable row, LSH band): its band key, bucket, id and signature."""
+    from ray_jobs.preprocess.clean import band_keys
+
+    out = {"band": [], "bucket": [], "row_id": [], "signature": []}
+    for row_id, signature, reason in zip(batch["row_id"], batch["signature"], batch["reject_reason"]):
+        if isinstance(reason, str):
+            continue
+        for key in band_keys(np.asarray(signature, dtype=np.uint64), bands):
+            out["band"].append(key)
+            out["bucket"].append(zlib.crc32(key.encode()) % NEAR_DEDUPE_BUCKETS)
+            out["row_id"].append(row_id)
+            out["signature"].append(signature)
+    return pd.DataFrame(out)
+
+
+def _similar_pairs(bucket: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """(earlier, later) row-id pairs that share a band and pass the similarity threshold."""
+    from ray_jobs.preprocess.clean import similar_pairs
+
+    shared = bucket[bucket["band"].duplicated(keep=False)]
+    pairs = []
+    for _, group in shared.groupby("band", sort=False):
+        pairs += similar_pairs(group["row_id"].tolist(), np.asarray(group["signature"].tolist()), threshold)
+    return pd.DataFrame(pairs, columns=["earlier", "later"])
+
+
+def _mark_near_duplicates(batch: pd.DataFrame, rejected_ref) -> pd.DataFrame:
+    import ray
+
+    rejected = _cached(f"near:{rejected_ref.hex()}", lambda: ray.get(rejected_ref))
+    batch = batch.drop(columns="signature")
+    hit = batch["row_id"].isin(rejected) & ~batch["reject_reason"].map(lambda r: isinstance(r, str))
+    batch.loc[hit, "reject_reason"] = "near_duplicate"
+    return batch
+
+
+def _near_dedupe(converted, threshold: float):
+    """Reject near-duplicates with no single-actor step: signatures per block, LSH banding as a
+    group-by over band-key buckets, and only the similar pairs (few) back on the driver, where
+    they resolve exactly as one sequential pass in row-id order would (`clean.rejected_near_duplicates`)."""
+    import ray
+
+    from ray_jobs.preprocess.clean import lsh_bands, rejected_near_duplicates
+
+    signed = converted.map_batches(_with_signature, batch_format="pandas", batch_size=BATCH_ROWS).materialize()
+    pairs = (
+        signed.map_batches(_band_rows, fn_kwargs={"bands": lsh_bands(threshold)}, batch_format="pandas")
+        .groupby("bucket")
+        .map_groups(_similar_pairs, fn_kwargs={"threshold": threshold}, batch_format="pandas")
+        .take_all()
+    )
+    rejected = rejected_near_duplicates(sorted({(p["earlier"], p["later"]) for p in pairs}))
+    return signed.map_batches(
+        _mark_near_duplicates,
+        fn_kwargs={"rejected_ref": ray.put(rejected)},
+        batch_format="pandas",
+        batch_size=BATCH_ROWS,
+    )
 
 
 class TokenizeBatch:
@@ -220,26 +292,25 @@ class TokenizeBatch:
         self.tokenizer = load_tokenizer(model_dir, revision, trust_remote_code)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        ids_col, labels_col, reasons = [], [], []
-        for messages, reason in zip(batch["messages"], batch["reject_reason"]):
-            ids = labels = None
-            if not isinstance(reason, str):
-                try:
-                    ids, labels = tokenize_conversation(
-                        self.tokenizer,
-                        json.loads(messages),
-                        max_seq_len=self.data.max_seq_len,
-                        truncation=self.data.truncation,
-                        train_on_inputs=self.data.train_on_inputs,
-                        min_tokens=self.data.clean.min_tokens,
-                        max_tokens=self.data.clean.max_tokens,
-                    )
-                    reason = None
-                except RowRejected as rejected:
-                    reason = rejected.reason
-            ids_col.append(np.asarray(ids or [], dtype=np.int32))
-            labels_col.append(np.asarray(labels or [], dtype=np.int32))
-            reasons.append(reason)
+        reasons = list(batch["reject_reason"])
+        todo = [i for i, reason in enumerate(reasons) if not isinstance(reason, str)]
+        empty = np.zeros(0, dtype=np.int32)
+        ids_col, labels_col = [empty] * len(batch), [empty] * len(batch)
+        results = tokenize_conversations(
+            self.tokenizer,
+            [json.loads(batch["messages"].iat[i]) for i in todo],
+            max_seq_len=self.data.max_seq_len,
+            truncation=self.data.truncation,
+            train_on_inputs=self.data.train_on_inputs,
+            min_tokens=self.data.clean.min_tokens,
+            max_tokens=self.data.clean.max_tokens,
+        )
+        for i, result in zip(todo, results):
+            if isinstance(result, RowRejected):
+                reasons[i] = result.reason
+            else:
+                reasons[i] = None
+                ids_col[i], labels_col[i] = result
         batch = batch.copy()
         # Plain lists, not numpy arrays: Ray would store arrays as its tensor extension type,
         # which other Parquet readers (pyarrow, pandas, Spark) do not understand.
@@ -247,7 +318,7 @@ class TokenizeBatch:
         batch["labels"] = [x.tolist() for x in labels_col]
         batch["reject_reason"] = reasons
         batch["num_tokens"] = [len(x) for x in ids_col]
-        batch["num_target_tokens"] = [int((x != -100).sum()) for x in labels_col]
+        batch["num_target_tokens"] = [int((x != IGNORE_INDEX).sum()) for x in labels_col]
         return batch
 
 
@@ -343,6 +414,9 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     if not ray.is_initialized():
         ray.init()
     tokenized = _tokenized_rows(recipe, model_dir, train_files, eval_files).materialize()
+    if os.environ.get("MEDTUNE_DATA_STATS"):
+        # Where the time went, per Ray Data operator (tasks, actors, wall and CPU time).
+        log.warning("Ray Data stats of the tokenised rows:\n%s", tokenized.stats())
     totals = _merge_stats(
         [r["partial"] for r in tokenized.map_batches(_partial_stats, batch_format="pandas", batch_size=4096).take_all()]
     )
@@ -375,7 +449,12 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
     data = recipe.data
     # Sort-based shuffle: hash-shuffle aggregators reserve CPUs and can starve small clusters.
     # Set before any dataset exists: a dataset keeps the context it was created with.
-    ray.data.DataContext.get_current().shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    context = ray.data.DataContext.get_current()
+    context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    # The same inputs give the same packed rows in the same order, run after run: packing and
+    # the training order follow the row order, and a test or a rerun must not depend on which
+    # task happened to finish first.
+    context.execution_options.preserve_order = True
     names = input_names([uri for uri, _, _ in train_files + eval_files])
     raw = _read_split(train_files, "auto" if not eval_files else "train", names)
     if eval_files:
@@ -385,12 +464,15 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
     raw = raw.repartition(target_num_rows_per_block=BATCH_ROWS)
     data_dict = data.model_dump(mode="json")
     if data.phi.enabled and data.phi.engine == "presidio":
-        # The Presidio scrubber loads its word lists (~5 s, ~0.5 GB) once per actor, not per task.
+        # Presidio and its word lists load once per actor (imports ~8 s, lists ~0.2 s cached).
+        # The pool starts at half the CPUs: growing from one actor, it stayed small for most of
+        # a 100k-row run on 16 cores while the whole stage waited on it (the sort after it is
+        # a barrier), and the other half leaves room for reading and the upstream tasks.
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         converted = raw.map_batches(
             ConvertBatch,
             fn_constructor_kwargs={"data": data_dict},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
+            compute=ray.data.ActorPoolStrategy(min_size=max(1, cpus // 2), max_size=cpus),
             batch_format="pandas",
             batch_size=BATCH_ROWS,
         )
@@ -405,19 +487,7 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
             .map_groups(_keep_first, batch_format="pandas")
         )
     if data.clean.near_dedupe:
-        # One actor sees every row in row-id order. Small batches keep the sort's blocks
-        # apart on the way out, so tokenising after it still spreads over the cluster
-        # (one large batch would funnel the whole dataset into one tokenize task). The actor
-        # reserves no CPU: it is one sequential process, and holding a CPU slot let it wait
-        # for minutes on a fresh 2-CPU cluster behind backpressured upstream tasks.
-        converted = converted.sort("row_id").map_batches(
-            NearDedupe,
-            fn_constructor_kwargs={"threshold": data.clean.near_dedupe_threshold},
-            batch_format="pandas",
-            batch_size=BATCH_ROWS,
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=0,
-        )
+        converted = _near_dedupe(converted, data.clean.near_dedupe_threshold)
     return converted.map_batches(
         tokenize_batch,
         batch_format="pandas",
@@ -465,11 +535,10 @@ def _write_splits(tokenized, totals: dict[str, Any], data: DataConfig, storage: 
     )
     if totals["splits"].get("eval", 0):
         eval_rows.write_parquet(storage.path(prefix, "eval"), filesystem=storage.filesystem)
-    packed_stats = packed.map_batches(
-        lambda b: pd.DataFrame([{"rows": len(b), "tokens": int(sum(len(x) for x in b["input_ids"]))}]),
-        batch_format="pandas",
-    ).take_all()
-    return sum(p["rows"] for p in packed_stats)
+    # Counted from the written files' footers: mapping over `packed` again would pack twice.
+    import pyarrow.dataset as pads
+
+    return pads.dataset(storage.path(prefix, "train"), filesystem=storage.filesystem, format="parquet").count_rows()
 
 
 def _dataset_stats(totals: dict[str, Any], data: DataConfig, packed_rows: int) -> dict[str, Any]:

@@ -5,7 +5,12 @@ conversation is rendered once in full, and for each assistant turn the template 
 rendered up to that turn (with the generation prompt) and through it. Their difference is
 the assistant's span in characters; tokens whose characters fall inside a span keep their
 label, all others get -100. The span includes the template's end-of-turn token, so the
-model learns to stop.
+model learns to stop. For the last turn, "through it" is the full rendering, so a
+single-turn row costs two renderings, not three.
+
+A batch of conversations is tokenised in one fast-tokenizer call with offsets, and labels
+come from the offsets with numpy: per-call and per-token Python overhead was most of the
+stage's cost (benchmarks/README.md, "Preprocessing profile").
 
 Packing concatenates documents into rows of exactly `max_seq_len` tokens (the last row of
 a batch may be shorter) and restarts `position_ids` at 0 for every document. Transformers
@@ -38,7 +43,8 @@ def render_with_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[s
         if message["role"] != "assistant":
             continue
         prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        last = index == len(messages) - 1
+        through = full if last else tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
         if not full.startswith(through) or not through.startswith(prompt):
             # Templates that rewrite history (e.g. drop earlier reasoning) break prefix
             # rendering; masking would be wrong, so the row is quarantined, not guessed.
@@ -64,33 +70,121 @@ def tokenize_conversation(
     conversation, checked before truncation: a row outside them is quarantined as
     `too_few_tokens` / `too_many_tokens` even when `truncation` would have cut it to fit.
     """
-    text, spans = render_with_spans(tokenizer, messages)
-    is_raw_text = len(messages) == 1 and messages[0]["role"] == "assistant"
-    encoded = tokenizer(text, add_special_tokens=is_raw_text, return_offsets_mapping=True)
-    ids: list[int] = list(encoded["input_ids"])
-    offsets = encoded["offset_mapping"]
+    (result,) = tokenize_conversations(
+        tokenizer,
+        [messages],
+        max_seq_len=max_seq_len,
+        truncation=truncation,
+        train_on_inputs=train_on_inputs,
+        add_eos_to_text=add_eos_to_text,
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+    )
+    if isinstance(result, RowRejected):
+        raise result
+    ids, labels = result
+    return ids.tolist(), labels.tolist()
+
+
+def tokenize_conversations(
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_seq_len: int,
+    truncation: str,
+    train_on_inputs: bool,
+    add_eos_to_text: bool = True,
+    min_tokens: int = 0,
+    max_tokens: int | None = None,
+) -> list[tuple[np.ndarray, np.ndarray] | RowRejected]:
+    """`tokenize_conversation` for a batch: per conversation, (input_ids, labels) as int32
+    arrays, or the RowRejected that says why it is unusable."""
+    results: list[Any] = [None] * len(conversations)
+    rendered: dict[bool, list[tuple[int, str, list[tuple[int, int]]]]] = {False: [], True: []}
+    for index, messages in enumerate(conversations):
+        try:
+            text, spans = render_with_spans(tokenizer, messages)
+        except RowRejected as rejected:
+            results[index] = rejected
+            continue
+        is_raw_text = len(messages) == 1 and messages[0]["role"] == "assistant"
+        rendered[is_raw_text].append((index, text, spans))
+    for is_raw_text, items in rendered.items():
+        if not items:
+            continue
+        # Raw text gets the tokenizer's BOS; a rendered template already holds its own.
+        encoded = _encode([text for _, text, _ in items], tokenizer, add_special_tokens=is_raw_text)
+        for (index, _, spans), (ids, offsets) in zip(items, encoded):
+            results[index] = _labelled(
+                tokenizer,
+                ids,
+                offsets,
+                spans,
+                is_raw_text=is_raw_text,
+                max_seq_len=max_seq_len,
+                truncation=truncation,
+                train_on_inputs=train_on_inputs,
+                add_eos_to_text=add_eos_to_text,
+                min_tokens=min_tokens,
+                max_tokens=max_tokens,
+            )
+    return results
+
+
+def _encode(texts: list[str], tokenizer: Any, add_special_tokens: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, character offsets) per text. A fast tokenizer's Rust backend is called directly:
+    transformers' conversion of each encoding back to Python lists cost as much as the
+    tokenisation itself, and these are the same ids and offsets."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [
+            (np.asarray(e.ids, dtype=np.int32), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2))
+            for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        ]
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return [
+        (np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
+        for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"])
+    ]
+
+
+def _labelled(
+    tokenizer: Any,
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    spans: list[tuple[int, int]],
+    *,
+    is_raw_text: bool,
+    max_seq_len: int,
+    truncation: str,
+    train_on_inputs: bool,
+    add_eos_to_text: bool,
+    min_tokens: int,
+    max_tokens: int | None,
+) -> tuple[np.ndarray, np.ndarray] | RowRejected:
     if train_on_inputs:
-        labels = list(ids)
+        labels = ids.copy()
     else:
-        labels = [IGNORE_INDEX] * len(ids)
-        for i, (start, end) in enumerate(offsets):
-            if end > start and any(s <= start < e for s, e in spans):
-                labels[i] = ids[i]
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        inside = np.zeros(len(ids), dtype=bool)
+        for span_start, span_end in spans:
+            inside |= (starts >= span_start) & (starts < span_end)
+        labels = np.where(inside & (ends > starts), ids, IGNORE_INDEX).astype(np.int32)
     if is_raw_text and add_eos_to_text and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    if all(label == IGNORE_INDEX for label in labels):
-        raise RowRejected("no_target_tokens")
+        ids = np.append(ids, np.int32(tokenizer.eos_token_id))
+        labels = np.append(labels, np.int32(tokenizer.eos_token_id))
+    if not (labels != IGNORE_INDEX).any():
+        return RowRejected("no_target_tokens")
     if len(ids) < min_tokens:
-        raise RowRejected("too_few_tokens")
+        return RowRejected("too_few_tokens")
     if max_tokens is not None and len(ids) > max_tokens:
-        raise RowRejected("too_many_tokens")
+        return RowRejected("too_many_tokens")
     if len(ids) > max_seq_len:
         if truncation == "reject":
-            raise RowRejected("too_long_tokens")
+            return RowRejected("too_long_tokens")
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-        if all(label == IGNORE_INDEX for label in labels):
-            raise RowRejected("no_target_tokens_after_truncation")
+        if not (labels != IGNORE_INDEX).any():
+            return RowRejected("no_target_tokens_after_truncation")
     return ids, labels
 
 

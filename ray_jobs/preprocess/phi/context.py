@@ -16,6 +16,7 @@ capitalised words followed by a US state (`Springfield, IL`, `Lake Michael, MA 0
 
 from __future__ import annotations
 
+import functools
 import re
 
 from ray_jobs.preprocess.phi.lexicon import Lexicon
@@ -170,6 +171,7 @@ PLACE_WORDS = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=4)
 def _tokens(text: str) -> list[tuple[int, int, str]]:
     """Words, with the full stop kept only on initials and titles (`Q.`, `Dr.`)."""
     tokens = []

@@ -61,7 +61,7 @@ def build_analyzer(config: PhiConfig, lexicon: Lexicon) -> tuple[AnalyzerEngine,
     """The analyzer and the Presidio entity names to ask it for."""
     from ray_jobs.preprocess.phi.scrubber import PhiEngineError
 
-    types = list(config.types or [])
+    types = list(config.selected_types())
     registry = RecognizerRegistry(supported_languages=["en"])
     entities = []
     pattern_types = [t for t in types if t not in CONTEXT_PHI_TYPES]

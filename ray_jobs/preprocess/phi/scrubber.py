@@ -15,6 +15,7 @@ Matched values live only inside `scrub_row`: nothing returns, logs or stores the
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 from collections import Counter
@@ -27,6 +28,8 @@ from ray_jobs.preprocess.phi.context import followed_by_eponym_head
 from ray_jobs.preprocess.phi.patterns import PhiScrubber
 
 Span = tuple[int, int, str]
+_SEPARATOR = "\n\n"
+"""Between a row's texts when they are analysed together: no name or city run crosses it."""
 
 
 class PhiEngineError(MedtuneError):
@@ -47,6 +50,9 @@ class _SpanScrubber:
 
     def spans(self, text: str) -> list[Span]:
         raise NotImplementedError
+
+    def spans_of_texts(self, texts: Sequence[str]) -> list[list[Span]]:
+        return [self.spans(text) for text in texts]
 
     def repeatable(self, value: str, phi_type: str) -> list[str]:
         """Strings that, once found in a row as `phi_type`, go wherever else they occur in it."""
@@ -70,7 +76,7 @@ class _SpanScrubber:
     ) -> tuple[list[list[Span]], list[list[Span]], _Numbering]:
         """The spans to replace in each text and label (sorted, not overlapping), and the
         row's surrogate numbering."""
-        found = [self.spans(text) for text in texts]
+        found = self.spans_of_texts(texts)
         values: dict[str, str] = {}
         # A part found through a whole ("Smith" of "John Q. Smith") numbers as the whole.
         numbering = _Numbering()
@@ -83,7 +89,15 @@ class _SpanScrubber:
                     numbering.alias(value, whole)
         repeat = _alternation(values)
         text_spans = [_resolve(spans + self._repeats(text, repeat, values)) for text, spans in zip(texts, found)]
-        label_spans = [_resolve(self.spans(label) + self._repeats(label, repeat, values)) for label in labels]
+        # A label that occurs in the row's texts was analysed there, in context; analysing it
+        # again alone could only find less, at the cost of another analyzer call.
+        label_spans = [
+            _resolve(
+                ([] if any(label in text for text in texts) else self.spans(label))
+                + self._repeats(label, repeat, values)
+            )
+            for label in labels
+        ]
         return text_spans, label_spans, numbering
 
     def _repeats(self, text: str, pattern: re.Pattern[str] | None, values: dict[str, str]) -> list[Span]:
@@ -150,7 +164,7 @@ class RegexScrubber(_SpanScrubber):
 
     def __init__(self, config: PhiConfig):
         super().__init__(config.replacement)
-        self.patterns = PhiScrubber(config.types or [])
+        self.patterns = PhiScrubber(config.selected_types())
 
     def spans(self, text: str) -> list[Span]:
         return self.patterns.spans(text)
@@ -174,6 +188,24 @@ class PresidioScrubber(_SpanScrubber):
             return []
         results = self.analyzer.analyze(text, language="en", entities=self.entities)
         return [(r.start, r.end, _TYPE_OF[r.entity_type]) for r in results if r.entity_type in _TYPE_OF]
+
+    def spans_of_texts(self, texts: Sequence[str]) -> list[list[Span]]:
+        """One analyzer call for all of a row's texts: Presidio's per-call overhead (recognizer
+        lookup, result bookkeeping) is most of its cost on short messages. A span that would
+        cross from one text into the next sends the row back to one call per text."""
+        if len(texts) < 2:
+            return [self.spans(text) for text in texts]
+        starts, offset = [], 0
+        for text in texts:
+            starts.append(offset)
+            offset += len(text) + len(_SEPARATOR)
+        per_text: list[list[Span]] = [[] for _ in texts]
+        for start, end, phi_type in self.spans(_SEPARATOR.join(texts)):
+            index = bisect.bisect_right(starts, start) - 1
+            if end > starts[index] + len(texts[index]):
+                return [self.spans(text) for text in texts]
+            per_text[index].append((start - starts[index], end - starts[index], phi_type))
+        return per_text
 
     def repeatable(self, value: str, phi_type: str) -> list[str]:
         if phi_type != "name":
