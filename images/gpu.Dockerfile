@@ -20,6 +20,7 @@ ARG BITSANDBYTES_VERSION=0.50.2
 ARG ACCELERATE_VERSION=1.15.0
 ARG DATASETS_VERSION=5.2.0
 ARG TOKENIZERS_VERSION=0.23.3
+ARG LIGER_KERNEL_VERSION=0.8.5
 
 # The base image's non-root user (uid 1000, group users/100) owns the conda env, so every
 # install below runs as that user: nothing in the image needs root.
@@ -39,7 +40,9 @@ RUN pip install --no-cache-dir --no-build-isolation "deepspeed==${DEEPSPEED_VERS
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users ray_jobs/ ./ray_jobs/
 COPY --chown=ray:users configs/ ./configs/
-RUN pip install --no-cache-dir . \
+# The gpu extra: Liger kernels, which the GPU recipes switch on (train.liger_kernels).
+RUN pip install --no-cache-dir ".[gpu]" \
+      "liger-kernel==${LIGER_KERNEL_VERSION}" \
       "ray[train,data,serve,default]==${RAY_VERSION}" \
       "torch==${TORCH_VERSION}" \
       "deepspeed==${DEEPSPEED_VERSION}" \

@@ -32,11 +32,20 @@ def run_stage(name: str, argv: list[str] | None = None) -> int:
     """`python -m ray_jobs.<name> RECIPE [--set ...]`: load, validate and run one stage."""
     from ray_jobs.pipeline import STAGES
 
-    args = recipe_parser(f"python -m ray_jobs.{name}", f"medtune {name} stage").parse_args(argv)
+    parser = recipe_parser(f"python -m ray_jobs.{name}", f"medtune {name} stage")
+    if name == "train":
+        parser.add_argument(
+            "--run",
+            help="run name (runs/NAME/ in storage): the same name again resumes from its last checkpoint; "
+            "default train.run_name, else <name>-<training hash>-<dataset fingerprint>",
+        )
+        parser.add_argument("--force", action="store_true", help="train a finished run again, under a new run name")
+    args = parser.parse_args(argv)
+    options = {"run_name": args.run, "force": args.force} if name == "train" else {}
     _configure_logging()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        STAGES[name](recipe)
+        STAGES[name](recipe, **options)
     except (MedtuneError, FileNotFoundError) as error:
         return report(error)
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray_jobs.core.artifacts import DatasetRef
 from ray_jobs.core.recipe import Recipe
+from ray_jobs.core.requirements import check_packages
 
 
 def preprocess(recipe: Recipe) -> DatasetRef:
@@ -34,12 +35,14 @@ def evaluate(recipe: Recipe, adapter: str | None = None) -> dict[str, Any]:
     """The preprocessed dataset, then evaluation; prints the headline figures."""
     from ray_jobs.evaluate.run import main
 
+    check_packages(recipe, "evaluate")
     return main(recipe, preprocess(recipe), adapter)
 
 
 def serve(recipe: Recipe):
     from ray_jobs.serve.deployment import main
 
+    check_packages(recipe, "serve")
     return main(recipe)
 
 

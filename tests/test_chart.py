@@ -657,7 +657,8 @@ def test_train_job_runs_the_recipe(chart: helm.Chart) -> None:
     own = objects(render(chart, CASES["profile-gpu-4x8"]))
     (job,) = by_kind(own, "RayJob")
     spec = job["spec"]
-    assert spec["entrypoint"] == "python -m ray_jobs.train /etc/medtune/recipe.yaml"
+    # A stable run name, so a retried or resubmitted job resumes the run from its checkpoints.
+    assert spec["entrypoint"] == f"python -m ray_jobs.train /etc/medtune/recipe.yaml --run {job['metadata']['name']}"
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["submissionMode"] == "K8sJobMode" and "rayClusterSpec" in spec and "clusterSelector" not in spec
     assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"env_vars": {"NCCL_DEBUG": "WARN"}}
@@ -949,7 +950,8 @@ def test_train_job_follows_values(chart: helm.Chart, case: Case) -> None:
     assert len(jobs) == (1 if v["trainJob"]["enabled"] else 0)
     for job in jobs:
         spec, want = job["spec"], v["trainJob"]
-        assert spec["entrypoint"] == "python -m ray_jobs.train /etc/medtune/recipe.yaml"
+        run = want.get("runName") or job["metadata"]["name"]
+        assert spec["entrypoint"] == f"python -m ray_jobs.train /etc/medtune/recipe.yaml --run {run}"
         assert (spec["submissionMode"], spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (
             want["submissionMode"],
             want["backoffLimit"],

@@ -127,7 +127,9 @@ def test_dockerfile_install_steps(variant: str) -> None:
 
     torch_at = next(i for i, r in enumerate(pip_runs) if '"torch==${TORCH_VERSION}" --index-url' in r)
     deepspeed_at = next(i for i, r in enumerate(pip_runs) if "deepspeed==" in r and "--no-build-isolation" in r)
-    package_at = next(i for i, r in enumerate(pip_runs) if re.search(r"pip install --no-cache-dir \. ", r))
+    package_at = next(
+        i for i, r in enumerate(pip_runs) if re.search(r'pip install --no-cache-dir (\.|"\.\[gpu\]") ', r)
+    )
     assert torch_at < deepspeed_at < package_at
     index = {"gpu": "https://download.pytorch.org/whl/${CUDA_TAG}", "cpu": "https://download.pytorch.org/whl/cpu"}[
         variant
@@ -237,3 +239,44 @@ def test_the_vllm_image_installs_vllm_and_its_torch_first_then_medtune_with_the_
     assert '"transformers==${VLLM_TRANSFORMERS_VERSION}"' in package and "TORCH_VERSION}" not in package.replace(
         "VLLM_TORCH", ""
     )
+
+
+def test_the_gpu_image_installs_the_gpu_extra_with_its_pinned_liger(pins: dict[str, str]) -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (liger,) = [Requirement(r) for r in project["optional-dependencies"]["gpu"] if r.startswith("liger-kernel")]
+    assert liger.specifier.contains(Version(pins["LIGER_KERNEL_VERSION"]))
+    runs = " ".join(arguments for name, arguments in instructions(DOCKERFILES["gpu"]) if name == "RUN")
+    assert '".[gpu]"' in runs and '"liger-kernel==${LIGER_KERNEL_VERSION}"' in runs
+
+
+def image_packages(variant: str) -> set[str]:
+    """Distributions a training image installs: medtune's dependencies, the extras it names,
+    and the packages its Dockerfile pins."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runs = " ".join(arguments for name, arguments in instructions(DOCKERFILES[variant]) if name == "RUN")
+    names = {Requirement(r).name for r in project["dependencies"]}
+    for extra, requirements in project["optional-dependencies"].items():
+        if f".[{extra}]" in runs:
+            names |= {Requirement(r).name for r in requirements}
+    names |= set(re.findall(r'"([a-z0-9_.-]+)(?:\[[^\]]*\])?==', runs))
+    return {name.replace("_", "-").lower() for name in names}
+
+
+@pytest.mark.parametrize("recipe_file", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_finds_the_packages_it_needs_in_the_image(recipe_file: Path) -> None:
+    from ray_jobs.core.recipe import load_recipe
+    from ray_jobs.core.requirements import needs
+
+    recipe = load_recipe(recipe_file)
+    variant = "gpu" if recipe.train.gpus_per_worker else "cpu"
+    installed = image_packages(variant)
+    for stage in ("train", "evaluate"):
+        for need in needs(recipe, stage):
+            wanted = Requirement(need.install)
+            if wanted.name == "medtune":
+                project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+                for extra in wanted.extras:
+                    for requirement in project["optional-dependencies"][extra]:
+                        assert Requirement(requirement).name in installed, (recipe_file.name, need.key, variant)
+            else:
+                assert wanted.name in installed, (recipe_file.name, need.key, variant)

@@ -11,8 +11,14 @@ fingerprint; each run keeps its own run name, checkpoints and adapter version.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,11 +26,13 @@ import torch
 
 from ray_jobs import pipeline
 from ray_jobs.core.modeling import collate, summed_loss
-from ray_jobs.core.recipe import parse_recipe
+from ray_jobs.core.recipe import parse_recipe, recipe_to_yaml
+from ray_jobs.core.requirements import MissingPackageError, check_packages
 from ray_jobs.core.storage import Storage, adapter_prefix, run_prefix
 from ray_jobs.synthetic import entity_rows
 from ray_jobs.train import run as train_run
 from ray_jobs.train.checkpointing import ADAPTER_DIR, STATE_FILE
+from ray_jobs.train.identity import RunConflictError, default_run_name
 from ray_jobs.train.tracking import METRICS_FILE, TensorboardFolder
 
 SYSTEM = "Extract the entities from the text as JSON."
@@ -259,6 +267,7 @@ def test_a_missing_deepspeed_profile_is_refused_before_ray_starts(tmp_path: Path
 
 
 # --------------------------------------------------------------------------- preflight on a real cluster
+REPO = Path(__file__).resolve().parents[1]
 LOCAL = "local"
 """Recipe name of every run on the shared local storage: one name, one preprocessed dataset."""
 
@@ -412,11 +421,30 @@ def test_checkpoints_hold_adapter_optimizer_scheduler_rng_and_data_position(s3_l
     assert any("tfevents" in f for f in tensorboard)
 
 
-@pytest.mark.slow
-def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_ends(local_runs):
+def resumable_recipe(data: Path, root: str):
+    return tiny_recipe(
+        LOCAL, data, root, train={"max_steps": 6, "checkpoint_every": 2, "max_failures": 1, "workers": 2}
+    )
+
+
+@pytest.fixture(scope="module")
+def unbroken(local_runs):
+    """The reference: the resumable recipe trained without any failure."""
     data, root = local_runs
-    recipe = tiny_recipe(LOCAL, data, root, train={"max_steps": 6, "checkpoint_every": 2, "max_failures": 1})
-    unbroken = pipeline.train(recipe, run_name=f"{LOCAL}-unbroken")
+    return pipeline.train(resumable_recipe(data, root), run_name=f"{LOCAL}-unbroken")
+
+
+def assert_same_weights(expected_dir: Path, got_dir: Path) -> None:
+    expected, got = adapter_tensors(expected_dir), adapter_tensors(got_dir)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_where_an_unbroken_run_ends(local_runs, unbroken):
+    data, root = local_runs
+    recipe = resumable_recipe(data, root)
     # The worker process exits hard (os._exit) right after optimizer step 5, as an OOM kill would.
     broken = pipeline.train(recipe, run_name=f"{LOCAL}-broken", fault_at_step=5)
     assert broken.run != unbroken.run and broken.adapter_uri != unbroken.adapter_uri
@@ -431,10 +459,84 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_where_an_unbroken_
     metrics = Storage.from_uri(root).read_text(f"{run_prefix(broken.run)}/tensorboard/metrics.jsonl").splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3, 4, 5, 6]
     # Same data order and RNG after the restart: the same weights as the run that never broke.
-    expected, got = adapter_tensors(Path(unbroken.adapter_uri)), adapter_tensors(Path(broken.adapter_uri))
-    assert expected.keys() == got.keys()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
+    assert_same_weights(Path(unbroken.adapter_uri), Path(broken.adapter_uri))
+
+
+def train_command(recipe_file: Path, run: str) -> list[str]:
+    return [sys.executable, "-m", "ray_jobs.train", str(recipe_file), "--run", run]
+
+
+def own_cluster_env() -> dict[str, str]:
+    # A fresh local Ray cluster per command, never the test session's: killing it must not
+    # touch the session's cluster.
+    return {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+def kill_with_its_cluster(process: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process it started (raylet, GCS, workers): a lost head pod."""
+    import psutil
+
+    family = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_after_the_whole_cluster_is_lost_the_same_command_resumes_and_ends_like_an_unbroken_run(
+    local_runs, unbroken, tmp_path: Path
+):
+    data, root = local_runs
+    recipe = resumable_recipe(data, root)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(recipe_to_yaml(recipe))
+    run = f"{LOCAL}-lost-cluster"
+    runs = Path(root) / run_prefix(run)
+    first = subprocess.Popen(train_command(recipe_file, run), env=own_cluster_env(), cwd=REPO)
+    deadline = time.time() + 600
+    # Kill as soon as Ray Train has recorded a checkpoint (its snapshot names it).
+    while not (runs / "checkpoint_manager_snapshot.json").exists():
+        assert first.poll() is None, "the first attempt ended before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.2)
+    kill_with_its_cluster(first)
+
+    second = subprocess.run(
+        train_command(recipe_file, run), env=own_cluster_env(), cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming {LOCAL}" in second.stdout
+    published = Path(root) / "adapters" / LOCAL
+    lineages = [json.loads(p.read_text()) for p in published.glob("*/lineage.json")]
+    resumed = [lin for lin in lineages if lin["run"].endswith(run)]
+    assert len(resumed) == 1 and resumed[0]["final_metrics"]["resumed_from_step"] >= 2
+    assert_same_weights(Path(unbroken.adapter_uri), published / resumed[0]["version"])
+
+    # Submitting the finished run again trains nothing: it names the adapter it already made.
+    third = subprocess.run(
+        train_command(recipe_file, run), env=own_cluster_env(), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert third.returncode == 0 and "already finished" in third.stdout
+    assert len(list(published.glob("*/lineage.json"))) == len(lineages)
+
+
+def test_a_run_name_taken_by_another_recipe_is_refused(local_runs, unbroken):
+    data, root = local_runs
+    other = tiny_recipe(LOCAL, data, root, train={"max_steps": 7, "checkpoint_every": 2, "workers": 2})
+    with pytest.raises(RunConflictError, match=r"local-unbroken.*another recipe.*--run NAME"):
+        pipeline.train(other, run_name=f"{LOCAL}-unbroken")
+
+
+def test_a_plain_resubmission_gets_the_same_default_run_name(local_runs):
+    data, root = local_runs
+    recipe = resumable_recipe(data, root)
+    dataset = pipeline.preprocess(recipe)
+    name = default_run_name(recipe, dataset)
+    assert name == default_run_name(resumable_recipe(data, root), dataset)
+    assert name.startswith(f"{LOCAL}-{recipe.training_hash()[:8]}-")
+    changed_eval = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_samples": 3})})
+    assert default_run_name(changed_eval, dataset) == name  # evaluation settings do not restart training
 
 
 @pytest.mark.slow
@@ -480,16 +582,30 @@ def test_deepspeed_saves_the_gathered_adapter_equal_to_its_own_checkpoint(local_
 
 
 @pytest.mark.parametrize(
-    ("key", "value", "package"),
-    [("mlflow_uri", "http://mlflow.internal:5000", "mlflow"), ("wandb_project", "medtune", "wandb")],
+    ("train", "model", "key", "module", "install"),
+    [
+        (
+            {"tracking": {"mlflow_uri": "http://mlflow.internal:5000"}},
+            {},
+            "train.tracking.mlflow_uri",
+            "mlflow",
+            "mlflow",
+        ),
+        ({"tracking": {"wandb_project": "medtune"}}, {}, "train.tracking.wandb_project", "wandb", "wandb"),
+        ({"liger_kernels": True}, {}, "train.liger_kernels", "liger_kernel", "medtune[gpu]"),
+        ({}, {"quantization": "4bit"}, "model.quantization", "bitsandbytes", "bitsandbytes"),
+        ({"deepspeed": "zero2"}, {}, "train.deepspeed", "deepspeed", "deepspeed"),
+    ],
 )
-def test_configured_tracking_without_its_package_is_refused_before_training(tmp_path, monkeypatch, key, value, package):
+def test_a_package_the_recipe_needs_is_checked_before_training_with_its_install_line(
+    tmp_path, monkeypatch, train, model, key, module, install
+):
     import sys
 
-    monkeypatch.setitem(sys.modules, package, None)  # Python's own "not installed": imports and find_spec fail
-    recipe = tiny_recipe("x", tmp_path / "notes.json", str(tmp_path), train={"tracking": {key: value}})
-    with pytest.raises(train_run.TrainError, match=f"train.tracking.{key} is set but the {package} package"):
-        train_run.check_tracking(recipe)
-    train_run.check_tracking(
-        tiny_recipe("x", tmp_path / "notes.json", str(tmp_path))
-    )  # not configured: no network, no error
+    monkeypatch.setitem(sys.modules, module, None)  # Python's own "not installed": imports and find_spec fail
+    recipe = tiny_recipe("x", tmp_path / "notes.json", str(tmp_path), train=train, model=model)
+    with pytest.raises(
+        MissingPackageError, match=rf"{re.escape(key)} needs {module}: pip install '{re.escape(install)}'"
+    ):
+        check_packages(recipe, "train")
+    check_packages(tiny_recipe("x", tmp_path / "notes.json", str(tmp_path)), "train")  # not asked for: no error

@@ -85,10 +85,16 @@ def resolve_model_dir(model: ModelConfig | str, storage: Storage) -> str:
     return base  # a hub id
 
 
-def load_tokenizer(model_dir: str, revision: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(
+    model_dir: str, revision: str | None = None, trust_remote_code: bool = False, chat_template: str | None = None
+):
+    """The base model's tokenizer; `chat_template` (model.chat_template's Jinja) replaces the
+    one it ships, or gives one to a base model that ships none."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, revision=revision, trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
         # Many base models ship without a pad token; eos is the usual stand-in and is only
         # ever used where labels are -100 or attention is masked.

@@ -85,6 +85,17 @@ class ModelConfig(Section):
     """Run model code shipped with the checkpoint. Off unless you trust its author."""
     family: Literal["auto", "llama", "qwen2", "mistral", "gemma", "other"] = "auto"
     """Model family, for generation defaults; `auto` guesses from the base name."""
+    chat_template: str | None = None
+    """For a base model whose tokenizer has no chat template (Mistral-7B-v0.1, DialoGPT): a
+    named one (chatml, llama3, mistral, gemma, alpaca), a Jinja string, or a file holding one.
+    Set on the tokenizer in every stage and saved with the adapter. Stored as its Jinja text."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_text(cls, value: str | None) -> str | None:
+        from ray_jobs.core.chat_templates import resolve_chat_template
+
+        return None if value is None else resolve_chat_template(value)
 
     @field_validator("base")
     @classmethod
@@ -365,6 +376,11 @@ class TrainConfig(Section):
     liger_kernels: bool = False
     """Fused Triton kernels from Liger on GPU (RMSNorm, RoPE, SwiGLU, and a fused linear
     cross-entropy that never materialises the logits). Ignored on CPU."""
+    run_name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    """The training run's name: runs/<run_name>/ holds its checkpoints. Submitting the same run
+    again resumes from its last complete checkpoint (after a lost driver, head pod or cluster);
+    a finished run is not trained again. Default: <name>-<training hash>-<dataset fingerprint>,
+    so a plain resubmission of an unchanged recipe resumes. `medtune train --run NAME` sets it."""
     checkpoint_every: PositiveInt = 200
     """Optimizer steps between checkpoints (one is always written at the end)."""
     keep_checkpoints: PositiveInt = 2
@@ -457,12 +473,26 @@ class Recipe(Section):
         return {
             "model": self.model.base,
             "revision": self.model.revision,
+            "chat_template": self.model.chat_template,
             "data": self.data.model_dump(mode="json"),
         }
 
     def recipe_hash(self) -> str:
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def training_hash(self) -> str:
+        """Hash of what a training run's checkpoints depend on (model, data, LoRA, training
+        settings): a run resumes only under the same one. The run's name, its restart budget
+        and tracking, and the eval and serve sections may change between submissions."""
+        train = self.train.model_dump(mode="json", exclude={"run_name", "max_failures", "tracking"})
+        blob = {
+            "model": self.model.model_dump(mode="json"),
+            "data": self.data.model_dump(mode="json"),
+            "lora": self.lora.model_dump(mode="json"),
+            "train": train,
+        }
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cross_field_problems(recipe: Recipe) -> list[str]:

@@ -83,7 +83,9 @@ def evaluate_shard(
     storage = Storage.from_uri(recipe.storage.root)
     name, version = adapter
     model_dir = resolve_model_dir(recipe.model, storage)
-    tokenizer = load_tokenizer(model_dir, recipe.model.revision, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_dir, recipe.model.revision, recipe.model.trust_remote_code, recipe.model.chat_template
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine, why = "hf", "no generated answers to score"
     if generative:
@@ -252,7 +254,10 @@ def run(recipe: Recipe, dataset: DatasetRef, adapter: str | None = None) -> dict
     from ray_jobs.core.modeling import load_tokenizer, resolve_model_dir
 
     tokenizer = load_tokenizer(
-        resolve_model_dir(recipe.model, storage), recipe.model.revision, recipe.model.trust_remote_code
+        resolve_model_dir(recipe.model, storage),
+        recipe.model.revision,
+        recipe.model.trust_remote_code,
+        recipe.model.chat_template,
     )
     report: dict[str, Any] = {
         "recipe": recipe.name,

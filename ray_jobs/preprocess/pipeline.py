@@ -287,9 +287,16 @@ def _near_dedupe(converted, threshold: float):
 class TokenizeBatch:
     """Chat template + prompt masking with the base model's own tokenizer."""
 
-    def __init__(self, model_dir: str, data: dict[str, Any], revision: str | None, trust_remote_code: bool):
+    def __init__(
+        self,
+        model_dir: str,
+        data: dict[str, Any],
+        revision: str | None,
+        trust_remote_code: bool,
+        chat_template: str | None = None,
+    ):
         self.data = DataConfig.model_validate(data)
-        self.tokenizer = load_tokenizer(model_dir, revision, trust_remote_code)
+        self.tokenizer = load_tokenizer(model_dir, revision, trust_remote_code, chat_template)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         reasons = list(batch["reject_reason"])
@@ -497,6 +504,7 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
             "data": data_dict,
             "revision": recipe.model.revision,
             "trust_remote_code": recipe.model.trust_remote_code,
+            "chat_template": recipe.model.chat_template,
         },
     )
 

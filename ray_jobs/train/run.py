@@ -31,7 +31,9 @@ from typing import Any
 from ray_jobs.core.artifacts import DatasetRef, Lineage, stamp_artifact
 from ray_jobs.core.errors import MedtuneError
 from ray_jobs.core.recipe import Recipe
+from ray_jobs.core.requirements import check_packages
 from ray_jobs.core.storage import Storage, adapter_prefix, run_prefix
+from ray_jobs.train.identity import claim_run, finish_run
 from ray_jobs.train.plan import PLAN_KEY, WorkerPlan
 from ray_jobs.train.tracking import TensorboardFolder
 
@@ -66,22 +68,6 @@ def deepspeed_config(recipe: Recipe) -> dict[str, Any] | None:
         raise TrainError(f"train.deepspeed: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
-def check_tracking(recipe: Recipe) -> None:
-    """MLflow / W&B are used only when configured, and then must be installed (no silent skip)."""
-    import importlib.util
-
-    tracking = recipe.train.tracking
-    for key, value, module in (
-        ("mlflow_uri", tracking.mlflow_uri, "mlflow"),
-        ("wandb_project", tracking.wandb_project, "wandb"),
-    ):
-        if value and importlib.util.find_spec(module) is None:
-            raise TrainError(
-                f"train.tracking.{key} is set but the {module} package is not installed on the "
-                f"driver; pip install {module} (and bake it into the image) or remove the key"
-            )
-
-
 def check_resources(recipe: Recipe) -> None:
     import ray
 
@@ -114,11 +100,12 @@ def steps_per_epoch(train_rows: int, recipe: Recipe) -> int:
 
 def preflight(recipe: Recipe) -> dict[str, Any] | None:
     """What can fail before any data is read or worker started: the DeepSpeed profile (returned),
-    the tracking settings and the Ray cluster's resources. Raises TrainError."""
+    the optional packages the recipe needs and the Ray cluster's resources. Raises TrainError
+    or MissingPackageError."""
     import ray
 
     ds_config = deepspeed_config(recipe)
-    check_tracking(recipe)
+    check_packages(recipe, "train")
     if not ray.is_initialized():
         ray.init()
     check_resources(recipe)
@@ -126,9 +113,17 @@ def preflight(recipe: Recipe) -> dict[str, Any] | None:
 
 
 def run(
-    recipe: Recipe, dataset: DatasetRef, *, run_name: str | None = None, fault_at_step: int | None = None
+    recipe: Recipe,
+    dataset: DatasetRef,
+    *,
+    run_name: str | None = None,
+    force: bool = False,
+    fault_at_step: int | None = None,
 ) -> TrainResult:
-    """Train on `dataset` (preprocess's output for this recipe) and publish the adapter."""
+    """Train on `dataset` (preprocess's output for this recipe) and publish the adapter.
+
+    The run resumes from its last checkpoint when one exists in storage (`identity`), and a
+    finished run returns its adapter without training unless `force`."""
     import ray
     import ray.data
 
@@ -147,9 +142,20 @@ def run(
         )
     total_steps = recipe.train.max_steps or per_epoch * recipe.train.epochs
     model_dir = resolve_model_dir(recipe.model, storage)
-    tokenizer = load_tokenizer(model_dir, recipe.model.revision, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_dir, recipe.model.revision, recipe.model.trust_remote_code, recipe.model.chat_template
+    )
 
-    run_name = run_name or f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name, record, existed = claim_run(storage, recipe, dataset, run_name, force=force)
+    if record.adapter:
+        print(
+            f"[medtune] run {run_name} already finished: adapter {recipe.name}@{record.adapter['version']} at "
+            f"{record.adapter['uri']} (medtune train --force trains again under a new run name)",
+            flush=True,
+        )
+        return TrainResult(
+            run_name, recipe.name, record.adapter["version"], record.adapter["uri"], record.adapter["metrics"]
+        )
     has_eval = bool(dataset.stats["rows_out"].get("eval"))
     datasets = {"train": ray.data.read_parquet(storage.path(dataset.train_path), filesystem=storage.filesystem)}
     if has_eval:
@@ -179,8 +185,8 @@ def run(
     )
     trainer = torch_trainer(plan, datasets, storage)
     print(
-        f"[medtune] training {recipe.name}: {recipe.train.workers} worker(s), {total_steps} steps, "
-        f"{packed_rows} packed rows, run {storage.uri(run_prefix(run_name))}",
+        f"[medtune] {'resuming' if existed else 'training'} {recipe.name}: {recipe.train.workers} worker(s), "
+        f"{total_steps} steps, {packed_rows} packed rows, run {storage.uri(run_prefix(run_name))}",
         flush=True,
     )
     try:
@@ -194,7 +200,8 @@ def run(
     if best is None:
         raise TrainError("training finished without a checkpoint; see the Ray logs of the run")
     checkpoint, metrics = best
-    version = run_name.removeprefix(f"{recipe.name}-")
+    # Versions name the time of publishing: "latest" is the last one by name.
+    version = time.strftime("%Y%m%d-%H%M%S")
     lineage = Lineage(
         kind="trained",
         name=recipe.name,
@@ -211,6 +218,7 @@ def run(
         final_metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
     )
     uri = publish_adapter(storage, checkpoint, recipe, version, tokenizer, lineage)
+    finish_run(storage, record, {"name": recipe.name, "version": version, "uri": uri, "metrics": lineage.metrics})
     print(f"[medtune] adapter published: {uri}", flush=True)
     return TrainResult(run_name, recipe.name, version, uri, lineage.metrics)
 

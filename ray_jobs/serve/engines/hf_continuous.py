@@ -108,7 +108,9 @@ class ContinuousEngine:
             )
         )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = load_tokenizer(model_dir, model_cfg.revision, model_cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            model_dir, model_cfg.revision, model_cfg.trust_remote_code, model_cfg.chat_template
+        )
         self.model = load_model(model_cfg, model_dir, device=self.device).eval()
         self.bank = LoRABank(self.model, max_loaded_adapters + 1)
         self.max_loaded, self.max_batch_size = max_loaded_adapters, max_batch_size

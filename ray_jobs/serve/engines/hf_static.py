@@ -109,7 +109,9 @@ class StaticEngine:
         from ray_jobs.core.modeling import load_model, load_tokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = load_tokenizer(model_dir, model_cfg.revision, model_cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            model_dir, model_cfg.revision, model_cfg.trust_remote_code, model_cfg.chat_template
+        )
         self.tokenizer.padding_side = "left"
         self.model = load_model(model_cfg, model_dir, device=self.device)
         self.model.eval()

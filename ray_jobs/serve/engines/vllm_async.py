@@ -45,7 +45,9 @@ class VLLMEngine:
         log.info("starting vLLM: %s", {k: v for k, v in args.items() if k not in ("model", "tokenizer")})
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self.device = "cuda"
-        self.tokenizer = load_tokenizer(model_dir, recipe.model.revision, recipe.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            model_dir, recipe.model.revision, recipe.model.trust_remote_code, recipe.model.chat_template
+        )
         self.context_length = self.engine.vllm_config.model_config.max_model_len
         self.max_lora_rank, self.max_loaded = args["max_lora_rank"], recipe.serve.max_loaded_adapters
         self.loaded: OrderedDict[str, str] = OrderedDict()  # key -> local path, least recently used first
