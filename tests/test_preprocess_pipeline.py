@@ -414,7 +414,15 @@ def test_near_duplicates_in_different_blocks_of_one_file_are_found(tmp_path: Pat
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     info = pipeline.run(
-        recipe_for("blocks", tmp_path / "storage", [str(path)], eval_fraction=0.0, clean={"near_dedupe": True})
+        # Also the fixed actor pool for the PHI scrubber (data.phi.actors).
+        recipe_for(
+            "blocks",
+            tmp_path / "storage",
+            [str(path)],
+            eval_fraction=0.0,
+            clean={"near_dedupe": True},
+            phi={"actors": 1},
+        )
     )
 
     assert rejects(tmp_path / "storage", info) == [{"row_id": "notes.jsonl:650", "reason": "near_duplicate"}]

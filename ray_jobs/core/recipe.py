@@ -193,6 +193,10 @@ class PhiConfig(Section):
     add to the word lists. Install it into the image; medtune never downloads one."""
     types: list[PhiType] | None = None
     """Identifier types to scrub. Default: every type the engine finds."""
+    actors: PositiveInt | None = None
+    """Scrub in a fixed pool of this many Ray actors instead of Ray Data's tasks: bounds the
+    copies of a large `model` in memory. Default: tasks, each worker process loading the
+    scrubber once (faster: benchmarks/README.md, "PHI engine in Ray Data")."""
     replacement: Literal["tag", "surrogate"] = "tag"
     """tag: `[NAME]`. surrogate: `[NAME_1]`, `[NAME_2]`, numbered per row, so one person or
     date keeps one tag in the prompt and the answer, and two people stay apart."""
