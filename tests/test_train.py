@@ -229,6 +229,67 @@ def test_the_trainer_steps_outside_ray_train_as_benchmarks_call_it(tmp_path: Pat
     assert second.loss < first.loss
 
 
+def publish_random_adapter(root: Path, model_dir: Path, name: str, *, r: int = 4) -> None:
+    """A LoRA adapter with non-zero (random) weights, published as adapters/<name>/v1."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(11)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "lora_B" in key:
+                param.normal_(std=0.05)
+    model.save_pretrained(root / "scratch" / name)
+    Storage.from_uri(str(root)).upload_dir(root / "scratch" / name, adapter_prefix(name, "v1"))
+
+
+def test_init_from_starts_training_from_the_parent_adapters_weights(tmp_path: Path, tiny_llama_dir: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ray_jobs.train.plan import WorkerPlan
+    from ray_jobs.train.trainer import Trainer, WorkerContext
+
+    publish_random_adapter(tmp_path, tiny_llama_dir, "parent")
+    recipe = tiny_recipe("child", tmp_path / "notes.json", str(tmp_path), lora={"init_from": "parent"})
+    assert train_run.parent_adapter(recipe, Storage.from_uri(str(tmp_path))) == ("parent", "v1")
+    plan = WorkerPlan(
+        recipe=recipe,
+        model_dir=str(tiny_llama_dir),
+        total_steps=2,
+        pad_id=0,
+        has_eval=False,
+        init_adapter=("parent", "v1"),
+    )
+    trainer = Trainer(plan, WorkerContext(rank=0, world=1, device=torch.device("cpu")))
+    trainer.setup()
+    ids = torch.tensor([[5, 17, 42, 9, 33, 8]])
+    parent = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), tmp_path / "scratch" / "parent"
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        got, expected = trainer.model.eval()(input_ids=ids).logits, parent.eval()(input_ids=ids).logits
+        plain = base.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # step 0 is the parent
+    assert not torch.allclose(got, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("lora", "problem"),
+    [({"r": 8}, r"rank 4 \(lora.r is 8\)"), ({"targets": "mlp"}, r"target modules .*k_proj.* \(lora.targets gives")],
+)
+def test_init_from_a_parent_of_another_shape_is_refused_naming_the_keys(tmp_path, tiny_llama_dir, lora, problem):
+    publish_random_adapter(tmp_path, tiny_llama_dir, "parent")
+    recipe = tiny_recipe("child", tmp_path / "notes.json", str(tmp_path), lora={"init_from": "parent@v1", **lora})
+    with pytest.raises(train_run.TrainError, match=rf"lora.init_from: parent@v1 has {problem}"):
+        train_run.parent_adapter(recipe, Storage.from_uri(str(tmp_path)))
+
+
 def test_the_crash_hook_is_installed_only_when_asked_for(tmp_path: Path, tiny_llama_dir: Path, monkeypatch):
     from ray_jobs.train.trainer import FAULT_ENV, CrashOnceAtStep, fault_hooks
 

@@ -313,6 +313,10 @@ class LoraConfig(Section):
     """Rank-stabilised scaling (alpha / sqrt(r))."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA)."""
+    init_from: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}(@[A-Za-z0-9._-]+)?$")] | None = None
+    """Continue training a published adapter, `name` (its latest version) or `name@version`,
+    instead of starting from zero. It must have this recipe's rank and target modules; its
+    lineage records it as the parent."""
 
     @model_validator(mode="after")
     def _servable(self) -> LoraConfig:

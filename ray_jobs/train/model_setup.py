@@ -45,9 +45,17 @@ def build_model(cfg: dict[str, Any], device, zero3: bool):
 
 
 def load_training_model(
-    model_cfg: ModelConfig, lora: LoraConfig, train: TrainConfig, model_dir: str, device, *, zero3: bool
+    model_cfg: ModelConfig,
+    lora: LoraConfig,
+    train: TrainConfig,
+    model_dir: str,
+    device,
+    *,
+    zero3: bool,
+    init_adapter_dir: str | None = None,
 ):
-    """Load the base (quantised as asked), wrap it with LoRA unless full fine-tuning."""
+    """Load the base (quantised as asked), wrap it with LoRA unless full fine-tuning; with
+    `init_adapter_dir`, the LoRA weights start as that adapter's (lora.init_from)."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -94,6 +102,8 @@ def load_training_model(
                 task_type="CAUSAL_LM",
             ),
         )
+        if init_adapter_dir is not None:
+            load_parent_adapter(model, init_adapter_dir)
         trainable_in_fp32(model)
     # `auto` starts without; the Trainer turns it on after a probe step if needed.
     if train.gradient_checkpointing is True:
@@ -101,6 +111,24 @@ def load_training_model(
     if device is not None and torch.device(device).type == "cpu":
         model = model.float() if model_cfg.quantization == "none" else model
     return model
+
+
+def load_parent_adapter(model, adapter_dir: str) -> None:
+    """Copy a published adapter's weights into the freshly wrapped model (same rank and
+    targets: the driver checked), so training continues from them."""
+    from pathlib import Path
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"lora.init_from: the adapter in {adapter_dir} does not fit this model "
+            f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})"
+        )
 
 
 def trainable_in_fp32(model) -> None:

@@ -35,6 +35,8 @@ class WorkerPlan:
     """The DeepSpeed profile as loaded from its JSON file; None trains with DDP (or alone)."""
     tensorboard: TensorboardFolder | None = None
     """Where rank 0 writes TensorBoard events and metrics.jsonl; None writes neither."""
+    init_adapter: tuple[str, str] | None = None
+    """(name, version) of the published adapter that lora.init_from continues, resolved by the driver."""
     fault_at_step: int | None = None
     """Test hook: rank 0 exits hard once at this optimizer step, to exercise resume."""
     fault_marker: str | None = None

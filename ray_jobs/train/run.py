@@ -91,6 +91,31 @@ def check_resources(recipe: Recipe) -> None:
         )
 
 
+def parent_adapter(recipe: Recipe, storage: Storage) -> tuple[str, str] | None:
+    """(name, version) of lora.init_from, checked against the recipe: full fine-tuning cannot
+    continue an adapter, and the parent must have this recipe's rank and target modules."""
+    spec = recipe.lora.init_from
+    if spec is None:
+        return None
+    from ray_jobs.core.artifacts import resolve_adapter
+    from ray_jobs.train.model_setup import lora_targets
+
+    if recipe.train.method != "lora":
+        raise TrainError("lora.init_from continues a LoRA adapter: it needs train.method: lora")
+    name, version = resolve_adapter(storage, spec)
+    parent = json.loads(storage.read_text(posixpath.join(adapter_prefix(name, version), "adapter_config.json")))
+    problems = []
+    if parent.get("r") != recipe.lora.r:
+        problems.append(f"rank {parent.get('r')} (lora.r is {recipe.lora.r})")
+    wanted = lora_targets(recipe.lora.targets)
+    theirs = parent.get("target_modules")
+    if wanted != "all-linear" and sorted(set(theirs or [])) != sorted(set(wanted)):
+        problems.append(f"target modules {sorted(set(theirs or []))} (lora.targets gives {sorted(set(wanted))})")
+    if problems:
+        raise TrainError(f"lora.init_from: {name}@{version} has {' and '.join(problems)}; match them or train anew")
+    return name, version
+
+
 def steps_per_epoch(train_rows: int, recipe: Recipe) -> int:
     t = recipe.train
     rows_per_worker = train_rows // t.workers
@@ -106,6 +131,7 @@ def preflight(recipe: Recipe) -> dict[str, Any] | None:
 
     ds_config = deepspeed_config(recipe)
     check_packages(recipe, "train")
+    parent_adapter(recipe, Storage.from_uri(recipe.storage.root))
     if not ray.is_initialized():
         ray.init()
     check_resources(recipe)
@@ -167,8 +193,10 @@ def run(
             storage.path(dataset.eval_path), filesystem=storage.filesystem, columns=["input_ids", "labels"]
         ).materialize()
     scratch = Path(tempfile.mkdtemp(prefix="medtune-train-"))
+    parent = parent_adapter(recipe, storage)
     plan = WorkerPlan(
         recipe=recipe,
+        init_adapter=parent,
         model_dir=model_dir,
         total_steps=total_steps,
         pad_id=tokenizer.pad_token_id,
@@ -214,6 +242,7 @@ def run(
         recipe_hash=recipe.recipe_hash(),
         method=recipe.train.method,
         quantization=recipe.model.quantization,
+        parent={"adapter": parent[0], "version": parent[1]} if parent else None,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         final_metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
     )

@@ -147,7 +147,13 @@ class Trainer:
         random.seed(train.seed), np.random.seed(train.seed), torch.manual_seed(train.seed)
         recipe = self.plan.recipe
         self.model = load_training_model(
-            recipe.model, recipe.lora, train, self.plan.model_dir, device, zero3=self.plan.zero3
+            recipe.model,
+            recipe.lora,
+            train,
+            self.plan.model_dir,
+            device,
+            zero3=self.plan.zero3,
+            init_adapter_dir=self._parent_adapter_dir(),
         )
         self.fused = uses_liger(train, device)
         self.checkpointed_layers = self._choose_checkpointing()
@@ -167,6 +173,17 @@ class Trainer:
         if self.plan.deepspeed_config:
             return contextlib.nullcontext()
         return autocast(self.plan.recipe.model, self.worker.device)
+
+    def _parent_adapter_dir(self) -> str | None:
+        """The lora.init_from adapter, downloaded from storage to this worker (once per node)."""
+        if self.plan.init_adapter is None:
+            return None
+        from ray_jobs.core.storage import Storage, adapter_prefix
+
+        name, version = self.plan.init_adapter
+        scratch = Path(tempfile.gettempdir()) / "medtune-parents" / f"{name}@{version}-rank{self.worker.rank}"
+        storage = Storage.from_uri(self.plan.recipe.storage.root)
+        return str(storage.download_dir(adapter_prefix(name, version), scratch, require_complete=True))
 
     def _choose_checkpointing(self) -> int:
         """Turn on `gradient_checkpointing: auto`'s share of layers; returns how many recompute."""
