@@ -1,12 +1,14 @@
 """Export: merge an adapter into its base, or combine several adapters into one.
 
     medtune export RECIPE --adapter quickstart-ner[@VERSION] [--out DIR_OR_S3] [--dtype bf16]
+    medtune export RECIPE --adapter quickstart-ner --gguf [--quant f16|q8_0]
     medtune export RECIPE --combine doctor,patient --weights 0.7,0.3 --method ties \
         --density 0.5 --name clinic-blend
 
 Merging (`merge_and_unload`) writes a standalone model (safetensors + tokenizer) that any
 transformers or vLLM user can load without PEFT, under `<storage>/models/<name>-<version>-merged/`
-unless `--out` says where. Combining (peft `add_weighted_adapter`: linear, TIES, DARE and their
+unless `--out` says where; `--gguf` adds the same model as one GGUF file (Llama, Mistral and
+Qwen2 families with byte-level BPE tokenizers) for llama.cpp and Ollama. Combining (peft `add_weighted_adapter`: linear, TIES, DARE and their
 variants) writes a new adapter version under `<storage>/adapters/<name>/<version>/`, with a
 lineage.json naming its sources and weights, as the audience-adapter seed describes; it is
 then served and evaluated like any trained adapter.
@@ -64,8 +66,9 @@ def _base(recipe: Recipe, storage: Storage, dtype: str):
     return model.to(getattr(torch, DTYPES[dtype])), model_dir
 
 
-def merge(recipe: Recipe, adapter: str, *, out: str | None = None, dtype: str = "bf16") -> str:
-    """Merge `adapter` into the recipe's base and save a standalone model; returns its URI."""
+def merge(recipe: Recipe, adapter: str, *, out: str | None = None, dtype: str = "bf16", gguf: str | None = None) -> str:
+    """Merge `adapter` into the recipe's base and save a standalone model; returns its URI.
+    `gguf` (f16 or q8_0) also writes the merged model as `model-<gguf>.gguf` for llama.cpp."""
     from peft import PeftModel
 
     from ray_jobs.core.modeling import load_tokenizer
@@ -78,7 +81,10 @@ def merge(recipe: Recipe, adapter: str, *, out: str | None = None, dtype: str = 
         merged = PeftModel.from_pretrained(base, str(local)).merge_and_unload()
         target = scratch / "merged"
         merged.save_pretrained(target, safe_serialization=True)
-        load_tokenizer(str(local) if (local / "tokenizer_config.json").exists() else model_dir).save_pretrained(target)
+        tokenizer_dir = str(local) if (local / "tokenizer_config.json").exists() else model_dir
+        load_tokenizer(tokenizer_dir, chat_template=recipe.model.chat_template).save_pretrained(target)
+        if gguf:
+            write_gguf(target, target / f"model-{gguf}.gguf", quant=gguf, name=f"{name}-{version}")
         stamp_artifact(
             target,
             Lineage(
@@ -95,6 +101,105 @@ def merge(recipe: Recipe, adapter: str, *, out: str | None = None, dtype: str = 
         else:
             destination, rel = storage, model_prefix(f"{name}-{version}-merged")
         return destination.upload_dir(target, rel, info={"merged_from": f"{name}@{version}"})
+
+
+GGUF_ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
+"""HF model_type -> gguf.MODEL_ARCH: the families medtune's recipes train."""
+GGUF_QUANTS = ("f16", "q8_0")
+
+
+def write_gguf(model_dir: Path, path: Path, *, quant: str = "f16", name: str = "model") -> Path:
+    """Write a saved HF model (merged, standalone) as one GGUF file with llama.cpp's `gguf`
+    package: its tensors under llama.cpp's names (Q/K rows permuted as llama.cpp's converter
+    does for the Llama family), the architecture's metadata, and the tokenizer's BPE vocab,
+    merges, special ids and chat template."""
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("model_type") not in GGUF_ARCHITECTURES:
+        raise ExportError(
+            f"--gguf: model_type {config.get('model_type')!r} is not one of {sorted(GGUF_ARCHITECTURES)}; "
+            "use llama.cpp's convert_hf_to_gguf.py on the merged model"
+        )
+    if quant not in GGUF_QUANTS:
+        raise ExportError(f"--quant {quant!r} is not one of {', '.join(GGUF_QUANTS)}")
+    arch = gguf.MODEL_ARCH[GGUF_ARCHITECTURES[config["model_type"]]]
+    heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+    _gguf_tokenizer(writer, AutoTokenizer.from_pretrained(model_dir), model_dir)
+
+    names = gguf.get_tensor_name_map(arch, layers)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    for hf_name, tensor in state.items():
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ExportError(f"--gguf: no llama.cpp name for tensor {hf_name}")
+        data = tensor.float().numpy()
+        if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            # llama.cpp's rotary embedding pairs dimensions differently from HF's: permute as its converter does.
+            n = heads if hf_name.endswith("q_proj.weight") else kv_heads
+            data = data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+        if data.ndim == 1:
+            writer.add_tensor(gguf_name, data.astype("float32"))
+        elif quant == "q8_0" and data.shape[-1] % 32 == 0:
+            quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gguf_name, data.astype("float16"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _gguf_tokenizer(writer, tokenizer, model_dir: Path) -> None:
+    """A byte-level BPE tokenizer (what the Llama 3, Qwen2 and the tiny models use) as
+    llama.cpp's "gpt2" tokenizer model."""
+    import gguf
+
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ExportError("--gguf: only byte-level BPE tokenizers are written; use llama.cpp's converter")
+    vocab = tokenizer.get_vocab()
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    for token, index in vocab.items():
+        tokens[index] = token
+    special = set(tokenizer.all_special_ids) | {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for add, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
+        if token_id is not None:
+            add(token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
 
 
 def combine(
@@ -172,6 +277,8 @@ def main(argv: list[str]) -> int:
     what.add_argument("--combine", help="comma-separated NAME[@VERSION] list to combine into one adapter")
     parser.add_argument("--out", help="merge: where to write the model (directory or s3://); default <storage>/models/")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="merge: weight dtype (default bf16)")
+    parser.add_argument("--gguf", action="store_true", help="merge: also write the model as GGUF (llama.cpp, Ollama)")
+    parser.add_argument("--quant", choices=GGUF_QUANTS, default="f16", help="--gguf: f16 or q8_0 (default f16)")
     parser.add_argument("--weights", help="combine: comma-separated weights, one per adapter (default equal)")
     parser.add_argument("--method", default="linear", help=f"combine: {', '.join(COMBINATIONS)}")
     parser.add_argument("--density", type=float, help="combine (ties/dare/magnitude): share of each update kept")
@@ -181,7 +288,7 @@ def main(argv: list[str]) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.adapter:
-            uri = merge(recipe, args.adapter, out=args.out, dtype=args.dtype)
+            uri = merge(recipe, args.adapter, out=args.out, dtype=args.dtype, gguf=args.quant if args.gguf else None)
         else:
             adapters = [a for a in args.combine.split(",") if a]
             try:

@@ -129,3 +129,74 @@ def test_bad_export_requests_name_what_to_change(published):
         export.combine(recipe, ["doctor"], [0.5, 0.5], name="x")
     with pytest.raises(export.ExportError, match="not one of"):
         export.combine(recipe, ["doctor", "patient"], [0.5, 0.5], name="x", method="average")
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gguf_export_reads_back_with_llama_cpps_reader(published, tiny_llama_dir, tmp_path, quant):
+    """Round trip through the `gguf` package's reader: every tensor under llama.cpp's name and
+    shape, the architecture's metadata, the tokenizer and the chat template. (llama-cpp-python
+    has no wheel on the package index, so its greedy tokens are not compared here.)"""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    recipe, _ = published
+    out = tmp_path / "merged"
+    assert (
+        cli(
+            [
+                "export",
+                str(_recipe_file(recipe, tmp_path)),
+                "--adapter",
+                "doctor",
+                "--out",
+                str(out),
+                "--gguf",
+                "--quant",
+                quant,
+            ]
+        )
+        == 0
+    )
+    reader = gguf.GGUFReader(out / f"model-{quant}.gguf")
+    config = json.loads((out / "config.json").read_text())
+    fields = {name: field for name, field in reader.fields.items()}
+
+    def value(key):
+        field = fields[key]
+        return field.contents()
+
+    assert value("general.architecture") == "llama"
+    assert value("llama.context_length") == config["max_position_embeddings"]
+    assert value("llama.block_count") == config["num_hidden_layers"]
+    assert value("llama.attention.head_count_kv") == config["num_key_value_heads"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert value("tokenizer.chat_template") == tokenizer.chat_template
+    assert len(value("tokenizer.ggml.tokens")) == len(tokenizer.get_vocab())
+    assert value("tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    hf = load_file(str(out / "model.safetensors"))
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {names.get_name(n, try_suffixes=(".weight",)) for n in hf}
+    for hf_name, weight in hf.items():
+        tensor = tensors[names.get_name(hf_name, try_suffixes=(".weight",))]
+        assert [int(d) for d in tensor.shape] == list(reversed(weight.shape))  # GGUF lists dims fastest first
+        if weight.ndim == 2:
+            want = gguf.GGMLQuantizationType.Q8_0 if quant == "q8_0" else gguf.GGMLQuantizationType.F16
+            assert tensor.tensor_type == want
+    # The token embedding comes back as written (f16: to f16 precision).
+    embedding = tensors["token_embd.weight"]
+    if quant == "f16":
+        back = embedding.data.reshape(hf["model.embed_tokens.weight"].shape).astype("float32")
+        torch.testing.assert_close(
+            torch.from_numpy(back), hf["model.embed_tokens.weight"].float(), rtol=1e-3, atol=1e-3
+        )
+
+
+def _recipe_file(recipe, tmp_path: Path) -> Path:
+    from ray_jobs.core.recipe import recipe_to_yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_to_yaml(recipe))
+    return path
