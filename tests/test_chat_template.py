@@ -86,3 +86,15 @@ def test_a_template_less_base_trains_with_the_recipes_template_and_the_adapter_k
     assert load_tokenizer(result.adapter_uri).chat_template == NAMED_TEMPLATES["chatml"]
     dataset = pipeline.preprocess(recipe)
     assert dataset.stats["rejected"] == 0 and dataset.stats["rows_out"]["train"] > 0
+
+    # Served: the HF engine renders the chat with the recipe's template and answers with the adapter.
+    from ray_jobs.serve.engines.base import GenerationRequest
+    from ray_jobs.serve.engines.hf_continuous import ContinuousEngine
+
+    engine = ContinuousEngine(str(bare_model), recipe.model.model_copy(update={"dtype": "fp32"}), device="cpu")
+    text = engine.tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    key = f"bare@{result.adapter_version}"
+    answer = engine.submit(GenerationRequest(ids, key, max_tokens=8, adapter_path=result.adapter_uri)).result(120)
+    assert answer.completion_tokens > 0 and answer.finish_reason in ("stop", "length")
