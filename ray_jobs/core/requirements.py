@@ -1,6 +1,6 @@
 """The optional packages a recipe needs, checked before any data is read or worker started.
 
-A recipe that asks for Liger kernels, 4/8-bit weights, DeepSpeed, vLLM or a tracker fails
+A recipe that asks for Liger kernels, 4/8-bit weights, DeepSpeed or a tracker fails
 inside a worker, minutes in, when the package is missing from the image. Each need here is
 the recipe key that asks for it and the line that installs it.
 """
@@ -42,10 +42,8 @@ def needs(recipe: Recipe, stage: str) -> list[Need]:
             found.append(Need("train.tracking.wandb_project", "wandb", "wandb"))
     if stage in ("train", "evaluate", "serve") and recipe.model.quantization != "none":
         found.append(Need("model.quantization", "bitsandbytes", "bitsandbytes"))
-    if stage == "evaluate" and recipe.eval.engine == "vllm":
-        found.append(Need("eval.engine", "vllm", "medtune[vllm]"))
-    if stage == "serve" and recipe.serve.engine == "vllm":
-        found.append(Need("serve.engine", "vllm", "medtune[vllm]"))
+    # vLLM (serve.engine / eval.engine: vllm) is checked where the engine runs, by
+    # core.engines.choose_engine, which also knows about the GPU, the dtype and the adapters.
     return found
 
 
