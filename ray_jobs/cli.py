@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 
 from ray_jobs.core.errors import EXIT_USER_ERROR, MedtuneError, report
@@ -26,6 +27,37 @@ def _configure_logging() -> None:
     )
     # Ray Data's progress bars are noise in job logs.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+EXIT_INTERRUPTED = 130
+"""What a shell reports for a command stopped by Ctrl-C."""
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def interruptible() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt in the main thread, so a blocking
+    command (serve, the quickstart) stops cleanly. Python leaves SIGINT ignored when the shell
+    started the process in the background (`medtune serve ... &`), which is why a SIGINT once did
+    nothing: install the handlers explicitly."""
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def stop_ray() -> None:
+    """Shut down Serve and the local Ray this process started (raylet, GCS, workers)."""
+    import ray
+
+    if ray.is_initialized():
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:  # Serve was never started, or is already gone
+            pass
+        ray.shutdown()
 
 
 def run_stage(name: str, argv: list[str] | None = None) -> int:
@@ -43,11 +75,17 @@ def run_stage(name: str, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = {"run_name": args.run, "force": args.force} if name == "train" else {}
     _configure_logging()
+    if name == "serve":
+        interruptible()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         STAGES[name](recipe, **options)
     except (MedtuneError, FileNotFoundError) as error:
         return report(error)
+    except KeyboardInterrupt:
+        print(f"\n[medtune] {name} stopped", file=sys.stderr, flush=True)
+        stop_ray()
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -116,10 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         from ray_jobs.quickstart import main as quickstart_main
 
         _configure_logging()
+        interruptible()
         try:
             return quickstart_main(rest)
         except (MedtuneError, FileNotFoundError) as error:
             return report(error)
+        except KeyboardInterrupt:
+            print("\n[medtune] quickstart stopped", file=sys.stderr, flush=True)
+            stop_ray()
+            return EXIT_INTERRUPTED
     print(f"medtune: error: unknown command {command!r}; run `medtune --help`", file=sys.stderr)
     return EXIT_USER_ERROR
 

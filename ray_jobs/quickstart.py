@@ -83,12 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  usage:      {reply['usage']}")
     print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s; outputs under {recipe.storage.root}")
     if args.keep_serving:
-        print(f"serving on {base_url} (Ctrl-C to stop)")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        print(f"serving on {base_url} (Ctrl-C to stop)", flush=True)
+        while True:  # Ctrl-C / SIGTERM: the CLI stops Serve and Ray (cli.interruptible)
+            time.sleep(3600)
     serve.shutdown()
     return 0
 
