@@ -670,3 +670,18 @@ def test_a_package_the_recipe_needs_is_checked_before_training_with_its_install_
     ):
         check_packages(recipe, "train")
     check_packages(tiny_recipe("x", tmp_path / "notes.json", str(tmp_path)), "train")  # not asked for: no error
+
+
+def test_step_lines_show_progress_and_an_eta_from_the_pace_so_far(tmp_path: Path, capsys, monkeypatch):
+    from ray_jobs.train import tracking
+
+    recipe = tiny_recipe("x", tmp_path / "notes.json", str(tmp_path))
+    log = tracking.MetricsLog(recipe, run_name=None, folder=None, rank=0, total_steps=100, resumed_from=None)
+    clock = iter([1000.0, 1030.0, 1060.0])  # 10 steps per 30 s
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: next(clock))
+    for step in (10, 20, 30):
+        log.write({"step": step, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 500.0}, step)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[medtune] step 10/100 ") and "ETA" not in lines[0]
+    assert lines[1].endswith("tok/s ETA 4m00s")  # 80 steps at 3 s each
+    assert lines[2].endswith("tok/s ETA 3m30s")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,6 +164,8 @@ class MetricsLog:
     ):
         self.folder, self.rank, self.total_steps = folder, rank, total_steps
         self.writer = tensorboard_writer(folder, rank, resumed_from)
+        self.first_logged: tuple[int, float] | None = None
+        """(step, time) of this attempt's first logged step: the pace the ETA extrapolates."""
         self.tracker = Tracker(recipe, run_name, rank)
 
     def write(self, metrics: dict[str, Any], step: int) -> None:
@@ -178,9 +181,22 @@ class MetricsLog:
             extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
             print(
                 f"[medtune] step {step}/{self.total_steps} loss {metrics['loss']:.4f}"
-                f"{extra} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s",
+                f"{extra} lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s{self._eta(step)}",
                 flush=True,
             )
+
+    def _eta(self, step: int) -> str:
+        """` ETA 3m12s`: the remaining steps at this attempt's pace so far ("" at its first line)."""
+        now = time.monotonic()
+        if self.first_logged is None:
+            self.first_logged = (step, now)
+            return ""
+        first_step, first_time = self.first_logged
+        if step <= first_step:
+            return ""
+        seconds = (self.total_steps - step) * (now - first_time) / (step - first_step)
+        minutes, secs = divmod(int(seconds), 60)
+        return f" ETA {minutes}m{secs:02d}s" if minutes else f" ETA {secs}s"
 
     def sync(self) -> None:
         """Flush the events and copy the folder to storage (at each checkpoint)."""
