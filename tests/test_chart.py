@@ -55,7 +55,7 @@ EVERYTHING_ON: dict[str, Any] = {
     "imagePullSecrets": [{"name": "ghcr"}],
     "extraEnv": [{"name": "NCCL_DEBUG", "value": "WARN"}],
     "cluster": {"enabled": True},
-    "trainJob": {"enabled": True, "runtimeEnv": {"env_vars": {"A": "1"}}},
+    "trainJob": {"enabled": True, "runName": "ner-r1", "runtimeEnv": {"env_vars": {"A": "1"}}},
     "serving": {
         "enabled": True,
         "upgradeStrategy": "None",
@@ -657,8 +657,8 @@ def test_train_job_runs_the_recipe(chart: helm.Chart) -> None:
     own = objects(render(chart, CASES["profile-gpu-4x8"]))
     (job,) = by_kind(own, "RayJob")
     spec = job["spec"]
-    # A stable run name, so a retried or resubmitted job resumes the run from its checkpoints.
-    assert spec["entrypoint"] == f"python -m ray_jobs.train /etc/medtune/recipe.yaml --run {job['metadata']['name']}"
+    # No --run: the run name derives from the recipe and the data, stable across retries.
+    assert spec["entrypoint"] == "python -m ray_jobs.train /etc/medtune/recipe.yaml"
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["submissionMode"] == "K8sJobMode" and "rayClusterSpec" in spec and "clusterSelector" not in spec
     assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"env_vars": {"NCCL_DEBUG": "WARN"}}
@@ -950,8 +950,8 @@ def test_train_job_follows_values(chart: helm.Chart, case: Case) -> None:
     assert len(jobs) == (1 if v["trainJob"]["enabled"] else 0)
     for job in jobs:
         spec, want = job["spec"], v["trainJob"]
-        run = want.get("runName") or job["metadata"]["name"]
-        assert spec["entrypoint"] == f"python -m ray_jobs.train /etc/medtune/recipe.yaml --run {run}"
+        run = f" --run {want['runName']}" if want.get("runName") else ""
+        assert spec["entrypoint"] == f"python -m ray_jobs.train /etc/medtune/recipe.yaml{run}"
         assert (spec["submissionMode"], spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (
             want["submissionMode"],
             want["backoffLimit"],
