@@ -80,6 +80,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "train.grad_accum": 4,  # "Gradient Accumulation: 4"
         "data.format": "qa",  # Q&A pairs, safety refusals, emergency escalation, triage
         "eval.metrics": ["perplexity", "qa_safety"],
+        "model.base": "mistralai/Mistral-7B-v0.1",  # "--model mistralai/Mistral-7B-v0.1" (the base model)
     },
     REASONING: {  # seed 002, Medical SFT Pipeline (HuatuoGPT-o1 style)
         "model.base": "meta-llama/Llama-3.1-8B-Instruct",  # "Fine-tune Llama 3.1-8B-Instruct"
@@ -123,7 +124,8 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "eval.metrics": ["perplexity", "entities"],
     },
 }
-for _audience, _path in AUDIENCE_RECIPES.items():
+DIALOGPT_DOCTOR = "audience/dialogpt-medium-doctor-lora.yaml"
+for _audience, _path in [*AUDIENCE_RECIPES.items(), ("doctor", DIALOGPT_DOCTOR)]:
     EXPECTED[_path] = {  # seed 004, Elara AI: medical_professional_lora.json / patient_lora.json
         "model.quantization": "none",  # plain LoRA ("fp16": true, no quantisation)
         "train.method": "lora",
@@ -145,8 +147,12 @@ for _audience, _path in AUDIENCE_RECIPES.items():
         "data.format": "qa",  # data['question'], data['answer']
         "data.system_prompt": ELARA_PROMPT,  # system_instruction = "You are Elara, ..."
         "data.audience.default": _audience,  # "Training Multiple LoRA Adapters": one per audience
-        "name": f"elara-{_audience}",
+        "name": f"elara-{_audience}" + ("-dialogpt" if _path == DIALOGPT_DOCTOR else ""),
     }
+EXPECTED[DIALOGPT_DOCTOR] |= {
+    "model.base": "microsoft/DialoGPT-medium",  # "base_model": "microsoft/DialoGPT-medium"
+    "lora.targets": ["c_attn", "c_proj"],  # "target_modules": ["c_attn", "c_proj"]
+}
 
 
 def _get(recipe: Recipe, dotted: str) -> Any:

@@ -40,6 +40,7 @@ def trained_checkpoint(tmp_path, tiny_llama_dir, recipe):
 def test_a_published_adapter_is_versioned_names_the_recipe_base_and_is_vllm_loadable(tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
 
+    from ray_jobs.core.artifacts import Lineage
     from ray_jobs.train.run import publish_adapter
 
     # Train against the tiny model's directory, publish under the production base's name:
@@ -50,7 +51,8 @@ def test_a_published_adapter_is_versioned_names_the_recipe_base_and_is_vllm_load
     storage = Storage.from_uri(str(tmp_path / "storage"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     for version in ("20250101-120000", "20250102-120000"):
-        publish_adapter(storage, checkpoint, recipe, version, tokenizer, {"adapter": "ner", "version": version})
+        lineage = Lineage(kind="trained", name="ner", version=version, base_model=recipe.model.base)
+        publish_adapter(storage, checkpoint, recipe, version, tokenizer, lineage)
 
     assert storage.complete_versions(adapter_prefix("ner")) == ["20250101-120000", "20250102-120000"]
     folder = tmp_path / "storage" / adapter_prefix("ner", "20250102-120000")
