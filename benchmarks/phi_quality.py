@@ -356,7 +356,7 @@ def throughput(scrubber, notes: list[Note], repeat: int = 3) -> float:
 
 
 def main() -> None:
-    from ray_jobs.core.recipe import PhiConfig
+    from ray_jobs.core.phi_settings import PhiConfig
     from ray_jobs.preprocess.phi import build_scrubber
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

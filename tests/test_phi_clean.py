@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ray_jobs.core.recipe import PATTERN_PHI_TYPES
+from ray_jobs.core.phi_settings import PATTERN_PHI_TYPES
 from ray_jobs.preprocess.clean import (
     band_keys,
     clean_text,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.phi_quality import generate_notes, score
-from ray_jobs.core.recipe import PhiConfig, RecipeError, parse_recipe
+from ray_jobs.core.phi_settings import PhiConfig
+from ray_jobs.core.recipe import RecipeError, parse_recipe
 from ray_jobs.preprocess.phi import build_scrubber
 
 

@@ -150,8 +150,6 @@ def run(
 
     The run resumes from its last checkpoint when one exists in storage (`identity`), and a
     finished run returns its adapter without training unless `force`."""
-    import ray
-    import ray.data
 
     from ray_jobs.core.modeling import load_tokenizer, resolve_model_dir
     from ray_jobs.runlogs import copy_run_logs
@@ -174,24 +172,9 @@ def run(
 
     run_name, record, existed = claim_run(storage, recipe, dataset, run_name, force=force)
     if record.adapter:
-        print(
-            f"[medtune] run {run_name} already finished: adapter {recipe.name}@{record.adapter['version']} at "
-            f"{record.adapter['uri']} (medtune train --force trains again under a new run name)",
-            flush=True,
-        )
-        return TrainResult(
-            run_name, recipe.name, record.adapter["version"], record.adapter["uri"], record.adapter["metrics"]
-        )
+        return _already_finished(recipe, run_name, record.adapter)
     has_eval = bool(dataset.stats["rows_out"].get("eval"))
-    datasets = {"train": ray.data.read_parquet(storage.path(dataset.train_path), filesystem=storage.filesystem)}
-    if has_eval:
-        # Read once into the object store (Ray spills it if large): the workers go over the eval
-        # split at every checkpoint, and re-reading the parquet files each time launched a
-        # list-and-read task round of several seconds per evaluation (about a third of the
-        # quickstart's training stage on 2 CPUs).
-        datasets["eval"] = ray.data.read_parquet(
-            storage.path(dataset.eval_path), filesystem=storage.filesystem, columns=["input_ids", "labels"]
-        ).materialize()
+    datasets = _ray_datasets(dataset, storage, has_eval)
     scratch = Path(tempfile.mkdtemp(prefix="medtune-train-"))
     parent = parent_adapter(recipe, storage)
     plan = WorkerPlan(
@@ -243,13 +226,41 @@ def run(
         method=recipe.train.method,
         quantization=recipe.model.quantization,
         parent={"adapter": parent[0], "version": parent[1]} if parent else None,
-        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        final_metrics={k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        metrics=_numbers(metrics),
+        final_metrics=_numbers(result.metrics or {}),
     )
     uri = publish_adapter(storage, checkpoint, recipe, version, tokenizer, lineage)
     finish_run(storage, record, {"name": recipe.name, "version": version, "uri": uri, "metrics": lineage.metrics})
     print(f"[medtune] adapter published: {uri}", flush=True)
     return TrainResult(run_name, recipe.name, version, uri, lineage.metrics)
+
+
+def _already_finished(recipe: Recipe, run_name: str, adapter: dict[str, Any]) -> TrainResult:
+    print(
+        f"[medtune] run {run_name} already finished: adapter {recipe.name}@{adapter['version']} at "
+        f"{adapter['uri']} (medtune train --force trains again under a new run name)",
+        flush=True,
+    )
+    return TrainResult(run_name, recipe.name, adapter["version"], adapter["uri"], adapter["metrics"])
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _ray_datasets(dataset: DatasetRef, storage: Storage, has_eval: bool) -> dict[str, Any]:
+    import ray.data
+
+    datasets = {"train": ray.data.read_parquet(storage.path(dataset.train_path), filesystem=storage.filesystem)}
+    if has_eval:
+        # Read once into the object store (Ray spills it if large): the workers go over the eval
+        # split at every checkpoint, and re-reading the parquet files each time launched a
+        # list-and-read task round of several seconds per evaluation (about a third of the
+        # quickstart's training stage on 2 CPUs).
+        datasets["eval"] = ray.data.read_parquet(
+            storage.path(dataset.eval_path), filesystem=storage.filesystem, columns=["input_ids", "labels"]
+        ).materialize()
+    return datasets
 
 
 def torch_trainer(plan: WorkerPlan, datasets: dict[str, Any], storage: Storage):

@@ -49,7 +49,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from ray_jobs.core.recipe import PATTERN_PHI_TYPES
+from ray_jobs.core.phi_settings import PATTERN_PHI_TYPES
 
 
 class _Rule(NamedTuple):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerRegistry, RecognizerResult
 
-from ray_jobs.core.recipe import CONTEXT_PHI_TYPES, PhiConfig
+from ray_jobs.core.phi_settings import CONTEXT_PHI_TYPES, PhiConfig
 from ray_jobs.preprocess.phi.context import find_locations, find_names
 from ray_jobs.preprocess.phi.lexicon import Lexicon
 from ray_jobs.preprocess.phi.patterns import PhiScrubber

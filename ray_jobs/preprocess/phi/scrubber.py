@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from ray_jobs.core.errors import MedtuneError
-from ray_jobs.core.recipe import PHI_TYPES, PhiConfig
+from ray_jobs.core.phi_settings import PHI_TYPES, PhiConfig
 from ray_jobs.preprocess.phi.context import followed_by_eponym_head
 from ray_jobs.preprocess.phi.patterns import PhiScrubber
 
