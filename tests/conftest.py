@@ -1,8 +1,9 @@
-"""Shared fixtures: an S3 test server on loopback, tiny offline models, one local Ray cluster.
+"""Shared fixtures: an S3 test server on loopback, tiny offline models, local Ray clusters.
 
 Everything here is hermetic: moto answers S3 on 127.0.0.1, tiny models and their tokenizers
 are built in-process, and `MEDTUNE_CACHE` points into the session's temporary directory, so
-the suite never writes to ~/.cache or reaches the network.
+the suite never writes to ~/.cache or reaches the network. Each module that needs Ray gets a
+local cluster of its own (`ray_cluster`).
 
 Session-scoped fixtures change the process environment for the whole session (pytest's
 `monkeypatch` is function-scoped) and put every variable back when the session ends.
@@ -120,21 +121,28 @@ def tiny_tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     return {template: build_tiny_model(root / template, arch, template) for template, arch in TEMPLATE_ARCH.items()}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(s3_server: str) -> Iterator[None]:
-    """One local Ray cluster for the session (2 CPUs, no dashboard).
+    """A local Ray cluster for each test module that asks for one (2 CPUs, no dashboard).
 
     It depends on `s3_server` so that Ray's worker processes inherit the AWS_* variables
     that point at the test server: workers read S3 inputs and write S3 outputs themselves.
+
+    Per module, not per session: one driver that had lived through the Serve apps, Ray Train
+    runs and Ray Data pools of every module before test_train stopped receiving the GCS's actor
+    updates (Ray 2.60: the GCS held them buffered, the driver's last one was minutes old), so
+    the two-worker run waited forever for its TrainController to be reported alive, in three of
+    three full runs and never in a module alone. A fresh cluster costs a few seconds a module.
     """
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        # A bounded object store: CI has 24 GiB and several test processes may share it.
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1_500_000_000)
+    if ray.is_initialized():
+        # Started by something other than this fixture (Ray's auto-init): its workers may lack
+        # the AWS_* variables, and a cluster is never shared between modules.
+        ray.shutdown()
+    # A bounded object store: CI has 24 GiB and several test processes may share it.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=1_500_000_000)
     try:
         yield
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()
