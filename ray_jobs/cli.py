@@ -21,12 +21,13 @@ from ray_jobs.core.errors import EXIT_USER_ERROR, MedtuneError, report
 from ray_jobs.core.recipe import Recipe, RecipeError, load_recipe, recipe_parser
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("MEDTUNE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # Ray Data's progress bars are noise in job logs.
+def _configure_output(command: str, storage_root: str | None, verbose: bool) -> None:
+    """Quiet terminal and a full log file (core.console), or everything with --verbose."""
+    from ray_jobs.core import console
+
+    # Ray Data's progress bars redraw one line hundreds of times: noise in logs and job output.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    console.quiet(command, storage_root, verbose=verbose)
 
 
 EXIT_INTERRUPTED = 130
@@ -72,13 +73,14 @@ def run_stage(name: str, argv: list[str] | None = None) -> int:
             "default train.run_name, else <name>-<training hash>-<dataset fingerprint>",
         )
         parser.add_argument("--force", action="store_true", help="train a finished run again, under a new run name")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' output here too")
     args = parser.parse_args(argv)
     options = {"run_name": args.run, "force": args.force} if name == "train" else {}
-    _configure_logging()
     if name == "serve":
         interruptible()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        _configure_output(name, recipe.storage.root, args.verbose)
         STAGES[name](recipe, **options)
     except (MedtuneError, FileNotFoundError) as error:
         return report(error)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "export":
         from ray_jobs.export import main as export_main
 
-        _configure_logging()
+        logging.basicConfig(level=os.environ.get("MEDTUNE_LOG_LEVEL", "INFO").upper())
         return export_main(rest)
     if command == "tiny-model":
         from ray_jobs.tiny_model import main as tiny_main
@@ -153,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     if command == "quickstart":
         from ray_jobs.quickstart import main as quickstart_main
 
-        _configure_logging()
         interruptible()
         try:
             return quickstart_main(rest)

@@ -163,6 +163,16 @@ def _local_logs_dir() -> tuple[str, str]:
     return node.get_logs_dir_path(), _node_label(node.node_ip_address, ray.get_runtime_context().get_node_id())
 
 
+def _copy_console_log(storage: Storage, run: str, max_lines: int) -> list[str]:
+    """The driver's full console log (core.console: what the quiet terminal did not show)."""
+    path = os.environ.get("MEDTUNE_CONSOLE_LOG")
+    if not path or not Path(path).is_file():
+        return []
+    rel = posixpath.join(run_prefix(run), "logs", "driver-console.log")
+    storage.write_text(rel, _last_lines(Path(path).read_text(errors="replace"), max_lines))
+    return [storage.uri(rel)]
+
+
 def copy_run_logs(storage: Storage, run: str, *, max_lines: int = MAX_LINES) -> list[str]:
     """Copy the calling Ray job's driver, worker and raylet logs to runs/<run>/logs/.
 
@@ -184,6 +194,7 @@ def copy_run_logs(storage: Storage, run: str, *, max_lines: int = MAX_LINES) -> 
             logs_dir, label = _local_logs_dir()
             copied = copy_logs_from_dir(storage, run, logs_dir, job_id, submission_id, node=label, max_lines=max_lines)
             source = "local"
+        copied += _copy_console_log(storage, run, max_lines)
         index: dict[str, Any] = {
             "run": run,
             "ray_job_id": job_id,

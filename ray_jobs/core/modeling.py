@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,10 @@ import numpy as np
 
 from ray_jobs.core.recipe import ModelConfig
 from ray_jobs.core.storage import Storage, model_prefix
+
+# PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` whenever it wraps a
+# model (peft_model.py); nothing medtune calls does, and nothing it could call avoids it.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

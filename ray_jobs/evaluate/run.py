@@ -107,7 +107,7 @@ def evaluate_shard(
         total, count = loss_sums(model, rows, device, recipe.eval.batch_size)
         entry: dict[str, Any] = {"loss_sum": total, "tokens": count, "outputs": [], "seconds": [], "engine": engine}
         if generative and engine == "hf":
-            entry["outputs"], entry["seconds"] = generate_answers(model, tokenizer, rows, recipe, device)
+            entry["outputs"], entry["seconds"] = generate_answers(model, tokenizer, rows, recipe, device, label)
         results[label] = entry
     if generative and engine == "vllm":
         from ray_jobs.evaluate.vllm_generate import free_gpu_memory, generate_with_vllm
@@ -180,7 +180,7 @@ def evaluate_rows(
 
 
 def generate_answers(
-    model, tokenizer, rows: list[dict[str, Any]], recipe: Recipe, device
+    model, tokenizer, rows: list[dict[str, Any]], recipe: Recipe, device, label: str = "model"
 ) -> tuple[list[str], list[float]]:
     """Answers to each row's prompt (its messages without the last assistant turn): greedy for
     metrics unless the recipe samples, then with the model family's settings."""
@@ -209,6 +209,11 @@ def generate_answers(
         new = out[:, encoded["input_ids"].shape[1] :]
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
         seconds.extend([elapsed / len(chunk)] * len(chunk))
+        print(
+            f"[medtune] evaluation ({label}): {len(outputs)}/{len(rows)} rows answered, "
+            f"{sum(seconds) / len(seconds):.2f} s per row",
+            flush=True,
+        )
     return outputs, seconds
 
 

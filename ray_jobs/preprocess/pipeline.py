@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import posixpath
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -420,12 +421,19 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
 
     if not ray.is_initialized():
         ray.init()
+    started = time.perf_counter()
+    print(f"[medtune] preprocess: reading, cleaning and tokenising {len(train_files + eval_files)} file(s)", flush=True)
     tokenized = _tokenized_rows(recipe, model_dir, train_files, eval_files).materialize()
     if os.environ.get("MEDTUNE_DATA_STATS"):
         # Where the time went, per Ray Data operator (tasks, actors, wall and CPU time).
         log.warning("Ray Data stats of the tokenised rows:\n%s", tokenized.stats())
     totals = _merge_stats(
         [r["partial"] for r in tokenized.map_batches(_partial_stats, batch_format="pandas", batch_size=4096).take_all()]
+    )
+    print(
+        f"[medtune] preprocess: {totals['rows_in']:,} rows tokenised in {time.perf_counter() - started:.0f} s, "
+        f"{sum(totals['tokens'].values()):,} tokens kept, {sum(totals['rejects'].values()):,} rejected; packing",
+        flush=True,
     )
     write_rejects(storage, prefix, tokenized)
     _check_rejects(totals, data, storage.uri(prefix, "rejects.jsonl"))
@@ -530,8 +538,10 @@ def _check_rejects(totals: dict[str, Any], data: DataConfig, rejects_uri: str) -
 
 def _write_splits(tokenized, totals: dict[str, Any], data: DataConfig, storage: Storage, prefix: str) -> int:
     """Packed training rows and unpacked eval rows as Parquet; returns the packed row count."""
-    ok = tokenized.filter(lambda row: row["reject_reason"] is None)
-    train_rows = ok.filter(lambda row: row["split"] == "train")
+    from ray.data.expressions import col  # predicates Arrow evaluates, no Python per row
+
+    ok = tokenized.filter(expr=col("reject_reason").is_null())
+    train_rows = ok.filter(expr=col("split") == "train")
     packed = train_rows.map_batches(
         _pack_batch,
         fn_kwargs={"max_seq_len": data.max_seq_len, "packing": data.packing},
@@ -539,7 +549,7 @@ def _write_splits(tokenized, totals: dict[str, Any], data: DataConfig, storage: 
         batch_size=PACK_ROWS,
     )
     packed.write_parquet(storage.path(prefix, "train"), filesystem=storage.filesystem)
-    eval_rows = ok.filter(lambda row: row["split"] == "eval").select_columns(
+    eval_rows = ok.filter(expr=col("split") == "eval").select_columns(
         ["row_id", "messages", "meta", "input_ids", "labels", "num_tokens"]
     )
     if totals["splits"].get("eval", 0):
@@ -573,9 +583,11 @@ def _dataset_stats(totals: dict[str, Any], data: DataConfig, packed_rows: int) -
 
 def write_rejects(storage: Storage, prefix: str, tokenized) -> None:
     """rejects.jsonl: row id and reason only; rejected rows' text may hold PHI."""
+    from ray.data.expressions import col
+
     lines = [
         json.dumps({"row_id": r["row_id"], "reason": r["reject_reason"]})
-        for r in tokenized.filter(lambda row: row["reject_reason"] is not None)
+        for r in tokenized.filter(expr=col("reject_reason").is_not_null())
         .select_columns(["row_id", "reject_reason"])
         .iter_rows()
     ]
@@ -585,5 +597,5 @@ def write_rejects(storage: Storage, prefix: str, tokenized) -> None:
 def main(recipe: Recipe) -> DatasetRef:
     info = run(recipe)
     state = "reused" if info.reused else "written"
-    print(f"dataset {state}: {info.uri}  rows {info.stats['rows_out']}  rejected {info.stats['rejected']}")
+    print(f"[medtune] dataset {state}: {info.uri}  rows {info.stats['rows_out']}  rejected {info.stats['rejected']}")
     return info

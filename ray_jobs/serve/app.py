@@ -113,6 +113,8 @@ class MedtuneServer:
                 log.warning("adapter %s not preloaded: %s", name, getattr(error, "message", error))
         model_dir = resolve_model_dir(self.recipe.model, storage)
         ranks = [adapter_rank(path) for path in listed.values()]
+        loading = time.perf_counter()
+        print(f"[medtune] serve: loading {self.recipe.model.base} ...", flush=True)  # the slow part of start-up
         self.engine = build_engine(self.recipe, model_dir, ranks, self.metrics.record_adapter_event)
         self.registry.engine = self.engine
         self.api_keys = _read_keys(cfg.api_keys_file)
@@ -122,6 +124,11 @@ class MedtuneServer:
                 await self.registry.load(name)
             except APIError as error:
                 log.warning("adapter %s not preloaded: %s", name, error.message)
+        print(
+            f"[medtune] serve: replica ready in {time.perf_counter() - loading:.0f} s "
+            f"({type(self.engine).__name__}, adapters {', '.join(listed) or 'none'} preloaded)",
+            flush=True,
+        )
 
     def check_health(self) -> None:
         """Serve's health check: the replica is healthy once the base model answers."""

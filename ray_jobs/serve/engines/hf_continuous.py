@@ -21,6 +21,7 @@ of the running rows for its prefill.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -113,6 +114,9 @@ class ContinuousEngine:
         )
         self.model = load_model(model_cfg, model_dir, device=self.device).eval()
         self.bank = LoRABank(self.model, max_loaded_adapters + 1)
+        # transformers 5 renames forward's `past_key_values` to `cache` (the old name warns);
+        # architectures not yet ported keep the old name.
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.max_loaded, self.max_batch_size = max_loaded_adapters, max_batch_size
         self.loaded: OrderedDict[str, str] = OrderedDict()  # key -> local path, least recently used first
         self.slot_of: dict[str, int] = {}
@@ -256,7 +260,7 @@ class ContinuousEngine:
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=positions,
-                    past_key_values=cache,
+                    **{self._cache_arg: cache},
                     use_cache=True,
                     logits_to_keep=1,
                 )
@@ -278,7 +282,7 @@ class ContinuousEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         output = self._forward(ids, mask, positions, DynamicCache(config=self.model.config), [r.slot for r in rows])
         tokens, logprobs = self._sample(output.logits[:, -1], rows)
-        self._merge(rows, output.past_key_values, mask, mask.sum(-1), tokens)
+        self._merge(rows, _output_cache(output), mask, mask.sum(-1), tokens)
         self._advance(rows, tokens, logprobs)
 
     def _merge(self, rows: list[_Row], cache, mask, positions, tokens: list[int]) -> None:
@@ -310,7 +314,7 @@ class ContinuousEngine:
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         output = self._forward(self.last, self.mask, self.positions[:, None], self.cache, [r.slot for r in self.rows])
-        self.cache = output.past_key_values
+        self.cache = _output_cache(output)
         self.positions = self.positions + 1
         tokens, logprobs = self._sample(output.logits[:, -1], self.rows)
         self.last = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
@@ -411,3 +415,9 @@ class ContinuousEngine:
             self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.request.stop, finish
         )
         row.future.set_result(GenerationResult(text, len(row.tokens), finish, row.logprobs))
+
+
+def _output_cache(output):
+    """The KV cache a forward returned, under transformers 5's name or the older one."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
