@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import time
 import urllib.request
 from pathlib import Path
 
+from ray_jobs.core import console
 from ray_jobs.core.recipe import load_recipe
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "tiny-llama-lora.yaml"
-SAMPLE_NOTE = "Patient reports fatigue and was diagnosed with anemia."
+SAMPLE_NOTE = "The patient has gout and takes heparin 250mg weekly."
 
 
 def http_json(url: str, payload: dict | None = None, timeout: float = 120) -> dict:
@@ -35,15 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default=None, help="storage root (default: the recipe's, ./medtune-output)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port for Ray Serve (default: the recipe's)")
     parser.add_argument("--keep-serving", action="store_true", help="leave the server running after the demo request")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' output here too")
     args = parser.parse_args(argv)
-
-    import ray
-    from ray import serve
-
-    from ray_jobs.evaluate.run import main as evaluate
-    from ray_jobs.preprocess.pipeline import main as preprocess
-    from ray_jobs.serve.deployment import start
-    from ray_jobs.train.run import run as train
 
     overrides = [f"storage.root={args.storage}"] if args.storage else []
     if args.port:
@@ -55,6 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     # The sample data path in the recipe is relative to the repository root.
     recipe.data.train = [str(_from_repo(p)) for p in recipe.data.train]
     recipe.data.eval = [str(_from_repo(p)) for p in recipe.data.eval]
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    log_path = console.quiet("quickstart", recipe.storage.root, verbose=args.verbose)
+
+    import ray
+    from ray import serve
+
+    from ray_jobs.evaluate.run import main as evaluate
+    from ray_jobs.preprocess.pipeline import main as preprocess
+    from ray_jobs.serve.deployment import start
+    from ray_jobs.train.run import run as train
 
     started = time.perf_counter()
     ray.init(ignore_reinit_error=True)
@@ -62,32 +68,59 @@ def main(argv: list[str] | None = None) -> int:
     dataset = preprocess(recipe)
     print("\n== 2/5 train (Ray Train, LoRA on a tiny Llama)", flush=True)
     result = train(recipe, dataset)
-    print("\n== 3/5 evaluate (base vs adapter)", flush=True)
-    evaluate(recipe, dataset)
+    print("\n== 3/5 evaluate (base vs adapter, held-out notes)", flush=True)
+    report = evaluate(recipe, dataset)
     print("\n== 4/5 serve (Ray Serve, OpenAI-compatible)", flush=True)
     start(recipe)
     base_url = f"http://{recipe.serve.host}:{recipe.serve.port}"
     models = http_json(f"{base_url}/v1/models")
     print("models served:", ", ".join(m["id"] for m in models["data"]))
-    print("\n== 5/5 ask the adapter over HTTP", flush=True)
+    print("\n== 5/5 ask the adapter over HTTP, a note it never saw", flush=True)
     messages = [{"role": "user", "content": SAMPLE_NOTE}]
     if recipe.data.system_prompt:
         messages.insert(0, {"role": "system", "content": recipe.data.system_prompt})
-    reply = http_json(
-        f"{base_url}/v1/chat/completions",
-        {"model": result.adapter_name, "messages": messages, "max_tokens": 64, "temperature": 0},
-    )
+    request = {"model": result.adapter_name, "messages": messages, "max_tokens": 96, "temperature": 0}
+    reply = http_json(f"{base_url}/v1/chat/completions", request)
     print(f"POST {base_url}/v1/chat/completions model={result.adapter_name}")
     print(f"  prompt:     {SAMPLE_NOTE}")
     print(f"  completion: {reply['choices'][0]['message']['content']}")
     print(f"  usage:      {reply['usage']}")
-    print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s; outputs under {recipe.storage.root}")
+    print(summary(report, result, log_path, base_url, request, time.perf_counter() - started), flush=True)
     if args.keep_serving:
         print(f"serving on {base_url} (Ctrl-C to stop)", flush=True)
         while True:  # Ctrl-C / SIGTERM: the CLI stops Serve and Ray (cli.interruptible)
             time.sleep(3600)
     serve.shutdown()
     return 0
+
+
+def summary(report: dict, result, log_path: Path | None, base_url: str, request: dict, seconds: float) -> str:
+    """The closing screen: the metrics before -> after, where everything is, how to call it."""
+    base, adapter = report["models"]["base"], report["models"]["adapter"]
+    lines = [
+        f"\n== done in {seconds:.0f} s: {report['adapter']} on {report['eval_rows']} held-out notes, before -> after"
+    ]
+    if "entities" in adapter:
+        f1 = base["entities"]["exact"]["f1"], adapter["entities"]["exact"]["f1"]
+        valid = base["entities"]["json_validity_rate"] or 0.0, adapter["entities"]["json_validity_rate"] or 0.0
+        lines.append(f"  entity F1 (exact match)  {f1[0]:.2f} -> {f1[1]:.2f}")
+        lines.append(f"  answers that are JSON    {valid[0]:.0%} -> {valid[1]:.0%}")
+    if "eval_loss" in adapter:
+        lines.append(f"  eval loss                {base['eval_loss']:.3f} -> {adapter['eval_loss']:.3f}")
+    lines += [
+        f"  report   {report['uri']}/report.md",
+        f"  adapter  {result.adapter_uri}",
+    ]
+    if log_path:
+        lines.append(f"  log      {log_path}")
+    body = json.dumps({"model": request["model"], "messages": request["messages"], "max_tokens": 96})
+    lines += [
+        "call it:",
+        f"  curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}",
+        f'  OpenAI(base_url="{base_url}/v1", api_key="unused").chat.completions.create('
+        f'model="{request["model"]}", messages=[...])',
+    ]
+    return "\n".join(lines)
 
 
 def _from_repo(path: str) -> Path | str:

@@ -1,6 +1,8 @@
 """Synthetic, learnable clinical entity-extraction data (no real patient data).
 
-    python -m ray_jobs.synthetic --rows 240 --seed 7 --out sample_data/synthetic/entities/notes.json
+    python -m ray_jobs.synthetic --rows 2000 --seed 7 --out sample_data/synthetic/entities/notes.json
+    python -m ray_jobs.synthetic --rows 24 --seed 99 --unseen-in sample_data/synthetic/entities/notes.json \
+        --out sample_data/synthetic/entities/heldout.json
 
 Sentences come from a few clinical templates filled with entities drawn from fixed lists,
 so a tiny model can learn the mapping text -> JSON in minutes on a CPU while held-out
@@ -87,10 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=240)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--unseen-in", help="only notes whose text is not in this file (a held-out set)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(entity_rows(args.rows, args.seed), indent=1) + "\n")
+    rows = entity_rows(args.rows, args.seed)
+    if args.unseen_in:
+        seen = {row["text"] for row in json.loads(Path(args.unseen_in).read_text())}
+        # The small templates have only 96 combinations: draw until enough are new.
+        rows = [row for row in entity_rows(args.rows * 50, args.seed) if row["text"] not in seen]
+        rows = list({row["text"]: row for row in rows}.values())[: args.rows]
+    out.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"wrote {args.rows} rows to {out}")
     return 0
 
