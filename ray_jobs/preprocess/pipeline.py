@@ -430,11 +430,9 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     totals = _merge_stats(
         [r["partial"] for r in tokenized.map_batches(_partial_stats, batch_format="pandas", batch_size=4096).take_all()]
     )
-    print(
-        f"[medtune] preprocess: {totals['rows_in']:,} rows tokenised in {time.perf_counter() - started:.0f} s, "
-        f"{sum(totals['tokens'].values()):,} tokens kept, {sum(totals['rejects'].values()):,} rejected; packing",
-        flush=True,
-    )
+    tokens, rejected = sum(totals["tokens"].values()), sum(totals["rejects"].values())
+    done = f"{totals['rows_in']:,} rows tokenised in {time.perf_counter() - started:.0f} s, {tokens:,} tokens kept"
+    print(f"[medtune] preprocess: {done}, {rejected:,} rejected; packing", flush=True)
     write_rejects(storage, prefix, tokenized)
     _check_rejects(totals, data, storage.uri(prefix, "rejects.jsonl"))
     packed_rows = _write_splits(tokenized, totals, data, storage, prefix)
