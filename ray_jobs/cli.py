@@ -12,23 +12,12 @@ request) print one line per problem and exit with status 2; never a stack trace.
 from __future__ import annotations
 
 import json
-import logging
-import os
 import signal
 import sys
 
+from ray_jobs.core import console
 from ray_jobs.core.errors import EXIT_USER_ERROR, MedtuneError, report
 from ray_jobs.core.recipe import Recipe, RecipeError, load_recipe, recipe_parser
-
-
-def _configure_output(command: str, storage_root: str | None, verbose: bool) -> None:
-    """Quiet terminal and a full log file (core.console), or everything with --verbose."""
-    from ray_jobs.core import console
-
-    # Ray Data's progress bars redraw one line hundreds of times: noise in logs and job output.
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    console.quiet(command, storage_root, verbose=verbose)
-
 
 EXIT_INTERRUPTED = 130
 """What a shell reports for a command stopped by Ctrl-C."""
@@ -80,7 +69,7 @@ def run_stage(name: str, argv: list[str] | None = None) -> int:
         interruptible()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        _configure_output(name, recipe.storage.root, args.verbose)
+        console.quiet(name, recipe.storage.root, verbose=args.verbose)
         STAGES[name](recipe, **options)
     except (MedtuneError, FileNotFoundError) as error:
         return report(error)
@@ -146,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "export":
         from ray_jobs.export import main as export_main
 
-        logging.basicConfig(level=os.environ.get("MEDTUNE_LOG_LEVEL", "INFO").upper())
+        console.configure_verbose()
         return export_main(rest)
     if command == "tiny-model":
         from ray_jobs.tiny_model import main as tiny_main

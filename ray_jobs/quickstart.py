@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import time
 import urllib.request
@@ -51,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     # The sample data path in the recipe is relative to the repository root.
     recipe.data.train = [str(_from_repo(p)) for p in recipe.data.train]
     recipe.data.eval = [str(_from_repo(p)) for p in recipe.data.eval]
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     log_path = console.quiet("quickstart", recipe.storage.root, verbose=args.verbose)
 
     import ray
@@ -113,7 +111,7 @@ def summary(report: dict, result, log_path: Path | None, base_url: str, request:
     ]
     if log_path:
         lines.append(f"  log      {log_path}")
-    body = json.dumps({"model": request["model"], "messages": request["messages"], "max_tokens": 96})
+    body = json.dumps({key: request[key] for key in ("model", "messages", "max_tokens")})
     lines += [
         "call it:",
         f"  curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}",

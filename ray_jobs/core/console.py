@@ -38,6 +38,7 @@ MARK = "[medtune]"
 """Lines carrying it are medtune's progress and results: the gates always pass them."""
 
 VERBOSE_ENV = "MEDTUNE_LOG_LEVEL"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # A line that starts with a timestamp is a log record, whoever printed it.
 _LOG_RECORD = re.compile(r"\[?\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}")
@@ -60,13 +61,13 @@ def log_dir(storage_root: str | None) -> Path:
 
 def configure_verbose() -> None:
     """Everything on the terminal, medtune's loggers at MEDTUNE_LOG_LEVEL (default INFO)."""
-    logging.basicConfig(
-        level=os.environ.get(VERBOSE_ENV, "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=os.environ.get(VERBOSE_ENV, "INFO").upper(), format=LOG_FORMAT)
 
 
 def quiet(command: str, storage_root: str | None, *, verbose: bool = False) -> Path | None:
     """Send what is not medtune's to a log file; return its path (None when verbose)."""
+    # Ray Data's progress bars redraw one line hundreds of times: noise in logs and job output.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if verbose_requested(verbose):
         configure_verbose()
         return None
@@ -82,9 +83,8 @@ def quiet(command: str, storage_root: str | None, *, verbose: bool = False) -> P
     sys.stdout = LineGate(sys.stdout, log, show_on_stdout)
     sys.stderr = LineGate(terminal_err, log, show_on_stderr, fileno=2)
 
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     to_file = logging.StreamHandler(log)
-    to_file.setFormatter(formatter)
+    to_file.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     root.handlers = [to_file]
