@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, object_store_memory=2_000_000_000)
+    # 2 GB was enough on 2 cores; more cores keep more blocks in flight (Ray Data backpressures
+    # on the object store), so scale it rather than throttle a 16-core run.
+    store = max(2_000_000_000, 500_000_000 * (os.cpu_count() or 1))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, object_store_memory=store)
     ray_init_s = time.perf_counter() - start
     results["medtune-ray cold"] = medtune_ray(recipe, storage_root, force=False)
     results["medtune-ray cold"]["seconds"] += ray_init_s

@@ -14,11 +14,15 @@ import io
 import json
 import os
 import posixpath
+import re
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
+import ray.data
 from transformers import AutoTokenizer
 
 from ray_jobs.core.artifacts import DatasetRef
@@ -533,3 +537,52 @@ def test_a_dataset_read_from_and_written_to_s3(s3_bucket: str, tmp_path: Path):
     assert store.read_json(f"{info.prefix}/manifest.json")["inputs"] == [f"{s3_bucket}/raw/notes.jsonl"]
     # The tiny base model was published once to the same storage, complete, for every node.
     assert store.is_complete(model_prefix(tiny_model_name("llama")))
+
+
+# --------------------------------------------------------------------------- progress lines
+PROGRESS_LINE = re.compile(
+    r"^\[medtune\] preprocess: (?P<step>[\w +,-]+?) (?:starting|(?P<done>[\d,]+)/~(?P<total>[\d,]+) rows "
+    r"\(\d+%\), [\d,]+ rows/s(?:, ETA (?P<eta>\d+m\d\ds|\d+s))?)(?:; then (?P<later>.+))?$"
+)
+
+
+def test_a_running_step_reports_rows_done_of_ray_datas_estimate_with_pace_and_eta(monkeypatch, capsys):
+    from ray_jobs.preprocess.progress import INTERVAL_ENV, reporting_progress
+
+    def slow_step(batch: dict) -> dict:  # defined here: Ray workers cannot import test modules
+        time.sleep(0.05)
+        return batch
+
+    def tidy(batch: dict) -> dict:
+        return batch
+
+    monkeypatch.setenv(INTERVAL_ENV, "0.3")
+    with reporting_progress():
+        # Another CPU share keeps Ray from fusing `tidy` into `slow_step`'s operator.
+        plan = ray.data.range(400, override_num_blocks=40).map_batches(slow_step).map_batches(tidy, num_cpus=0.5)
+    plan.materialize()
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[medtune] preprocess:")]
+
+    assert len(lines) >= 2, out
+    matches = [PROGRESS_LINE.match(line) for line in lines]
+    assert all(matches), lines
+    slow_lines = [m for m in matches if "slow_step" in m["step"] and m["done"]]
+    assert slow_lines and all(m["total"] == "400" for m in slow_lines), lines
+    done = [int(m["done"].replace(",", "")) for m in slow_lines]
+    assert done == sorted(done) and done[-1] <= 400
+    assert any(m["eta"] for m in slow_lines), lines  # a pace and a total give an ETA
+    assert slow_lines[0]["later"] == "tidy", lines  # the steps still to come
+
+    # Datasets made outside the block (training's reads of the result) stay quiet.
+    ray.data.range(400, override_num_blocks=40).map_batches(slow_step, batch_size=None).materialize()
+    assert "[medtune] preprocess:" not in capsys.readouterr().out
+
+
+def test_operators_are_named_by_the_steps_a_user_knows_fused_ones_by_each_step():
+    from ray_jobs.preprocess.progress import step_name
+
+    assert step_name("StreamingRepartition[num_rows_per_block=256,strict=False]") == "read"
+    assert step_name("MapBatches(convert_batch)->MapBatches(_dedupe_bucket)") == "clean + PHI, dedupe"
+    assert step_name("MapBatches(_mark_near_duplicates)->MapBatches(tokenize_batch)") == "near-dedupe, tokenise"
+    assert step_name("MapBatches(normalise)") == "normalise"

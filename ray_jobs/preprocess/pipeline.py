@@ -40,13 +40,13 @@ from ray_jobs.core.recipe import DataConfig, Recipe
 from ray_jobs.core.storage import Storage, dataset_prefix
 from ray_jobs.preprocess.formats import RowRejected, to_conversation
 from ray_jobs.preprocess.readers import expand_inputs, file_identity, input_names, parse_file
+from ray_jobs.preprocess.stats import dataset_stats, merge_stats, partial_stats
 from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversations, unpacked_row
 
 log = logging.getLogger("medtune.preprocess")
 
 PIPELINE_VERSION = "5"
 """Bump when the output of the same inputs changes, to invalidate old fingerprints."""
-LENGTH_BUCKETS = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 30]
 BATCH_ROWS = 256
 """Rows per batch of the per-row stages (convert, tokenize). Ray Data hands each task whole
 blocks bundled up to this many rows, so it also bounds how finely the work spreads."""
@@ -337,55 +337,6 @@ def _pack_batch(batch: pd.DataFrame, max_seq_len: int, packing: bool) -> pd.Data
     return pd.DataFrame(plain, columns=["input_ids", "labels", "position_ids", "seq_lens"])
 
 
-def _partial_stats(batch: pd.DataFrame) -> pd.DataFrame:
-    """Per-batch statistics, summed on the driver (a few numbers per batch)."""
-    ok = batch["reject_reason"].isna() if "reject_reason" in batch else pd.Series(True, index=batch.index)
-    stats: dict[str, Any] = {
-        "rows_in": len(batch),
-        "rejects": Counter(batch.loc[~ok, "reject_reason"]),
-        "splits": Counter(batch.loc[ok, "split"]),
-        "phi": Counter(),
-        "tokens": {},
-        "target_tokens": {},
-        "histogram": [0] * (len(LENGTH_BUCKETS) - 1),
-        "meta": Counter(),
-    }
-    for split in ("train", "eval"):
-        mask = ok & (batch["split"] == split)
-        stats["tokens"][split] = int(batch.loc[mask, "num_tokens"].sum())
-        stats["target_tokens"][split] = int(batch.loc[mask, "num_target_tokens"].sum())
-    counts, _ = np.histogram(batch.loc[ok, "num_tokens"].to_numpy(), bins=LENGTH_BUCKETS)
-    stats["histogram"] = counts.tolist()
-    for phi in batch.loc[ok, "phi"]:
-        stats["phi"].update(json.loads(phi))
-    for meta in batch.loc[ok, "meta"]:
-        parsed = json.loads(meta)
-        for key in ("step", "domain", "pattern", "category", "audience"):
-            if key in parsed:
-                stats["meta"][f"{key}={parsed[key]}"] += 1
-    return pd.DataFrame([{"partial": json.dumps(stats)}])
-
-
-def _merge_stats(partials: list[str]) -> dict[str, Any]:
-    total: dict[str, Any] = {
-        "rows_in": 0,
-        "rejects": Counter(),
-        "splits": Counter(),
-        "phi": Counter(),
-        "tokens": Counter(),
-        "target_tokens": Counter(),
-        "histogram": np.zeros(len(LENGTH_BUCKETS) - 1, dtype=np.int64),
-        "meta": Counter(),
-    }
-    for blob in partials:
-        part = json.loads(blob)
-        total["rows_in"] += part["rows_in"]
-        for key in ("rejects", "splits", "phi", "tokens", "target_tokens", "meta"):
-            total[key].update(part[key])
-        total["histogram"] += np.asarray(part["histogram"])
-    return total
-
-
 # ---------------------------------------------------------------------------- the stage
 def fingerprint(recipe: Recipe, files: list[tuple[str, Any, str]], model_dir: str) -> str:
     tokenizer_files = sorted(Path(model_dir).glob("tokenizer*")) if Path(model_dir).is_dir() else []
@@ -401,6 +352,8 @@ def fingerprint(recipe: Recipe, files: list[tuple[str, Any, str]], model_dir: st
 def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     """Preprocess the recipe's data (or reuse an identical earlier result)."""
     import ray
+
+    from ray_jobs.preprocess.progress import reporting_progress
 
     storage = Storage.from_uri(recipe.storage.root)
     data = recipe.data
@@ -423,12 +376,13 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
         ray.init()
     started = time.perf_counter()
     print(f"[medtune] preprocess: reading, cleaning and tokenising {len(train_files + eval_files)} file(s)", flush=True)
-    tokenized = _tokenized_rows(recipe, model_dir, train_files, eval_files).materialize()
+    with reporting_progress():  # datasets made here print progress lines whenever they run
+        tokenized = _tokenized_rows(recipe, model_dir, train_files, eval_files).materialize()
     if os.environ.get("MEDTUNE_DATA_STATS"):
         # Where the time went, per Ray Data operator (tasks, actors, wall and CPU time).
         log.warning("Ray Data stats of the tokenised rows:\n%s", tokenized.stats())
-    totals = _merge_stats(
-        [r["partial"] for r in tokenized.map_batches(_partial_stats, batch_format="pandas", batch_size=4096).take_all()]
+    totals = merge_stats(
+        [r["partial"] for r in tokenized.map_batches(partial_stats, batch_format="pandas", batch_size=4096).take_all()]
     )
     tokens, rejected = sum(totals["tokens"].values()), sum(totals["rejects"].values())
     done = f"{totals['rows_in']:,} rows tokenised in {time.perf_counter() - started:.0f} s, {tokens:,} tokens kept"
@@ -436,7 +390,7 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     write_rejects(storage, prefix, tokenized)
     _check_rejects(totals, data, storage.uri(prefix, "rejects.jsonl"))
     packed_rows = _write_splits(tokenized, totals, data, storage, prefix)
-    stats = _dataset_stats(totals, data, packed_rows)
+    stats = dataset_stats(totals, data, packed_rows)
     storage.write_json(posixpath.join(prefix, "stats.json"), stats)
     manifest = {
         "name": recipe.name,
@@ -556,27 +510,6 @@ def _write_splits(tokenized, totals: dict[str, Any], data: DataConfig, storage: 
     import pyarrow.dataset as pads
 
     return pads.dataset(storage.path(prefix, "train"), filesystem=storage.filesystem, format="parquet").count_rows()
-
-
-def _dataset_stats(totals: dict[str, Any], data: DataConfig, packed_rows: int) -> dict[str, Any]:
-    """stats.json: counts per split and reject reason, tokens, lengths, PHI and packing."""
-    return {
-        "rows_in": totals["rows_in"],
-        "rows_out": dict(totals["splits"]),
-        "rejected": sum(totals["rejects"].values()),
-        "rejects_by_reason": dict(totals["rejects"].most_common()),
-        "tokens": dict(totals["tokens"]),
-        "target_tokens": dict(totals["target_tokens"]),
-        "length_histogram": {"bucket_edges": LENGTH_BUCKETS[:-1], "counts": totals["histogram"].tolist()},
-        "phi_replacements": dict(totals["phi"]),
-        "metadata_counts": dict(totals["meta"]),
-        "packing": {
-            "enabled": data.packing,
-            "max_seq_len": data.max_seq_len,
-            "rows": packed_rows,
-            "efficiency": round(totals["tokens"].get("train", 0) / max(1, packed_rows * data.max_seq_len), 4),
-        },
-    }
 
 
 def write_rejects(storage: Storage, prefix: str, tokenized) -> None:
