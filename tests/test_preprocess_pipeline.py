@@ -400,8 +400,8 @@ SITE_ROWS = {
 
 
 def test_near_duplicates_in_different_blocks_of_one_file_are_found(tmp_path: Path):
-    # 700 distinct rows: Ray Data cuts them into blocks of pipeline.BATCH_ROWS, so row 3 and
-    # its near-copy at row 650 are signed and banded by different tasks.
+    # 700 distinct rows: the stage cuts them into pipeline.block_count blocks (several per
+    # CPU), so row 3 and its near-copy at row 650 are signed and banded by different tasks.
     import random
 
     rng = random.Random(5)
@@ -411,11 +411,11 @@ def test_near_duplicates_in_different_blocks_of_one_file_are_found(tmp_path: Pat
     for _ in range(700):
         text = " ".join(rng.sample(words, 24))
         rows.append(entity_row(f"The patient notes {text}.", ("Finding", text.split()[0])))
-    assert pipeline.BATCH_ROWS < 650
     copy = dict(rows[2], text=rows[2]["text"].replace("The patient notes", "Patient notes"))
     rows[649] = copy
     path = tmp_path / "notes.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert pipeline.block_count(expand_inputs([str(path)])) >= 2
 
     info = pipeline.run(
         # Also the fixed actor pool for the PHI scrubber (data.phi.actors).
@@ -487,6 +487,7 @@ def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypa
     )
 
     def run_in_batches_of(rows_per_task: int) -> dict:
+        monkeypatch.setattr(pipeline, "block_count", lambda files: -(-len(rows) // rows_per_task))
         monkeypatch.setattr(pipeline, "BATCH_ROWS", rows_per_task)
         monkeypatch.setattr(pipeline, "PACK_ROWS", rows_per_task)
         info = pipeline.run(recipe, force=True)
