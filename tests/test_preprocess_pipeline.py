@@ -29,7 +29,7 @@ from ray_jobs.core.artifacts import DatasetRef
 from ray_jobs.core.modeling import tiny_model_name
 from ray_jobs.core.recipe import parse_recipe
 from ray_jobs.core.storage import COMPLETE_MARKER, Storage, model_prefix
-from ray_jobs.preprocess import pipeline
+from ray_jobs.preprocess import pipeline, readers
 from ray_jobs.preprocess.formats import entities_answer
 from ray_jobs.preprocess.readers import expand_inputs
 from ray_jobs.preprocess.tokenize import IGNORE_INDEX
@@ -471,7 +471,7 @@ def documents(table: pa.Table) -> list[tuple[list[int], list[int]]]:
 def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # Six files of synthetic notes (many exact and near duplicates within and across files)
     # plus a bad row. Processed once with every stage in one task, once in batches of 16 rows
-    # (one task per block, run concurrently on the cluster's workers). De-duplication,
+    # (one task per block, run concurrently on the cluster's workers, each file parsed in pieces). De-duplication,
     # the split, stats and every conversation's tokens must not depend on how work is spread.
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -488,6 +488,7 @@ def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypa
 
     def run_in_batches_of(rows_per_task: int) -> dict:
         monkeypatch.setattr(pipeline, "block_count", lambda files: -(-len(rows) // rows_per_task))
+        monkeypatch.setattr(readers, "PIECE_BYTES", rows_per_task * 200)  # 16: each file parsed in ~3 pieces
         monkeypatch.setattr(pipeline, "BATCH_ROWS", rows_per_task)
         monkeypatch.setattr(pipeline, "PACK_ROWS", rows_per_task)
         info = pipeline.run(recipe, force=True)
@@ -584,6 +585,6 @@ def test_operators_are_named_by_the_steps_a_user_knows_fused_ones_by_each_step()
     from ray_jobs.preprocess.progress import step_name
 
     assert step_name("StreamingRepartition[num_rows_per_block=256,strict=False]") == "read"
-    assert step_name("MapBatches(convert_batch)->MapBatches(_dedupe_bucket)") == "clean + PHI, dedupe"
-    assert step_name("MapBatches(_mark_near_duplicates)->MapBatches(tokenize_batch)") == "near-dedupe, tokenise"
+    assert step_name("MapBatches(convert_batch)->MapBatches(tokenize_batch)") == "clean + PHI, tokenise"
+    assert step_name("MapBatches(key_buckets)") == "dedupe"
     assert step_name("MapBatches(normalise)") == "normalise"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 
-from ray_jobs.preprocess.readers import input_names, parse_file
+from ray_jobs.preprocess.readers import file_pieces, input_names, parse_file
 
 
 def row_ids(uri: str, data: bytes, name: str | None = None) -> list[str]:
@@ -79,3 +79,25 @@ def test_a_text_corpus_is_one_row_per_non_empty_line_as_load_dataset_reads_it():
     ]
     bad = list(parse_file("corpus.txt", b"ok line\n\xff\xfe broken\n"))
     assert [r["reject_reason"] for r in bad] == [None, "not_utf8"]
+
+
+def test_a_big_line_file_parsed_in_pieces_gives_the_rows_of_the_whole_file():
+    lines = [json.dumps({"text": f"note {i} " + "x" * (i % 37)}) for i in range(200)]
+    lines[17] = '{"text": broken'  # a bad line and blank lines keep their numbers across pieces
+    lines[90] = ""
+    data = ("\n".join(lines) + "\n\n").encode()
+    pieces = file_pieces("notes.jsonl", data, piece_bytes=500)
+
+    assert len(pieces) > 5
+    assert b"".join(piece for _, piece in pieces) == data
+    assert all(piece.endswith(b"\n") for _, piece in pieces)  # cut at line ends only
+    from_pieces = [row for line, piece in pieces for row in parse_file("notes.jsonl", piece, first_line=line)]
+    assert from_pieces == list(parse_file("notes.jsonl", data))
+    assert {"row_id": "notes.jsonl:18", "record": None, "reject_reason": "invalid_json"} in from_pieces
+
+
+def test_small_compressed_and_non_line_files_stay_whole():
+    rows = b'{"text": "a"}\n' * 100
+    assert file_pieces("notes.jsonl", rows, piece_bytes=10_000) == [(1, rows)]
+    assert file_pieces("notes.jsonl.gz", gzip.compress(rows), piece_bytes=10) == [(1, gzip.compress(rows))]
+    assert file_pieces("notes.json", rows, piece_bytes=10) == [(1, rows)]

@@ -5,8 +5,9 @@
     ray job submit --working-dir . -- python -m ray_jobs.preprocess RECIPE
 
 Steps, all inside Ray tasks (nothing but small aggregates reaches the driver):
-read (row by row, bad rows quarantined) -> format adapter -> clean -> PHI scrub -> split
--> exact / near de-duplication across all files -> chat template + masking -> pack -> write.
+read (row by row, bad rows quarantined) -> cut into equal blocks -> format adapter -> clean
+-> PHI scrub -> split -> chat template + masking (one task per block for all of these)
+-> exact / near de-duplication across all files (`dedupe.py`) -> pack -> write.
 
 Output, under `<storage>/datasets/<name>/<fingerprint>/`:
 `train/*.parquet` (packed rows: input_ids, labels, position_ids, seq_lens),
@@ -38,7 +39,10 @@ from ray_jobs.core.errors import MedtuneError
 from ray_jobs.core.modeling import IGNORE_INDEX, load_tokenizer, resolve_model_dir
 from ray_jobs.core.recipe import DataConfig, Recipe
 from ray_jobs.core.storage import Storage, dataset_prefix
+from ray_jobs.preprocess import readers
+from ray_jobs.preprocess.dedupe import PASSED, drop_duplicates, with_signature
 from ray_jobs.preprocess.formats import RowRejected, to_conversation
+from ray_jobs.preprocess.process_cache import cached
 from ray_jobs.preprocess.readers import expand_inputs, file_identity, input_names, parse_file
 from ray_jobs.preprocess.stats import dataset_stats, merge_stats, partial_stats
 from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversations, unpacked_row
@@ -67,20 +71,29 @@ class PreprocessError(MedtuneError):
 
 # ---------------------------------------------------------------------------- reading
 def _read_split(files: list[tuple[str, Any, str]], split: str, names: dict[str, str]):
-    """Raw rows of the given files; each file is parsed row by row inside a Ray task.
-    `names` maps each uri to the prefix of its row ids (`readers.input_names`)."""
+    """Raw rows of the given files, parsed row by row inside Ray tasks (big line-based files in
+    pieces, one task each). `names` maps each uri to the prefix of its row ids (`readers.input_names`)."""
     import ray.data
 
-    def explode(row: dict[str, Any], remote: bool) -> list[dict[str, Any]]:
+    piece_bytes = readers.PIECE_BYTES  # read here, on the driver, so a test can shrink it
+
+    def cut_pieces(row: dict[str, Any], remote: bool) -> list[dict[str, Any]]:
         uri = f"s3://{row['path']}" if remote else row["path"]
-        return [{**parsed, "split": split} for parsed in parse_file(uri, row["bytes"], names[uri])]
+        pieces = readers.file_pieces(uri, row["bytes"], piece_bytes)
+        return [{"path": uri, "bytes": piece, "line": line} for line, piece in pieces]
+
+    def explode(piece: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = parse_file(piece["path"], piece["bytes"], names[piece["path"]], first_line=piece["line"])
+        return [{**parsed, "split": split} for parsed in rows]
 
     datasets = []
     for remote in (False, True):  # local and S3 files need different filesystems
         group = [f for f in files if f[0].startswith("s3://") == remote]
         if group:
             binary = ray.data.read_binary_files([f[2] for f in group], include_paths=True, filesystem=group[0][1])
-            datasets.append(binary.flat_map(explode, fn_kwargs={"remote": remote}))
+            pieces = binary.flat_map(cut_pieces, fn_kwargs={"remote": remote})
+            # One piece per block, so each is parsed by its own task.
+            datasets.append(pieces.repartition(target_num_rows_per_block=1).flat_map(explode))
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
@@ -90,24 +103,13 @@ def _in_eval(row_id: str, seed: int, fraction: float) -> bool:
     return digest < fraction
 
 
-_WORKER_CACHE: dict[str, Any] = {}
-
-
-def _cached(key: str, build):
-    """One instance per worker process (Ray reuses task workers), so a tokenizer or
-    compiled scrubber is built once per process without pinning CPUs to an actor pool."""
-    if key not in _WORKER_CACHE:
-        _WORKER_CACHE[key] = build()
-    return _WORKER_CACHE[key]
-
-
 def convert_batch(batch: pd.DataFrame, data: dict[str, Any]) -> pd.DataFrame:
-    converter = _cached("convert:" + json.dumps(data, sort_keys=True), lambda: ConvertBatch(data))
+    converter = cached("convert:" + json.dumps(data, sort_keys=True), lambda: ConvertBatch(data))
     return converter(batch)
 
 
 def tokenize_batch(batch: pd.DataFrame, **kwargs: Any) -> pd.DataFrame:
-    tokenizer = _cached("tokenize:" + json.dumps(kwargs, sort_keys=True), lambda: TokenizeBatch(**kwargs))
+    tokenizer = cached("tokenize:" + json.dumps(kwargs, sort_keys=True), lambda: TokenizeBatch(**kwargs))
     return tokenizer(batch)
 
 
@@ -189,107 +191,9 @@ class ConvertBatch:
         return out
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame([self._one(row) for row in batch.to_dict("records")])
-
-
-DEDUPE_BUCKETS = 64
-"""Exact dedupe groups rows by a bucket of their key, not by the key itself: one pandas call
-per bucket instead of one per distinct row (which made dedupe the pipeline's main cost)."""
-
-
-def _dedupe_bucket(batch: pd.DataFrame) -> pd.DataFrame:
-    batch = batch.copy()
-    batch["dedupe_bucket"] = [zlib.crc32(str(key).encode()) % DEDUPE_BUCKETS for key in batch["dedupe_key"]]
-    return batch
-
-
-def _keep_first(bucket: pd.DataFrame) -> pd.DataFrame:
-    """Within each de-duplication key, keep the lowest row id (deterministic across runs);
-    rows already rejected for another reason neither count nor change."""
-    bucket = bucket.sort_values(["dedupe_key", "row_id"], kind="stable")
-    ok = bucket["reject_reason"].isna()
-    repeated = bucket.loc[ok, "dedupe_key"].duplicated(keep="first")
-    bucket.loc[repeated[repeated].index, "reject_reason"] = "duplicate"
-    return bucket.drop(columns="dedupe_bucket")
-
-
-NEAR_DEDUPE_BUCKETS = 64
-"""LSH band keys are grouped by a bucket of the key, as exact dedupe's keys are."""
-
-
-def _with_signature(batch: pd.DataFrame) -> pd.DataFrame:
-    """The MinHash signature of each usable row's non-system text (empty for rejected rows)."""
-    from ray_jobs.preprocess.clean import minhash_signature
-
-    batch = batch.copy()
-    batch["signature"] = [
-        minhash_signature(" ".join(m["content"] for m in json.loads(messages) if m["role"] != "system")).tolist()
-        if not isinstance(reason, str)
-        else []
-        for messages, reason in zip(batch["messages"], batch["reject_reason"])
-    ]
-    return batch
-
-
-def _band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]]) -> pd.DataFrame:
-    """One row per (usable row, LSH band): its band key, bucket, id and signature."""
-    from ray_jobs.preprocess.clean import band_keys
-
-    out = {"band": [], "bucket": [], "row_id": [], "signature": []}
-    for row_id, signature, reason in zip(batch["row_id"], batch["signature"], batch["reject_reason"]):
-        if isinstance(reason, str):
-            continue
-        for key in band_keys(np.asarray(signature, dtype=np.uint64), bands):
-            out["band"].append(key)
-            out["bucket"].append(zlib.crc32(key.encode()) % NEAR_DEDUPE_BUCKETS)
-            out["row_id"].append(row_id)
-            out["signature"].append(signature)
-    return pd.DataFrame(out)
-
-
-def _similar_pairs(bucket: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """(earlier, later) row-id pairs that share a band and pass the similarity threshold."""
-    from ray_jobs.preprocess.clean import similar_pairs
-
-    shared = bucket[bucket["band"].duplicated(keep=False)]
-    pairs = []
-    for _, group in shared.groupby("band", sort=False):
-        pairs += similar_pairs(group["row_id"].tolist(), np.asarray(group["signature"].tolist()), threshold)
-    return pd.DataFrame(pairs, columns=["earlier", "later"])
-
-
-def _mark_near_duplicates(batch: pd.DataFrame, rejected_ref) -> pd.DataFrame:
-    import ray
-
-    rejected = _cached(f"near:{rejected_ref.hex()}", lambda: ray.get(rejected_ref))
-    batch = batch.drop(columns="signature")
-    hit = batch["row_id"].isin(rejected) & ~batch["reject_reason"].map(lambda r: isinstance(r, str))
-    batch.loc[hit, "reject_reason"] = "near_duplicate"
-    return batch
-
-
-def _near_dedupe(converted, threshold: float):
-    """Reject near-duplicates with no single-actor step: signatures per block, LSH banding as a
-    group-by over band-key buckets, and only the similar pairs (few) back on the driver, where
-    they resolve exactly as one sequential pass in row-id order would (`clean.rejected_near_duplicates`)."""
-    import ray
-
-    from ray_jobs.preprocess.clean import lsh_bands, rejected_near_duplicates
-
-    signed = converted.map_batches(_with_signature, batch_format="pandas", batch_size=BATCH_ROWS).materialize()
-    pairs = (
-        signed.map_batches(_band_rows, fn_kwargs={"bands": lsh_bands(threshold)}, batch_format="pandas")
-        .groupby("bucket")
-        .map_groups(_similar_pairs, fn_kwargs={"threshold": threshold}, batch_format="pandas")
-        .take_all()
-    )
-    rejected = rejected_near_duplicates(sorted({(p["earlier"], p["later"]) for p in pairs}))
-    return signed.map_batches(
-        _mark_near_duplicates,
-        fn_kwargs={"rejected_ref": ray.put(rejected)},
-        batch_format="pandas",
-        batch_size=BATCH_ROWS,
-    )
+        out = pd.DataFrame([self._one(row) for row in batch.to_dict("records")])
+        out[PASSED] = out["reject_reason"].isna()  # what de-duplication counts, whatever tokenising says
+        return out
 
 
 class TokenizeBatch:
@@ -385,6 +289,7 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     print(f"[medtune] preprocess: reading, cleaning and tokenising {len(train_files + eval_files)} file(s)", flush=True)
     with reporting_progress():  # datasets made here print progress lines whenever they run
         tokenized = _tokenized_rows(recipe, model_dir, train_files, eval_files).materialize()
+        tokenized = drop_duplicates(tokenized, data)
     if os.environ.get("MEDTUNE_DATA_STATS"):
         # Where the time went, per Ray Data operator (tasks, actors, wall and CPU time).
         log.warning("Ray Data stats of the tokenised rows:\n%s", tokenized.stats())
@@ -447,21 +352,17 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
         )
     else:
         # Tasks, each worker process building the scrubber (Presidio, its word lists) once
-        # and keeping it for later tasks and later runs (`_cached`). Measured against an
+        # and keeping it for later tasks and later runs (`process_cache`). Measured against an
         # autoscaling actor pool on 2 cores, 20k rows: warm runs 38-42 s vs 56-58 s, cold 57
         # vs 68 s; the pool grew to one actor while the stage waited on it, and new actors
         # re-import Presidio on every run.
         converted = raw.map_batches(
             convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=BATCH_ROWS
         )
-    if data.clean.dedupe:
-        converted = (
-            converted.map_batches(_dedupe_bucket, batch_format="pandas", batch_size=BATCH_ROWS)
-            .groupby("dedupe_bucket")
-            .map_groups(_keep_first, batch_format="pandas")
-        )
     if data.clean.near_dedupe:
-        converted = _near_dedupe(converted, data.clean.near_dedupe_threshold)
+        converted = converted.map_batches(with_signature, batch_format="pandas", batch_size=BATCH_ROWS)
+    # Tokenised in the same tasks as converted (Ray fuses the maps): de-duplication comes after,
+    # from small columns (`dedupe.py`), so no barrier or shuffle of every row's text sits between.
     return converted.map_batches(
         tokenize_batch,
         batch_format="pandas",

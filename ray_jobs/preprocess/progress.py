@@ -27,20 +27,21 @@ DEFAULT_INTERVAL_S = 10.0
 
 # Our plan's functions and Ray Data's own operators, as they appear in operator names, and what
 # a user calls each step. Ray fuses consecutive maps into one operator
-# ("MapBatches(convert_batch)->MapBatches(_dedupe_bucket)"): it is named by all its steps.
+# ("MapBatches(convert_batch)->MapBatches(tokenize_batch)"): it is named by all its steps.
 STEPS = {
     "ReadBinary": "read",
     "explode": "read",
-    "StreamingRepartition": "read",
+    "cut_pieces": "read",
+    "Repartition": "read",
     "convert_batch": "clean + PHI",
     "ConvertBatch": "clean + PHI",
-    "_dedupe_bucket": "dedupe",
+    "with_signature": "near-dedupe signatures",
+    "key_buckets": "dedupe",
     "Sort": "group",
-    "_keep_first": "dedupe",
-    "_with_signature": "near-dedupe",
-    "_band_rows": "near-dedupe",
-    "_similar_pairs": "near-dedupe",
-    "_mark_near_duplicates": "near-dedupe",
+    "later_copies": "dedupe",
+    "band_rows": "near-dedupe",
+    "similar_pairs": "near-dedupe",
+    "mark_duplicates": "dedupe",
     "tokenize_batch": "tokenise",
     "partial_stats": "stats",
     "_pack_batch": "pack",

@@ -37,6 +37,9 @@ FORMATS = {
 }
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 """A record larger than this is quarantined as `giant_row` before it is parsed."""
+PIECE_BYTES = 8 * 1024 * 1024
+"""JSON Lines and text files larger than this are parsed in pieces of about this size, each in
+its own task: parsing one 100k-row file in one task took 2 s on 16 cores, all others idle."""
 
 
 class InputError(ValueError):
@@ -128,22 +131,40 @@ def _decode(raw: bytes, row_id: str) -> tuple[str | None, dict[str, Any] | None]
         return None, _row(row_id, reason="not_utf8")
 
 
-def _lines(data: bytes, name: str) -> Iterator[tuple[str, str | None, dict[str, Any] | None]]:
-    """(row id, decoded text or None, rejected row or None) per non-empty line, numbered from 1."""
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+def file_pieces(uri: str, data: bytes, piece_bytes: int = PIECE_BYTES) -> list[tuple[int, bytes]]:
+    """(number of its first line, bytes) pieces of a file, for parsing in parallel: line-based
+    files over `piece_bytes` are cut at line ends; other formats and compressed files stay whole."""
+    if file_format(uri) not in ("jsonl", "text") or len(data) <= piece_bytes or data[:2] == b"\x1f\x8b":
+        return [(1, data)]
+    pieces, start, line = [], 0, 1
+    while start < len(data):
+        end = data.find(b"\n", start + piece_bytes)
+        end = len(data) if end < 0 else end + 1
+        pieces.append((line, data[start:end]))
+        line += data.count(b"\n", start, end)
+        start = end
+    return pieces
+
+
+def _lines(data: bytes, name: str, first_line: int = 1) -> Iterator[tuple[str, str | None, dict[str, Any] | None]]:
+    """(row id, decoded text or None, rejected row or None) per non-empty line."""
+    for number, raw in enumerate(data.split(b"\n"), start=first_line):
         if raw.strip():
             row_id = f"{name}:{number}"
             yield (row_id, *_decode(raw, row_id))
 
 
-def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None = None) -> Iterator[dict[str, Any]]:
+def parse_file(
+    uri: str, data: bytes, name: str | None = None, kind: str | None = None, first_line: int = 1
+) -> Iterator[dict[str, Any]]:
     """Parse one file's bytes into rows; bad rows come out with a reject_reason.
 
     Args:
         uri: where the bytes come from; its extension decides the format.
-        data: the file's content.
+        data: the file's content, or a piece of a line-based file (`file_pieces`).
         name: what row ids start with (default: the basename; see `input_names`).
         kind: the format, overriding the extension.
+        first_line: the line number of the piece's first line.
     """
     name = name or posixpath.basename(uri)
     kind = kind or file_format(uri)
@@ -152,7 +173,7 @@ def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None 
 
         data = gzip.decompress(data)
     if kind == "jsonl":
-        for row_id, text, rejected in _lines(data, name):
+        for row_id, text, rejected in _lines(data, name, first_line):
             if rejected:
                 yield rejected
                 continue
@@ -189,7 +210,7 @@ def parse_file(uri: str, data: bytes, name: str | None = None, kind: str | None 
     if kind == "text":
         # A raw corpus for continued pre-training, one row per non-empty line, as Hugging Face
         # `load_dataset("text", ...)` reads it (the audience-adapter seed's medical corpus).
-        for row_id, text, rejected in _lines(data, name):
+        for row_id, text, rejected in _lines(data, name, first_line):
             yield rejected or _row(row_id, {"text": text.rstrip("\r")})
         return
     if kind == "csv":
