@@ -1,13 +1,14 @@
 """Exact and near de-duplication across every input file, after the per-row work.
 
     rows = converted_and_tokenised.materialize()
-    rows = drop_duplicates(rows, data)      # reject_reason "duplicate" / "near_duplicate"
+    rows = with_duplicates_marked(rows, find_duplicates(rows, data))   # "duplicate" / "near_duplicate"
 
 Rows are cleaned and tokenised in one pass with no barrier in between; duplicates are then
 found from small columns only. Exact: (row id, content key) grouped by a bucket of the key.
 Near: MinHash signatures (computed in the per-row pass) banded into LSH band keys, grouped by
 a bucket of the key, similar pairs confirmed per group. Only the ids to reject (and the similar
-pairs, few) reach the driver; one cheap pass marks them. No single actor sees every row.
+pairs, few) reach the driver; each later pass over the rows marks them on the way (a lookup
+per row, cheaper than materialising the rows again). No single actor sees every row.
 
 The verdicts are those of de-duplicating before tokenisation: only rows that passed cleaning
 count, the lowest row id of a key stays, near-duplicates resolve as one sequential pass in
@@ -114,6 +115,8 @@ def find_duplicates(rows, data: DataConfig) -> dict[str, str]:
     from ray_jobs.preprocess.clean import lsh_bands, rejected_near_duplicates
 
     rejected: dict[str, str] = {}
+    if not (data.clean.dedupe or data.clean.near_dedupe):
+        return rejected
     if data.clean.dedupe:
         copies = (
             rows.select_columns(["row_id", "dedupe_key", PASSED])
@@ -141,13 +144,11 @@ def find_duplicates(rows, data: DataConfig) -> dict[str, str]:
     return rejected
 
 
-def drop_duplicates(rows, data: DataConfig):
-    """`rows` (materialised, tokenised) with duplicates rejected, materialised again."""
+def with_duplicates_marked(rows, rejected: dict[str, str]):
+    """`rows` with every rejected duplicate's reason set, lazily: each pass that reads the result
+    marks the rows it reads."""
     import ray
 
-    if not (data.clean.dedupe or data.clean.near_dedupe):
+    if not rejected:
         return rows
-    rejected = find_duplicates(rows, data)
-    return rows.map_batches(
-        mark_duplicates, fn_kwargs={"rejected_ref": ray.put(rejected)}, batch_format="pandas"
-    ).materialize()
+    return rows.map_batches(mark_duplicates, fn_kwargs={"rejected_ref": ray.put(rejected)}, batch_format="pandas")

@@ -21,7 +21,8 @@ LENGTH_BUCKETS = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 30]
 
 
 def partial_stats(batch: pd.DataFrame) -> pd.DataFrame:
-    """Per-batch statistics, summed on the driver (a few numbers per batch)."""
+    """Per-batch statistics, summed on the driver (a few numbers per batch), and the batch's
+    rejected rows as (row id, reason) for rejects.jsonl: one pass over the rows for both."""
     ok = batch["reject_reason"].isna() if "reject_reason" in batch else pd.Series(True, index=batch.index)
     stats: dict[str, Any] = {
         "rows_in": len(batch),
@@ -32,6 +33,7 @@ def partial_stats(batch: pd.DataFrame) -> pd.DataFrame:
         "target_tokens": {},
         "histogram": [0] * (len(LENGTH_BUCKETS) - 1),
         "meta": Counter(),
+        "rejected_rows": [[r, reason] for r, reason in zip(batch.loc[~ok, "row_id"], batch.loc[~ok, "reject_reason"])],
     }
     for split in ("train", "eval"):
         mask = ok & (batch["split"] == split)
@@ -59,6 +61,7 @@ def merge_stats(partials: list[str]) -> dict[str, Any]:
         "target_tokens": Counter(),
         "histogram": np.zeros(len(LENGTH_BUCKETS) - 1, dtype=np.int64),
         "meta": Counter(),
+        "rejected_rows": [],
     }
     for blob in partials:
         part = json.loads(blob)
@@ -66,6 +69,7 @@ def merge_stats(partials: list[str]) -> dict[str, Any]:
         for key in ("rejects", "splits", "phi", "tokens", "target_tokens", "meta"):
             total[key].update(part[key])
         total["histogram"] += np.asarray(part["histogram"])
+        total["rejected_rows"] += part["rejected_rows"]
     return total
 
 
