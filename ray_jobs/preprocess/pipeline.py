@@ -49,7 +49,7 @@ from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversations,
 
 log = logging.getLogger("medtune.preprocess")
 
-PIPELINE_VERSION = "5"
+PIPELINE_VERSION = "6"
 """Bump when the output of the same inputs changes, to invalidate old fingerprints."""
 BATCH_ROWS = 256
 """Rows per batch handed to the per-row functions (convert, tokenize) inside a task: it bounds
