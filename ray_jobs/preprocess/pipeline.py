@@ -211,13 +211,13 @@ class TokenizeBatch:
         self.tokenizer = load_tokenizer(model_dir, revision, trust_remote_code, chat_template)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        reasons = list(batch["reject_reason"])
+        reasons, messages = batch["reject_reason"].tolist(), batch["messages"].tolist()
         todo = [i for i, reason in enumerate(reasons) if not isinstance(reason, str)]
         empty = np.zeros(0, dtype=np.int32)
         ids_col, labels_col = [empty] * len(batch), [empty] * len(batch)
         results = tokenize_conversations(
             self.tokenizer,
-            [json.loads(batch["messages"].iat[i]) for i in todo],
+            [json.loads(messages[i]) for i in todo],
             max_seq_len=self.data.max_seq_len,
             truncation=self.data.truncation,
             train_on_inputs=self.data.train_on_inputs,
