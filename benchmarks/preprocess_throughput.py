@@ -23,8 +23,9 @@ Engines:
 - `medtune-ray warm`: the same recipe again on the same cluster (`force=True`), workers and
   their cached tokenizer already up: the marginal cost on a long-lived cluster.
 - `medtune-ray warm regex-phi`: the same with `data.phi.engine: regex`, so the difference to
-  `medtune-ray warm` is the cost of Presidio and its name and city lists (an actor pool of
-  at most one actor per CPU).
+  `medtune-ray warm` is the cost of Presidio and its name and city lists.
+- `medtune-ray warm near-dedupe` (with `--near-dedupe`): the same with `clean.near_dedupe`
+  on, so the difference to `medtune-ray warm` is near-dedupe's cost.
 Every engine but `hf-seed` runs the recipe's PHI engine (presidio by default).
 """
 
@@ -197,10 +198,10 @@ def hf_same_work(data_file: Path, model_dir: str, out_dir: Path, recipe) -> dict
     tokens = sum(len(ids) for ids in kept["input_ids"])
 
     def pack(batch: dict) -> dict:
-        frame = pipeline._pack_batch(
+        table = pipeline._pack_batch(
             pd.DataFrame({"input_ids": batch["input_ids"], "labels": batch["labels"]}), recipe.data.max_seq_len, True
         )
-        return {column: list(frame[column]) for column in frame.columns}
+        return table.to_pydict()
 
     packed = kept.map(pack, batched=True, batch_size=pipeline.PACK_ROWS, remove_columns=kept.column_names)
     packed.to_parquet(str(out_dir / "train.parquet"))
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=20_000, help="synthetic rows (default 20000)")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--near-dedupe", action="store_true", help="also a warm run with clean.near_dedupe on")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -289,13 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     results["medtune-ray warm"] = medtune_ray(recipe, storage_root, force=True)
     print(f"  medtune-ray warm: {results['medtune-ray warm']['seconds']:.1f} s", flush=True)
     # The PHI engine's cost inside the pipeline: the same warm run with the regex engine
-    # (no names or cities, no Presidio actors). Presidio runs as an actor pool of at most
-    # one actor per CPU, each loading its word lists once.
+    # (no names or cities, no Presidio).
     regex_phi = recipe.model_copy(
         update={"data": recipe.data.model_copy(update={"phi": recipe.data.phi.model_copy(update={"engine": "regex"})})}
     )
     results["medtune-ray warm regex-phi"] = medtune_ray(regex_phi, storage_root, force=True)
     print(f"  medtune-ray warm regex-phi: {results['medtune-ray warm regex-phi']['seconds']:.1f} s", flush=True)
+    if args.near_dedupe:
+        # Near-dedupe's cost: MinHash in the per-row tasks, LSH band keys grouped by bucket.
+        clean = recipe.data.clean.model_copy(update={"near_dedupe": True})
+        near = recipe.model_copy(update={"data": recipe.data.model_copy(update={"clean": clean})})
+        results["medtune-ray warm near-dedupe"] = medtune_ray(near, storage_root, force=True)
+        print(f"  medtune-ray warm near-dedupe: {results['medtune-ray warm near-dedupe']['seconds']:.1f} s", flush=True)
     ray.shutdown()
 
     for result in results.values():
