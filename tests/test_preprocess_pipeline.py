@@ -529,7 +529,8 @@ def test_a_dataset_read_from_and_written_to_s3(s3_bucket: str, tmp_path: Path):
 
 # --------------------------------------------------------------------------- progress lines
 PROGRESS_LINE = re.compile(
-    r"^\[medtune\] preprocess: (?P<step>[\w +,-]+?) (?:starting|(?P<done>[\d,]+)/~(?P<total>[\d,]+) rows "
+    r"^\[medtune\] preprocess: (?P<step>[\w +,-]+?)"
+    r"(?: starting|: \d+ task\(s\) running, none done yet| (?P<done>[\d,]+)/~(?P<total>[\d,]+) rows "
     r"\(\d+%\), [\d,]+ rows/s(?:, ETA (?P<eta>\d+m\d\ds|\d+s))?)(?:; then (?P<later>.+))?$"
 )
 
@@ -571,6 +572,8 @@ def test_operators_are_named_by_the_steps_a_user_knows_fused_ones_by_each_step()
     from ray_jobs.preprocess.progress import step_name
 
     assert step_name("StreamingRepartition[num_rows_per_block=256,strict=False]") == "read"
+    assert step_name("ReadBinary->SplitBlocks(4)") == "read"
+    assert step_name("Foo(12)") == "Foo"
     assert step_name("MapBatches(convert_batch)->MapBatches(tokenize_batch)") == "clean + PHI, tokenise"
     assert step_name("MapBatches(key_buckets)") == "dedupe"
     assert step_name("MapBatches(normalise)") == "normalise"

@@ -30,6 +30,8 @@ DEFAULT_INTERVAL_S = 10.0
 # ("MapBatches(convert_batch)->MapBatches(tokenize_batch)"): it is named by all its steps.
 STEPS = {
     "ReadBinary": "read",
+    "SplitBlocks": "read",
+    "Union": "read",
     "explode": "read",
     "cut_pieces": "read",
     "Repartition": "read",
@@ -55,7 +57,8 @@ def step_name(operator_name: str) -> str:
     for part in operator_name.split("->"):
         known = [step for key, step in STEPS.items() if key in part]
         # An unknown function keeps its own name: "MapBatches(normalise)" -> "normalise".
-        name = known[0] if known else (part[part.find("(") + 1 : -1] if part.endswith(")") else part)
+        inner = part[part.find("(") + 1 : -1] if part.endswith(")") else ""
+        name = known[0] if known else (inner if inner and not inner.isdigit() else part.split("(")[0])
         if name not in names:
             names.append(name)
     return ", ".join(names)
@@ -77,6 +80,7 @@ class PreprocessProgress(ExecutionCallback):
         self.interval_s = float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S))
         self.last_line_at = time.monotonic()
         self.started_at: dict[int, float] = {}  # operator -> when its first input arrived
+        self.first_rows: dict[int, tuple[float, int]] = {}  # operator -> (when, rows) of its first output
 
     def on_execution_step(self, executor: Any) -> None:
         now = time.monotonic()
@@ -84,6 +88,8 @@ class PreprocessProgress(ExecutionCallback):
         for op in operators:
             if id(op) not in self.started_at and op.metrics.num_inputs_received:
                 self.started_at[id(op)] = now
+            if id(op) not in self.first_rows and op.metrics.rows_task_outputs_generated:
+                self.first_rows[id(op)] = (now, op.metrics.rows_task_outputs_generated)
         if now - self.last_line_at < self.interval_s:
             return
         self.last_line_at = now
@@ -97,11 +103,20 @@ class PreprocessProgress(ExecutionCallback):
             return None
         done = running.metrics.rows_task_outputs_generated
         total = running.num_output_rows_total()
-        elapsed = now - self.started_at[id(running)]
-        pace = done / elapsed if elapsed > 0 else 0.0
+        # The pace since the first rows came out: the first tasks also paid for loading the
+        # tokenizer and the PHI engine, which later tasks of a warm worker do not.
+        since, rows_then = self.first_rows.get(id(running), (now, 0))
+        if now - since >= 1.0 and done > rows_then:
+            pace = (done - rows_then) / (now - since)
+        else:
+            elapsed = now - self.started_at[id(running)]
+            pace = done / elapsed if elapsed > 0 else 0.0
         step = step_name(running.name)
         if done == 0:
-            text = f"{step} starting"
+            running_tasks = running.metrics.num_tasks_running
+            text = (
+                f"{step} starting" if not running_tasks else f"{step}: {running_tasks} task(s) running, none done yet"
+            )
         elif total:
             text = f"{step} {done:,}/~{max(total, done):,} rows ({min(done / total, 1.0):.0%}), {pace:,.0f} rows/s"
         else:
