@@ -31,7 +31,7 @@ from ray_jobs.core.recipe import parse_recipe
 from ray_jobs.core.storage import COMPLETE_MARKER, Storage, model_prefix
 from ray_jobs.preprocess import pipeline, readers
 from ray_jobs.preprocess.formats import entities_answer
-from ray_jobs.preprocess.readers import expand_inputs
+from ray_jobs.preprocess.readers import expand_inputs, file_identity
 from ray_jobs.preprocess.tokenize import IGNORE_INDEX
 from ray_jobs.synthetic import entity_rows
 
@@ -338,12 +338,12 @@ def test_an_unchanged_dataset_is_reused(mixed: MixedInputs, mixed_run: DatasetRe
 
 def test_the_fingerprint_follows_data_fields_and_input_files(mixed: MixedInputs, mixed_run: DatasetRef):
     model_dir = str(mixed.root / model_prefix(tiny_model_name("llama")))
-    files = expand_inputs(mixed.train)
 
     def fingerprint_of(recipe) -> str:
-        return pipeline.fingerprint(recipe, expand_inputs(mixed.train), model_dir)
+        identities = [file_identity(fs, path) for _, fs, path in expand_inputs(mixed.train)]
+        return pipeline.fingerprint(recipe, identities, model_dir)
 
-    assert pipeline.fingerprint(mixed.recipe(), files, model_dir) == mixed_run.fingerprint
+    assert fingerprint_of(mixed.recipe()) == mixed_run.fingerprint
     assert fingerprint_of(mixed.recipe(max_seq_len=128)) != mixed_run.fingerprint
     assert fingerprint_of(mixed.recipe(clean={"dedupe": False})) != mixed_run.fingerprint
     # Training-only settings do not invalidate the data.
@@ -415,7 +415,7 @@ def test_near_duplicates_in_different_blocks_of_one_file_are_found(tmp_path: Pat
     rows[649] = copy
     path = tmp_path / "notes.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert pipeline.block_count(expand_inputs([str(path)])) >= 2
+    assert pipeline.block_count(path.stat().st_size) >= 2
 
     info = pipeline.run(
         # Also the fixed actor pool for the PHI scrubber (data.phi.actors).
@@ -477,7 +477,7 @@ def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypa
     )
 
     def run_in_batches_of(rows_per_task: int) -> dict:
-        monkeypatch.setattr(pipeline, "block_count", lambda files: -(-len(rows) // rows_per_task))
+        monkeypatch.setattr(pipeline, "block_count", lambda input_bytes: -(-len(rows) // rows_per_task))
         monkeypatch.setattr(readers, "PIECE_BYTES", rows_per_task * 200)  # 16: each file parsed in ~3 pieces
         monkeypatch.setattr(pipeline, "BATCH_ROWS", rows_per_task)
         info = pipeline.run(recipe, force=True)

@@ -36,6 +36,10 @@ PASSED = "passed_cleaning"
 """Column set by the per-row pass: the row survived reading, conversion and cleaning."""
 
 
+def _bucket(key: str) -> int:
+    return zlib.crc32(key.encode()) % KEY_BUCKETS
+
+
 def with_signature(batch: pd.DataFrame) -> pd.DataFrame:
     """The MinHash signature of each cleaned row's non-system text (empty for rejected rows)."""
     from ray_jobs.preprocess.clean import minhash_signature
@@ -53,7 +57,7 @@ def with_signature(batch: pd.DataFrame) -> pd.DataFrame:
 def key_buckets(batch: pd.DataFrame) -> pd.DataFrame:
     """(row id, content key, bucket) of each cleaned row."""
     keep = batch[batch[PASSED]]
-    buckets = [zlib.crc32(str(key).encode()) % KEY_BUCKETS for key in keep["dedupe_key"]]
+    buckets = [_bucket(str(key)) for key in keep["dedupe_key"]]
     return pd.DataFrame(
         {"row_id": keep["row_id"].tolist(), "dedupe_key": keep["dedupe_key"].tolist(), "bucket": buckets}
     )
@@ -79,7 +83,7 @@ def band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]], exact_ref: Any)
             continue
         for key in band_keys(np.asarray(signature, dtype=np.uint64), bands):
             out["band"].append(key)
-            out["bucket"].append(zlib.crc32(key.encode()) % KEY_BUCKETS)
+            out["bucket"].append(_bucket(key))
             out["row_id"].append(row_id)
             out["signature"].append(signature)
     return pd.DataFrame(out)

@@ -266,12 +266,13 @@ def _pack_batch(batch: pd.DataFrame, max_seq_len: int, packing: bool):
 
 
 # ---------------------------------------------------------------------------- the stage
-def fingerprint(recipe: Recipe, files: list[tuple[str, Any, str]], model_dir: str) -> str:
+def fingerprint(recipe: Recipe, identities: list[dict[str, Any]], model_dir: str) -> str:
+    """`identities`: the input files' `readers.file_identity` (path, size, mtime)."""
     tokenizer_files = sorted(Path(model_dir).glob("tokenizer*")) if Path(model_dir).is_dir() else []
     payload = {
         "version": PIPELINE_VERSION,
         "recipe": recipe.fingerprint_fields(),
-        "files": [file_identity(fs, path) for _, fs, path in files],
+        "files": identities,
         "tokenizer": [hashlib.sha256(f.read_bytes()).hexdigest() for f in tokenizer_files],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -291,7 +292,9 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     except ValueError as exc:
         raise PreprocessError(f"data: {exc}") from None
     model_dir = resolve_model_dir(recipe.model, storage)
-    fp = fingerprint(recipe, train_files + eval_files, model_dir)
+    # One stat (an S3 HEAD) per file, for the fingerprint and the block count alike.
+    identities = [file_identity(fs, path) for _, fs, path in train_files + eval_files]
+    fp = fingerprint(recipe, identities, model_dir)
     prefix = dataset_prefix(recipe.name, fp)
     if storage.is_complete(prefix) and not force:
         log.info("dataset %s is up to date; reusing it", storage.uri(prefix))
@@ -305,7 +308,8 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     started = time.perf_counter()
     print(f"[medtune] preprocess: reading, cleaning and tokenising {len(train_files + eval_files)} file(s)", flush=True)
     with reporting_progress():  # datasets made here print progress lines whenever they run
-        tokenized = _tokenized_rows(recipe, model_dir, train_files, eval_files).materialize()
+        input_bytes = sum(identity["size"] or 0 for identity in identities)
+        tokenized = _tokenized_rows(recipe, model_dir, train_files, eval_files, input_bytes).materialize()
         if os.environ.get("MEDTUNE_DATA_STATS"):
             # Where the time went, per Ray Data operator (tasks, actors, wall and CPU time).
             log.warning("Ray Data stats of the tokenised rows:\n%s", tokenized.stats())
@@ -337,7 +341,7 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     return DatasetRef(prefix, storage.uri(prefix), fp, stats, False)
 
 
-def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_files: list):
+def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_files: list, input_bytes: int):
     """The Ray Data plan from input files to tokenised rows, each with its split and any reject
     reason (nothing runs until the caller materialises it)."""
     import ray.data
@@ -356,7 +360,7 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
     if eval_files:
         raw = raw.union(_read_split(eval_files, "eval", names))
     # A file is read as one block: cut into equal blocks, one big file spreads over every worker.
-    raw = raw.repartition(block_count(train_files + eval_files))
+    raw = raw.repartition(block_count(input_bytes))
     data_dict = data.model_dump(mode="json")
     if data.phi.enabled and data.phi.actors:
         # A fixed pool bounds how many copies of a large phi.model sit in memory.
@@ -394,12 +398,11 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
     )
 
 
-def block_count(files: list[tuple[str, Any, str]]) -> int:
+def block_count(input_bytes: int) -> int:
     """Blocks for the per-row stages: BLOCKS_PER_CPU per CPU, more when the input is large."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    input_bytes = sum(file_identity(fs, path)["size"] or 0 for _, fs, path in files)
     return max(1, BLOCKS_PER_CPU * cpus, -(-input_bytes // BLOCK_BYTES))
 
 
