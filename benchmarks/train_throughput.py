@@ -152,7 +152,7 @@ def run_steps(step_fn, batches, warmup: int, steps: int) -> dict:
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "peak_gib": peak_gib(),
-        "mean_loss": sum(losses) / len(losses),
+        "mean_loss": sum(float(loss) for loss in losses) / len(losses),
     }
 
 
@@ -252,7 +252,9 @@ def medtune_variant(
     def step(batch):
         columns = {k: [r[k] for r in batch] for k in ("input_ids", "labels", "position_ids")}
         result = trainer.step([columns])
-        return result.real_tokens, result.loss
+        # The loss stays a device tensor: reading it here would add a wait per step that the
+        # training loop does not have (it reads the loss once per log window).
+        return result.real_tokens, result.loss_sum_tensor / max(result.target_tokens, 1)
 
     result = run_steps(step, batches, args.warmup, args.steps)
     layers = trainer.model.config.num_hidden_layers

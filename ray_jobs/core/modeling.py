@@ -229,16 +229,24 @@ def collate(rows: dict[str, Any], pad_id: int):
     return input_ids, labels, position_ids
 
 
-def summed_loss(model, input_ids, labels, position_ids, *, fused: bool = False):
+def target_token_count(labels) -> int:
+    """Tokens a micro-batch's loss is taken over (every label but the first and the ignored).
+    Count on the host copy of `labels`: on a GPU copy, reading the count waits for the GPU."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_loss(model, input_ids, labels, position_ids, *, fused: bool = False, target_tokens: int | None = None):
     """(sum of token cross-entropies, number of target tokens) for one micro-batch.
 
     `fused`: the model's forward was patched by Liger to compute the loss from the hidden
     states chunk by chunk (never materialising [tokens x vocab] logits); asking for a sum
     (`num_items_in_batch=1`) keeps the token weighting identical to the plain path.
+    `target_tokens`: the count, taken from the host labels by a caller that must not stall
+    the GPU's queue (the training step); counted here otherwise.
     """
     import torch.nn.functional as F
 
-    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    count = target_token_count(labels) if target_tokens is None else target_tokens
     if fused:
         out = model(
             input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False, num_items_in_batch=1

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_jobs.core.modeling import collate, summed_loss
+from ray_jobs.core.modeling import collate, summed_loss, target_token_count
 from ray_jobs.train.checkpointing import Position, restore_checkpoint, save_checkpoint, set_rng_state
 from ray_jobs.train.model_setup import (
     autocast,
@@ -73,19 +73,31 @@ class WorkerContext:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one optimizer step went through on this worker."""
+    """What one optimizer step went through on this worker.
 
-    loss_sum: float
-    """Summed cross-entropy over the step's target tokens."""
+    The loss and gradient norm stay device tensors until read: reading one waits for the GPU
+    to finish the step, and a step that waited for every such value left the GPU idle while
+    the host queued the next micro-batch's kernels."""
+
     target_tokens: int
     real_tokens: int
     """Non-pad tokens the step read."""
-    grad_norm: float | None
-    """Before clipping; None under DeepSpeed, which clips inside its engine."""
+    loss_sum_tensor: Any
+    """Summed cross-entropy over the step's target tokens (a 0-d tensor)."""
+    grad_norm_tensor: Any | None
+    """Before clipping (a 0-d tensor); None under DeepSpeed, which clips inside its engine."""
+
+    @property
+    def loss_sum(self) -> float:
+        return float(self.loss_sum_tensor)
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.target_tokens, 1)
+
+    @property
+    def grad_norm(self) -> float | None:
+        return None if self.grad_norm_tensor is None else float(self.grad_norm_tensor)
 
 
 AfterStep = Callable[["Trainer"], None]
@@ -131,7 +143,9 @@ class Trainer:
         self.fused = False
         self.checkpointed_layers = 0
         # Per log window, summed over ranks at each log: loss sum, target tokens, real tokens.
+        # The counts are known on the host; the loss sum stays on the device until the log.
         self.window = torch.zeros(3, dtype=torch.float64)
+        self.window_loss: Any = 0.0
         self.window_started = time.perf_counter()
         self.eval_shard = None
         self.log: MetricsLog | None = None
@@ -287,15 +301,15 @@ class Trainer:
                 resume_metrics(self.plan.tensorboard, position.step)
 
     # ------------------------------------------------------------------ step
-    def accumulate(self, rows: dict[str, Any]):
+    def accumulate(self, rows: dict[str, Any]) -> tuple[Any, int, int]:
         """Forward and backward one micro-batch; its gradients wait for the next update.
-        Returns its (loss sum, target tokens, real tokens) as a float64 tensor."""
-        import torch
-
+        Returns its (loss sum as a detached device tensor, target tokens, real tokens)."""
         pad_id = self.plan.pad_id
-        ids, labels, pos = (t.to(self.worker.device) for t in collate(rows, pad_id))
+        host = collate(rows, pad_id)
+        count, real = target_token_count(host[1]), int((host[0] != pad_id).sum())
+        ids, labels, pos = (t.to(self.worker.device) for t in host)
         with self.autocast_ctx():
-            loss_sum, count = summed_loss(self.forward_model, ids, labels, pos, fused=self.fused)
+            loss_sum, _ = summed_loss(self.forward_model, ids, labels, pos, fused=self.fused, target_tokens=count)
         # Normalise by this worker's target tokens in the step so far; exact per step
         # on one worker, and the DDP mean across workers keeps the scale right.
         scaled = loss_sum / max(count, 1) / self.train_cfg.grad_accum
@@ -304,28 +318,31 @@ class Trainer:
             self.engine.step()  # an optimizer step only at DeepSpeed's accumulation boundary
         else:
             scaled.backward()
-        counts = torch.tensor([float(loss_sum), count, int((ids != pad_id).sum())], dtype=torch.float64)
-        self.window += counts
+        loss_sum = loss_sum.detach().double()
+        self.window_loss = self.window_loss + loss_sum
+        self.window[1] += count
+        self.window[2] += real
         self.position.micro_batches += 1
-        return counts
+        return loss_sum, count, real
 
     def step(self, micro_batches: Iterable[dict[str, Any]]) -> StepResult:
         """One optimizer step over `micro_batches` (train.grad_accum of them in a run)."""
         import torch
 
-        totals = torch.zeros(3, dtype=torch.float64)
+        loss_sum, target, real = 0.0, 0, 0
         for rows in micro_batches:
-            totals += self.accumulate(rows)
+            micro_loss, micro_target, micro_real = self.accumulate(rows)
+            loss_sum, target, real = loss_sum + micro_loss, target + micro_target, real + micro_real
         grad_norm = None
         if self.engine is None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.train_cfg.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train_cfg.max_grad_norm).detach()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.position.step += 1
         for hook in self.after_step:
             hook(self)
-        return StepResult(float(totals[0]), int(totals[1]), int(totals[2]), grad_norm)
+        return StepResult(target, real, loss_sum, grad_norm)
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self) -> float | None:
@@ -387,6 +404,7 @@ class Trainer:
         )
         self.forward_model.train()
         self.window.zero_()
+        self.window_loss = 0.0
         self.window_started = time.perf_counter()
         done = self.position.step >= plan.total_steps
         # With max_steps the data is cycled as often as needed; otherwise `epochs` passes.
@@ -456,9 +474,10 @@ class Trainer:
         """The log window's metrics over all workers; starts the next window."""
         import torch
 
-        if self.worker.world > 1:
-            self.window = summed_over_workers(self.window, self.worker.device)
         window = self.window
+        window[0] = float(self.window_loss)  # the one wait for the GPU per log window
+        if self.worker.world > 1:
+            window = summed_over_workers(window, self.worker.device)
         metrics: dict[str, Any] = {
             "step": self.position.step,
             "epoch": self.position.epoch,
@@ -473,7 +492,8 @@ class Trainer:
             metrics["resumed_from_step"] = self.resumed_from
         if self.worker.device.type == "cuda":
             metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.worker.device) / 2**30
-        window.zero_()
+        self.window.zero_()
+        self.window_loss = 0.0
         return metrics
 
     def _record_eval(self, metrics: dict[str, Any]) -> None:
