@@ -2,6 +2,7 @@
 
     python benchmarks/preprocess_throughput.py                      # 20k rows: a few minutes on 2 cores
     python benchmarks/preprocess_throughput.py --rows 100000 --out benchmarks/results/preprocess_throughput-cpu-2core.json
+    python benchmarks/preprocess_throughput.py --rows 1000000 --engines near-dedupe   # near-dedupe alone, at scale
 
 Every engine gets the same synthetic entity-extraction rows (the Unsloth seed's format, each
 row unique so de-duplication keeps them all) as one JSONL file and the same tiny tokenizer
@@ -25,7 +26,8 @@ Engines:
 - `medtune-ray warm regex-phi`: the same with `data.phi.engine: regex`, so the difference to
   `medtune-ray warm` is the cost of Presidio and its name and city lists.
 - `medtune-ray warm near-dedupe` (with `--near-dedupe`): the same with `clean.near_dedupe`
-  on, so the difference to `medtune-ray warm` is near-dedupe's cost.
+  on, so the difference to `medtune-ray warm` is near-dedupe's cost. Alone
+  (`--engines near-dedupe`) it is the cluster's first run: `medtune-ray cold near-dedupe`.
 Every engine but `hf-seed` runs the recipe's PHI engine (presidio by default).
 """
 
@@ -232,8 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--near-dedupe", action="store_true", help="also a warm run with clean.near_dedupe on")
+    parser.add_argument(
+        "--engines",
+        default="hf-seed,hf-same-work,ray",
+        help="comma-separated, from hf-seed, hf-same-work, ray (cold, warm, warm regex-phi), near-dedupe",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    engines = set(args.engines.split(",")) | ({"near-dedupe"} if args.near_dedupe else set())
+    if unknown := engines - {"hf-seed", "hf-same-work", "ray", "near-dedupe"}:
+        parser.error(f"--engines: unknown {', '.join(sorted(unknown))}")
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -273,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         ("hf-seed", lambda: hf_seed(data_file, model_dir, work / "hf-seed", args.max_seq_len)),
         ("hf-same-work", lambda: hf_same_work(data_file, model_dir, work / "hf-same", recipe)),
     ):
+        if name not in engines:
+            continue
         results[name] = run()
         print(f"  {name}: {results[name]['seconds']:.1f} s", flush=True)
 
@@ -284,40 +296,46 @@ def main(argv: list[str] | None = None) -> int:
     store = max(2_000_000_000, 500_000_000 * (os.cpu_count() or 1))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, object_store_memory=store)
     ray_init_s = time.perf_counter() - start
-    results["medtune-ray cold"] = medtune_ray(recipe, storage_root, force=False)
-    results["medtune-ray cold"]["seconds"] += ray_init_s
-    results["medtune-ray cold"]["ray_init_seconds"] = ray_init_s
-    print(f"  medtune-ray cold: {results['medtune-ray cold']['seconds']:.1f} s", flush=True)
-    results["medtune-ray warm"] = medtune_ray(recipe, storage_root, force=True)
-    print(f"  medtune-ray warm: {results['medtune-ray warm']['seconds']:.1f} s", flush=True)
-    # The PHI engine's cost inside the pipeline: the same warm run with the regex engine
-    # (no names or cities, no Presidio).
-    regex_phi = recipe.model_copy(
-        update={"data": recipe.data.model_copy(update={"phi": recipe.data.phi.model_copy(update={"engine": "regex"})})}
-    )
-    results["medtune-ray warm regex-phi"] = medtune_ray(regex_phi, storage_root, force=True)
-    print(f"  medtune-ray warm regex-phi: {results['medtune-ray warm regex-phi']['seconds']:.1f} s", flush=True)
-    if args.near_dedupe:
+    if "ray" in engines:
+        results["medtune-ray cold"] = medtune_ray(recipe, storage_root, force=False)
+        results["medtune-ray cold"]["seconds"] += ray_init_s
+        results["medtune-ray cold"]["ray_init_seconds"] = ray_init_s
+        print(f"  medtune-ray cold: {results['medtune-ray cold']['seconds']:.1f} s", flush=True)
+        results["medtune-ray warm"] = medtune_ray(recipe, storage_root, force=True)
+        print(f"  medtune-ray warm: {results['medtune-ray warm']['seconds']:.1f} s", flush=True)
+        # The PHI engine's cost inside the pipeline: the same warm run with the regex engine
+        # (no names or cities, no Presidio).
+        phi = recipe.data.phi.model_copy(update={"engine": "regex"})
+        regex_phi = recipe.model_copy(update={"data": recipe.data.model_copy(update={"phi": phi})})
+        results["medtune-ray warm regex-phi"] = medtune_ray(regex_phi, storage_root, force=True)
+        print(f"  medtune-ray warm regex-phi: {results['medtune-ray warm regex-phi']['seconds']:.1f} s", flush=True)
+    if "near-dedupe" in engines:
         # Near-dedupe's cost: MinHash in the per-row tasks, LSH band keys grouped by bucket.
         clean = recipe.data.clean.model_copy(update={"near_dedupe": True})
         near = recipe.model_copy(update={"data": recipe.data.model_copy(update={"clean": clean})})
-        results["medtune-ray warm near-dedupe"] = medtune_ray(near, storage_root, force=True)
-        print(f"  medtune-ray warm near-dedupe: {results['medtune-ray warm near-dedupe']['seconds']:.1f} s", flush=True)
+        name = "medtune-ray warm near-dedupe" if "ray" in engines else "medtune-ray cold near-dedupe"
+        results[name] = medtune_ray(near, storage_root, force=True)
+        if "ray" not in engines:
+            results[name]["seconds"] += ray_init_s
+            results[name]["ray_init_seconds"] = ray_init_s
+        print(f"  {name}: {results[name]['seconds']:.1f} s", flush=True)
     ray.shutdown()
 
     for result in results.values():
         result["tokens_per_s"] = result["tokens"] / result["seconds"]
         result["rows_per_s"] = args.rows / result["seconds"]
-    seed_rate, same_rate = results["hf-seed"]["tokens_per_s"], results["hf-same-work"]["tokens_per_s"]
+    seed_rate = results.get("hf-seed", {}).get("tokens_per_s")
+    same_rate = results.get("hf-same-work", {}).get("tokens_per_s")
     print()
     print(
-        f"{'engine':<28}{'rows out':>10}{'tokens':>12}{'seconds':>10}{'rows/s':>9}{'tokens/s':>12}"
+        f"{'engine':<30}{'rows out':>10}{'tokens':>12}{'seconds':>10}{'rows/s':>9}{'tokens/s':>12}"
         f"{'vs hf-seed':>12}{'vs same-work':>14}"
     )
     for name, r in results.items():
+        versus = [f"{r['tokens_per_s'] / rate:.2f}x" if rate else "-" for rate in (seed_rate, same_rate)]
         print(
-            f"{name:<28}{r['rows_out']:>10}{r['tokens']:>12}{r['seconds']:>10.1f}{r['rows_per_s']:>9.0f}"
-            f"{r['tokens_per_s']:>12.0f}{r['tokens_per_s'] / seed_rate:>11.2f}x{r['tokens_per_s'] / same_rate:>13.2f}x"
+            f"{name:<30}{r['rows_out']:>10}{r['tokens']:>12}{r['seconds']:>10.1f}{r['rows_per_s']:>9.0f}"
+            f"{r['tokens_per_s']:>12.0f}{versus[0]:>12}{versus[1]:>14}"
         )
     env["load_average_at_end"] = os.getloadavg()
     print(f"\nload average start {env['load_average_at_start']}, end {env['load_average_at_end']}")
