@@ -106,3 +106,54 @@ class Oracle:
                 new = self.answer_ids(adapter_dir, self.prompt_ids(text, chat), max_tokens)
                 self.answers[key] = self.tokenizer.decode(new, skip_special_tokens=True)
             return self.answers[key]
+
+
+def drifting_notes(count: int, *, id_of=lambda i, rng: f"notes.jsonl:{i + 1:04d}", seed: int = 3) -> dict[str, str]:
+    """Row id -> text: copies of 12 templated notes, each copy with up to 4 words changed, so
+    some copies stay near their template and some drift away (near-dedupe's chains)."""
+    import random
+
+    rng = random.Random(seed)
+    words = [
+        "patient",
+        "reports",
+        "chest",
+        "pain",
+        "fever",
+        "cough",
+        "since",
+        "monday",
+        "with",
+        "nausea",
+        "and",
+        "mild",
+        "headache",
+        "today",
+    ]
+    base = [" ".join(rng.choices(words, k=30)) for _ in range(12)]
+    texts = {}
+    for i in range(count):
+        source = base[i % len(base)].split()
+        for _ in range(rng.randint(0, 4)):
+            source[rng.randrange(len(source))] = rng.choice(words)
+        texts[id_of(i, rng)] = " ".join(source)
+    return texts
+
+
+def near_duplicates_sequentially(texts: dict[str, str], threshold: float) -> set[str]:
+    """The reference: one datasketch MinHashLSH index fed every row in row-id order."""
+    import numpy as np
+    from datasketch import MinHash, MinHashLSH
+
+    from ray_jobs.preprocess.clean import _SIGNATURE_SCHEME, minhash_signature
+
+    lsh, kept, rejected = MinHashLSH(threshold=threshold, num_perm=64), {}, set()
+    for row_id in sorted(texts):
+        signature = minhash_signature(texts[row_id])
+        minhash = MinHash(num_perm=64, hashvalues=signature, scheme=_SIGNATURE_SCHEME)
+        if any(np.mean(kept[c] == signature) >= threshold for c in lsh.query(minhash)):
+            rejected.add(row_id)
+        else:
+            lsh.insert(row_id, minhash)
+            kept[row_id] = signature
+    return rejected

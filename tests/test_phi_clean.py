@@ -8,16 +8,18 @@ import pickle
 import numpy as np
 import pytest
 
+from helpers import drifting_notes, near_duplicates_sequentially
 from ray_jobs.core.phi_settings import PATTERN_PHI_TYPES
 from ray_jobs.preprocess.clean import (
     band_keys,
     clean_text,
     content_key,
+    earlier_matches,
     lsh_bands,
     minhash_signature,
+    near_duplicate_verdicts,
     normalize_whitespace,
     rejected_near_duplicates,
-    similar_pairs,
     strip_html,
 )
 from ray_jobs.preprocess.phi import PhiScrubber
@@ -209,37 +211,33 @@ def test_signatures_are_small_picklable_uint64_arrays():
     assert np.array_equal(minhash_signature(SENTENCE.upper()), signature)
 
 
-def near_duplicates_by_banding(texts: dict[str, str], threshold: float) -> set[str]:
-    """What the pipeline does across Ray tasks, in one process: band keys, a group per key,
-    confirmed pairs per group, then the row-order resolution."""
+def near_duplicates_by_banding(texts: dict[str, str], threshold: float, limit: int | None = None) -> set[str]:
+    """What the pipeline does across Ray tasks, in one process: band keys, a group per key, each
+    row's earliest `limit` matches per group, the row-order verdicts, and full match lists for
+    the rows those leave uncertain until none is."""
     signatures = {row_id: minhash_signature(text) for row_id, text in texts.items()}
     groups: dict[str, list[str]] = {}
     for row_id, signature in signatures.items():
         for key in band_keys(signature, lsh_bands(threshold)):
             groups.setdefault(key, []).append(row_id)
-    pairs = set()
-    for members in groups.values():
-        if len(members) > 1:
-            pairs.update(similar_pairs(members, np.stack([signatures[m] for m in members]), threshold))
-    return rejected_near_duplicates(sorted(pairs))
 
+    def matches(limit: int | None, only: set[str] | None) -> list[tuple[str, str, bool]]:
+        found = []
+        for members in groups.values():
+            if len(members) > 1:
+                stacked = np.stack([signatures[m] for m in members])
+                found += earlier_matches(members, stacked, threshold, limit=limit, only=only)
+        return found
 
-def near_duplicates_sequentially(texts: dict[str, str], threshold: float) -> set[str]:
-    """The reference: one datasketch MinHashLSH index fed every row in row-id order."""
-    from datasketch import MinHash, MinHashLSH
-
-    from ray_jobs.preprocess.clean import _SIGNATURE_SCHEME
-
-    lsh, kept, rejected = MinHashLSH(threshold=threshold, num_perm=64), {}, set()
-    for row_id in sorted(texts):
-        signature = minhash_signature(texts[row_id])
-        minhash = MinHash(num_perm=64, hashvalues=signature, scheme=_SIGNATURE_SCHEME)
-        if any(np.mean(kept[c] == signature) >= threshold for c in lsh.query(minhash)):
-            rejected.add(row_id)
-        else:
-            lsh.insert(row_id, minhash)
-            kept[row_id] = signature
-    return rejected
+    found, complete = matches(limit, None), set()
+    while True:
+        truncated = {later for _, later, more in found if more} - complete
+        rejected, uncertain = near_duplicate_verdicts({(a, b) for a, b, _ in found}, truncated)
+        uncertain &= truncated
+        if not uncertain:
+            return rejected
+        found = [m for m in found if m[1] not in uncertain] + matches(None, uncertain)
+        complete |= uncertain
 
 
 def test_one_changed_word_is_a_near_duplicate_and_unrelated_text_is_not():
@@ -248,38 +246,35 @@ def test_one_changed_word_is_a_near_duplicate_and_unrelated_text_is_not():
 
 
 def test_banding_in_groups_rejects_exactly_what_one_sequential_index_rejects():
-    import random
-
-    rng = random.Random(3)
-    words = [
-        "patient",
-        "reports",
-        "chest",
-        "pain",
-        "fever",
-        "cough",
-        "since",
-        "monday",
-        "with",
-        "nausea",
-        "and",
-        "mild",
-        "headache",
-        "today",
-    ]
-    base = [" ".join(rng.choices(words, k=30)) for _ in range(12)]
-    texts = {}
-    for i in range(300):
-        source = base[i % len(base)].split()
-        for _ in range(rng.randint(0, 4)):  # a few edits: some copies stay near, some drift away
-            source[rng.randrange(len(source))] = rng.choice(words)
-        texts[f"row-{rng.randrange(10**6):06d}-{i}"] = " ".join(source)
+    texts = drifting_notes(300, id_of=lambda i, rng: f"row-{rng.randrange(10**6):06d}-{i}")
     for threshold in (0.7, 0.85):
         expected = near_duplicates_sequentially(texts, threshold)
         assert 0 < len(expected) < len(texts)
         assert near_duplicates_by_banding(texts, threshold) == expected
+        # Listing only each row's earliest match per band, and full lists for the rows that leaves
+        # uncertain, reaches the same verdicts.
+        assert near_duplicates_by_banding(texts, threshold, limit=1) == expected
 
 
 def test_a_chain_keeps_its_first_and_last_link_as_one_sequential_pass_would():
     # A~B and B~C but A!~C: B goes (like A), C stays (its only earlier match, B, is gone).
     assert rejected_near_duplicates([("A", "B"), ("B", "C")]) == {"B"}
+
+
+def test_a_row_whose_listed_matches_were_all_rejected_waits_for_its_full_list():
+    # C's listed match B went (A~B, A kept); C had more matches than were listed: uncertain.
+    assert near_duplicate_verdicts([("A", "B"), ("B", "C")], truncated={"C"}) == ({"B"}, {"C"})
+    # A listed match that was kept decides the row whatever else it matches.
+    assert near_duplicate_verdicts([("A", "B"), ("A", "C")], truncated={"C"}) == ({"B", "C"}, set())
+
+
+def test_earliest_matches_are_listed_first_and_more_says_some_were_left_out():
+    signature = minhash_signature(SENTENCE)
+    ids = ["r3", "r1", "r2", "r4"]
+    found = earlier_matches(ids, np.stack([signature] * 4), 0.9, limit=1)
+    assert found == [("r1", "r2", False), ("r1", "r3", True), ("r1", "r4", True)]
+    assert earlier_matches(ids, np.stack([signature] * 4), 0.9, only={"r4"}) == [
+        ("r1", "r4", False),
+        ("r2", "r4", False),
+        ("r3", "r4", False),
+    ]

@@ -25,6 +25,7 @@ import ray
 import ray.data
 from transformers import AutoTokenizer
 
+from helpers import drifting_notes, near_duplicates_sequentially
 from ray_jobs.core.artifacts import DatasetRef
 from ray_jobs.core.modeling import tiny_model_name
 from ray_jobs.core.recipe import parse_recipe
@@ -431,6 +432,32 @@ def test_near_duplicates_in_different_blocks_of_one_file_are_found(tmp_path: Pat
 
     assert rejects(tmp_path / "storage", info) == [{"row_id": "notes.jsonl:650", "reason": "near_duplicate"}]
     assert info.stats["rows_out"] == {"train": 699}
+
+
+def test_near_dedupe_across_tasks_gives_the_sequential_verdicts_when_rows_wait_for_full_lists(monkeypatch):
+    # Templated notes drifting a word at a time: with one listed match per row and band, many
+    # rows are left uncertain and the second pass (full lists for them) decides them.
+    import pandas as pd
+
+    from ray_jobs.preprocess import dedupe
+    from ray_jobs.preprocess.clean import minhash_signature
+
+    texts = drifting_notes(300)
+    frame = pd.DataFrame(
+        {
+            "row_id": list(texts),
+            "signature": [minhash_signature(t).tolist() for t in texts.values()],
+            dedupe.PASSED: True,
+        }
+    )
+    data = recipe_for("near", Path("/unused"), ["x.jsonl"], clean={"dedupe": False, "near_dedupe": True}).data
+    monkeypatch.setattr(dedupe, "MATCHES_PER_BAND", 1)
+
+    found = dedupe.find_duplicates(ray.data.from_pandas(frame).repartition(6), data)
+
+    expected = near_duplicates_sequentially(texts, data.clean.near_dedupe_threshold)
+    assert 0 < len(expected) < len(texts)
+    assert found == dict.fromkeys(sorted(expected), "near_duplicate")
 
 
 def test_files_of_the_same_name_in_different_folders_and_near_duplicates_across_them(tmp_path: Path):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Collection, Iterable
 from html.parser import HTMLParser
 
 import numpy as np
@@ -161,29 +162,74 @@ def band_keys(signature: np.ndarray, bands: list[tuple[int, int]]) -> list[str]:
     return [f"{i}:{values[start:end].tobytes().hex()}" for i, (start, end) in enumerate(bands)]
 
 
-def similar_pairs(row_ids: list[str], signatures: np.ndarray, threshold: float) -> list[tuple[str, str]]:
-    """(earlier, later) pairs among rows that share an LSH band whose estimated Jaccard
-    similarity reaches `threshold`: banding alone lets pairs below it through."""
+MATCH_CHUNK = 256
+"""Earlier rows compared with one row per numpy call while looking for its earliest matches."""
+
+
+def earlier_matches(
+    row_ids: list[str],
+    signatures: np.ndarray,
+    threshold: float,
+    *,
+    limit: int | None = None,
+    only: Collection[str] | None = None,
+) -> list[tuple[str, str, bool]]:
+    """(earlier, later, more) for rows of one LSH band group: each row's earliest `limit` earlier
+    rows (row-id order) whose estimated Jaccard similarity reaches `threshold` (banding alone
+    lets pairs below it through); `more` says that further earlier matches were left out.
+    `limit` None lists every match; `only` restricts the later rows to those ids.
+
+    The earliest matches are enough to decide almost every row (`near_duplicate_verdicts`): in a
+    group of n copies of one template, listing every pair cost n^2/2 comparisons and pairs, and
+    on 1M templated rows one task and the driver spent minutes on them."""
     order = np.argsort(np.asarray(row_ids, dtype=object), kind="stable")
     ids = [row_ids[i] for i in order]
     signatures = np.asarray(signatures, dtype=np.uint64)[order]
-    pairs = []
-    for i in range(len(ids) - 1):
-        close = (signatures[i + 1 :] == signatures[i]).mean(axis=1) >= threshold
-        pairs += [(ids[i], ids[i + 1 + j]) for j in np.flatnonzero(close)]
-    return pairs
+    wanted = None if only is None else set(only)
+    found: list[tuple[str, str, bool]] = []
+    for i in range(1, len(ids)):
+        if wanted is not None and ids[i] not in wanted:
+            continue
+        matches: list[int] = []
+        for start in range(0, i, MATCH_CHUNK):
+            block = signatures[start : min(i, start + MATCH_CHUNK)]
+            matches.extend(start + np.flatnonzero((block == signatures[i]).mean(axis=1) >= threshold))
+            if limit is not None and len(matches) > limit:
+                break
+        more = limit is not None and len(matches) > limit
+        found += [(ids[j], ids[i], more) for j in matches[:limit]]
+    return found
 
 
-def rejected_near_duplicates(pairs: list[tuple[str, str]]) -> set[str]:
-    """The rows a sequential pass in row-id order over a MinHash LSH index would reject, from the
-    similar candidate pairs alone: walking the rows in order, a row goes when it is similar to
-    an earlier row that was kept. Chains (A~B, B~C, A!~C) keep A and C, as that pass does."""
-    neighbours: dict[str, list[str]] = {}
+def near_duplicate_verdicts(
+    pairs: Iterable[tuple[str, str]], truncated: Collection[str] = ()
+) -> tuple[set[str], set[str]]:
+    """(rejected, uncertain) rows, from (earlier, later) similar pairs, as a sequential pass in
+    row-id order over a MinHash LSH index decides them: walking the rows in order, a row goes
+    when it is similar to an earlier row that was kept. Chains (A~B, B~C, A!~C) keep A and C, as
+    that pass does.
+
+    `truncated`: rows whose listed earlier matches may be only some of theirs. A truncated row is
+    decided only by a listed match that was surely kept; otherwise it is uncertain, and so is a row
+    whose verdict hangs on an uncertain one. Full lists for the uncertain truncated rows decide
+    them all (`dedupe`); meanwhile an uncertain row counts as kept."""
+    earlier: dict[str, list[str]] = {}
     for a, b in pairs:
-        neighbours.setdefault(a, []).append(b)
-        neighbours.setdefault(b, []).append(a)
+        earlier.setdefault(b, []).append(a)
+    truncated = set(truncated)
     rejected: set[str] = set()
-    for row in sorted(neighbours):
-        if any(other < row and other not in rejected for other in neighbours.get(row, ())):
+    uncertain: set[str] = set()
+    for row in sorted(earlier):
+        kept = [other for other in earlier[row] if other < row and other not in rejected]
+        if kept:
             rejected.add(row)
-    return rejected
+        if any(other not in uncertain for other in kept):
+            continue  # a surely kept match: surely rejected
+        if row in truncated or any(other in uncertain for other in earlier[row]):
+            uncertain.add(row)
+    return rejected, uncertain
+
+
+def rejected_near_duplicates(pairs: Iterable[tuple[str, str]]) -> set[str]:
+    """The rows `near_duplicate_verdicts` rejects when every similar pair is listed."""
+    return near_duplicate_verdicts(pairs)[0]

@@ -6,13 +6,14 @@
 Rows are cleaned and tokenised in one pass with no barrier in between; duplicates are then
 found from small columns only. Exact: (row id, content key) grouped by a bucket of the key.
 Near: MinHash signatures (computed in the per-row pass) banded into LSH band keys, grouped by
-a bucket of the key, similar pairs confirmed per group. Only the ids to reject (and the similar
-pairs, few) reach the driver; each later pass over the rows marks them on the way (a lookup
+a bucket of the key; per band group, each row's earliest similar rows are confirmed against the
+threshold. Only the ids to reject and those (earlier, later) pairs, a few per row, reach the
+driver; each later pass over the rows marks them on the way (a lookup
 per row, cheaper than materialising the rows again). No single actor sees every row.
 
 The verdicts are those of de-duplicating before tokenisation: only rows that passed cleaning
 count, the lowest row id of a key stays, near-duplicates resolve as one sequential pass in
-row-id order would (`clean.rejected_near_duplicates`), and a duplicate's reason replaces any
+row-id order would (`clean.near_duplicate_verdicts`), and a duplicate's reason replaces any
 tokenisation reason it got (it would not have been tokenised). Tokenising the duplicates is the
 price: a few percent of rows in real corpora, against a shuffle of every row's text.
 """
@@ -32,6 +33,8 @@ from ray_jobs.preprocess.process_cache import cached
 KEY_BUCKETS = 64
 """Keys are grouped by a bucket of the key, not the key itself: one pandas call per bucket
 instead of one per distinct row."""
+MATCHES_PER_BAND = 2
+"""Earlier similar rows listed per row and LSH band on the first pass (`clean.earlier_matches`)."""
 PASSED = "passed_cleaning"
 """Column set by the per-row pass: the row survived reading, conversion and cleaning."""
 
@@ -89,15 +92,22 @@ def band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]], exact_ref: Any)
     return pd.DataFrame(out)
 
 
-def similar_pairs(bucket: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """(earlier, later) row-id pairs that share a band and pass the similarity threshold."""
-    from ray_jobs.preprocess.clean import similar_pairs as confirmed
+def band_matches(bucket: pd.DataFrame, threshold: float, limit: int | None, only_ref: Any) -> pd.DataFrame:
+    """(earlier, later, more) rows of every LSH band group in the bucket (`clean.earlier_matches`);
+    `only_ref`, when set, holds the later rows to list in full."""
+    import ray
 
+    from ray_jobs.preprocess.clean import earlier_matches
+
+    only = None if only_ref is None else cached(f"dedupe:{only_ref.hex()}", lambda: ray.get(only_ref))
     shared = bucket[bucket["band"].duplicated(keep=False)]
-    pairs = []
+    if only is not None:
+        shared = shared[shared["band"].isin(shared.loc[shared["row_id"].isin(only), "band"])]
+    found = []
     for _, group in shared.groupby("band", sort=False):
-        pairs += confirmed(group["row_id"].tolist(), np.asarray(group["signature"].tolist()), threshold)
-    return pd.DataFrame(pairs, columns=["earlier", "later"])
+        signatures = np.asarray(group["signature"].tolist())
+        found += earlier_matches(group["row_id"].tolist(), signatures, threshold, limit=limit, only=only)
+    return pd.DataFrame(found, columns=["earlier", "later", "more"])
 
 
 def mark_duplicates(batch: pd.DataFrame, rejected_ref: Any) -> pd.DataFrame:
@@ -114,10 +124,6 @@ def mark_duplicates(batch: pd.DataFrame, rejected_ref: Any) -> pd.DataFrame:
 
 def find_duplicates(rows, data: DataConfig) -> dict[str, str]:
     """Row id -> "duplicate" or "near_duplicate", for every row de-duplication rejects."""
-    import ray
-
-    from ray_jobs.preprocess.clean import lsh_bands, rejected_near_duplicates
-
     rejected: dict[str, str] = {}
     if not (data.clean.dedupe or data.clean.near_dedupe):
         return rejected
@@ -131,21 +137,46 @@ def find_duplicates(rows, data: DataConfig) -> dict[str, str]:
         )
         rejected.update((row["row_id"], "duplicate") for row in copies)
     if data.clean.near_dedupe:
-        threshold = data.clean.near_dedupe_threshold
-        pairs = (
+        rejected.update(dict.fromkeys(_near_duplicates(rows, data, set(rejected)), "near_duplicate"))
+    return rejected
+
+
+def _near_duplicates(rows, data: DataConfig, exact: set[str]) -> set[str]:
+    """The near-duplicates to reject: the earliest MATCHES_PER_BAND matches of each row per band
+    decide almost every row; the few rows they leave uncertain get their full lists in another
+    pass, until every verdict is the sequential pass's."""
+    import ray
+
+    from ray_jobs.preprocess.clean import lsh_bands, near_duplicate_verdicts
+
+    threshold = data.clean.near_dedupe_threshold
+    band_kwargs = {"bands": lsh_bands(threshold), "exact_ref": ray.put(exact)}
+
+    def matches(limit: int | None, only: set[str] | None) -> pd.DataFrame:
+        found = (
             rows.select_columns(["row_id", "signature", PASSED])
-            .map_batches(
-                band_rows,
-                fn_kwargs={"bands": lsh_bands(threshold), "exact_ref": ray.put(set(rejected))},
+            .map_batches(band_rows, fn_kwargs=band_kwargs, batch_format="pandas")
+            .groupby("bucket")
+            .map_groups(
+                band_matches,
+                fn_kwargs={"threshold": threshold, "limit": limit, "only_ref": only and ray.put(only)},
                 batch_format="pandas",
             )
-            .groupby("bucket")
-            .map_groups(similar_pairs, fn_kwargs={"threshold": threshold}, batch_format="pandas")
-            .take_all()
         )
-        for row_id in rejected_near_duplicates(sorted({(p["earlier"], p["later"]) for p in pairs})):
-            rejected[row_id] = "near_duplicate"
-    return rejected
+        frames = list(found.iter_batches(batch_format="pandas", batch_size=None))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["earlier", "later", "more"])
+
+    found = matches(MATCHES_PER_BAND, None)
+    complete: set[str] = set()
+    while True:
+        truncated = set(found.loc[found["more"].astype(bool), "later"]) - complete
+        pairs = found[["earlier", "later"]].drop_duplicates()
+        near, uncertain = near_duplicate_verdicts(zip(pairs["earlier"], pairs["later"]), truncated)
+        uncertain &= truncated  # the others follow once these are decided
+        if not uncertain:
+            return near
+        found = pd.concat([found[~found["later"].isin(uncertain)], matches(None, uncertain)], ignore_index=True)
+        complete |= uncertain
 
 
 def with_duplicates_marked(rows, rejected: dict[str, str]):

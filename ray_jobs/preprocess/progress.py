@@ -42,7 +42,7 @@ STEPS = {
     "Sort": "group",
     "later_copies": "dedupe",
     "band_rows": "near-dedupe",
-    "similar_pairs": "near-dedupe",
+    "band_matches": "near-dedupe",
     "mark_duplicates": "dedupe",
     "tokenize_batch": "tokenise",
     "partial_stats": "stats",
