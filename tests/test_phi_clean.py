@@ -221,23 +221,25 @@ def near_duplicates_by_banding(texts: dict[str, str], threshold: float, limit: i
         for key in band_keys(signature, lsh_bands(threshold)):
             groups.setdefault(key, []).append(row_id)
 
-    def matches(limit: int | None, only: set[str] | None) -> list[tuple[str, str, bool]]:
+    def matches(limit: int | None, only: set[str] | None, skip: set[str]) -> list[tuple[str, str, bool]]:
         found = []
         for members in groups.values():
+            members = [m for m in members if m not in skip]
             if len(members) > 1:
                 stacked = np.stack([signatures[m] for m in members])
                 found += earlier_matches(members, stacked, threshold, limit=limit, only=only)
         return found
 
-    found, complete = matches(limit, None), set()
+    found, complete = matches(limit, None, set()), set()
     while True:
-        truncated = {later for _, later, more in found if more} - complete
-        rejected, uncertain = near_duplicate_verdicts({(a, b) for a, b, _ in found}, truncated)
-        uncertain &= truncated
-        if not uncertain:
+        cut = {later for _, later, more in found if more} - complete
+        rejected, undecided = near_duplicate_verdicts({(a, b) for a, b, _ in found}, cut)
+        fetch = undecided & cut
+        if not fetch:
             return rejected
-        found = [m for m in found if m[1] not in uncertain] + matches(None, uncertain)
-        complete |= uncertain
+        # Rows surely rejected already can neither keep nor reject anyone: left out of full lists.
+        found += matches(None, fetch, rejected - undecided)
+        complete |= fetch
 
 
 def test_one_changed_word_is_a_near_duplicate_and_unrelated_text_is_not():

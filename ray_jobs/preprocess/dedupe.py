@@ -35,6 +35,7 @@ KEY_BUCKETS = 64
 instead of one per distinct row."""
 MATCHES_PER_BAND = 2
 """Earlier similar rows listed per row and LSH band on the first pass (`clean.earlier_matches`)."""
+MATCH_COLUMNS = ["band", "earlier", "later", "more"]
 PASSED = "passed_cleaning"
 """Column set by the per-row pass: the row survived reading, conversion and cleaning."""
 
@@ -73,18 +74,22 @@ def later_copies(bucket: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"row_id": bucket.loc[repeated, "row_id"].tolist()})
 
 
-def band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]], exact_ref: Any) -> pd.DataFrame:
-    """One row per (cleaned row that is no exact duplicate, LSH band): key, bucket, id, signature."""
+def band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]], skip_ref: Any, keys_ref: Any = None) -> pd.DataFrame:
+    """One row per (cleaned row, LSH band): key, bucket, id, signature. Rows in `skip_ref` (rejected
+    already) are left out; with `keys_ref`, only the band keys it holds are kept."""
     import ray
 
     from ray_jobs.preprocess.clean import band_keys
 
-    exact = cached(f"dedupe:{exact_ref.hex()}", lambda: ray.get(exact_ref))
+    skip = cached(f"dedupe:{skip_ref.hex()}", lambda: ray.get(skip_ref))
+    keys = None if keys_ref is None else cached(f"dedupe:{keys_ref.hex()}", lambda: ray.get(keys_ref))
     out: dict[str, list] = {"band": [], "bucket": [], "row_id": [], "signature": []}
     for row_id, signature, passed in zip(batch["row_id"], batch["signature"], batch[PASSED]):
-        if not passed or row_id in exact:
+        if not passed or row_id in skip:
             continue
         for key in band_keys(np.asarray(signature, dtype=np.uint64), bands):
+            if keys is not None and key not in keys:
+                continue
             out["band"].append(key)
             out["bucket"].append(_bucket(key))
             out["row_id"].append(row_id)
@@ -93,8 +98,8 @@ def band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]], exact_ref: Any)
 
 
 def band_matches(bucket: pd.DataFrame, threshold: float, limit: int | None, only_ref: Any) -> pd.DataFrame:
-    """(earlier, later, more) rows of every LSH band group in the bucket (`clean.earlier_matches`);
-    `only_ref`, when set, holds the later rows to list in full."""
+    """(band, earlier, later, more) rows of every LSH band group in the bucket
+    (`clean.earlier_matches`); `only_ref`, when set, holds the later rows to list in full."""
     import ray
 
     from ray_jobs.preprocess.clean import earlier_matches
@@ -104,10 +109,11 @@ def band_matches(bucket: pd.DataFrame, threshold: float, limit: int | None, only
     if only is not None:
         shared = shared[shared["band"].isin(shared.loc[shared["row_id"].isin(only), "band"])]
     found = []
-    for _, group in shared.groupby("band", sort=False):
+    for band, group in shared.groupby("band", sort=False):
         signatures = np.asarray(group["signature"].tolist())
-        found += earlier_matches(group["row_id"].tolist(), signatures, threshold, limit=limit, only=only)
-    return pd.DataFrame(found, columns=["earlier", "later", "more"])
+        matches = earlier_matches(group["row_id"].tolist(), signatures, threshold, limit=limit, only=only)
+        found += [(band, *match) for match in matches]
+    return pd.DataFrame(found, columns=MATCH_COLUMNS)
 
 
 def mark_duplicates(batch: pd.DataFrame, rejected_ref: Any) -> pd.DataFrame:
@@ -142,17 +148,19 @@ def find_duplicates(rows, data: DataConfig) -> dict[str, str]:
 
 
 def _near_duplicates(rows, data: DataConfig, exact: set[str]) -> set[str]:
-    """The near-duplicates to reject: the earliest MATCHES_PER_BAND matches of each row per band
-    decide almost every row; the few rows they leave uncertain get their full lists in another
-    pass, until every verdict is the sequential pass's."""
+    """The near-duplicates to reject. The earliest MATCHES_PER_BAND matches of each row per band
+    decide almost every row. The rows they leave undecided get full lists in a second pass over
+    only the band groups where their lists were cut, without the rows already known rejected
+    (those cannot keep or reject anyone); the verdicts are then the sequential pass's."""
     import ray
 
     from ray_jobs.preprocess.clean import lsh_bands, near_duplicate_verdicts
 
     threshold = data.clean.near_dedupe_threshold
-    band_kwargs = {"bands": lsh_bands(threshold), "exact_ref": ray.put(exact)}
+    bands = lsh_bands(threshold)
 
-    def matches(limit: int | None, only: set[str] | None) -> pd.DataFrame:
+    def matches(limit: int | None, skip: set[str], only: set[str] | None, keys: set[str] | None) -> pd.DataFrame:
+        band_kwargs = {"bands": bands, "skip_ref": ray.put(skip), "keys_ref": keys and ray.put(keys)}
         found = (
             rows.select_columns(["row_id", "signature", PASSED])
             .map_batches(band_rows, fn_kwargs=band_kwargs, batch_format="pandas")
@@ -164,19 +172,20 @@ def _near_duplicates(rows, data: DataConfig, exact: set[str]) -> set[str]:
             )
         )
         frames = list(found.iter_batches(batch_format="pandas", batch_size=None))
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["earlier", "later", "more"])
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MATCH_COLUMNS)
 
-    found = matches(MATCHES_PER_BAND, None)
+    found = matches(MATCHES_PER_BAND, exact, None, None)
     complete: set[str] = set()
     while True:
-        truncated = set(found.loc[found["more"].astype(bool), "later"]) - complete
+        cut = found[found["more"].astype(bool) & ~found["later"].isin(complete)]
         pairs = found[["earlier", "later"]].drop_duplicates()
-        near, uncertain = near_duplicate_verdicts(zip(pairs["earlier"], pairs["later"]), truncated)
-        uncertain &= truncated  # the others follow once these are decided
-        if not uncertain:
+        near, undecided = near_duplicate_verdicts(zip(pairs["earlier"], pairs["later"]), set(cut["later"]))
+        fetch = undecided & set(cut["later"])  # the others follow once these are decided
+        if not fetch:
             return near
-        found = pd.concat([found[~found["later"].isin(uncertain)], matches(None, uncertain)], ignore_index=True)
-        complete |= uncertain
+        keys = set(cut.loc[cut["later"].isin(fetch), "band"])
+        found = pd.concat([found, matches(None, exact | (near - undecided), fetch, keys)], ignore_index=True)
+        complete |= fetch
 
 
 def with_duplicates_marked(rows, rejected: dict[str, str]):
