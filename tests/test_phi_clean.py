@@ -238,7 +238,7 @@ def near_duplicates_by_banding(texts: dict[str, str], threshold: float, limit: i
         if not fetch:
             return rejected
         # Rows surely rejected already can neither keep nor reject anyone: left out of full lists.
-        found += matches(None, fetch, rejected - undecided)
+        found += matches(None, fetch, rejected)
         complete |= fetch
 
 

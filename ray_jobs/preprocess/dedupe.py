@@ -178,13 +178,12 @@ def _near_duplicates(rows, data: DataConfig, exact: set[str]) -> set[str]:
     complete: set[str] = set()
     while True:
         cut = found[found["more"].astype(bool) & ~found["later"].isin(complete)]
-        pairs = found[["earlier", "later"]].drop_duplicates()
-        near, undecided = near_duplicate_verdicts(zip(pairs["earlier"], pairs["later"]), set(cut["later"]))
+        near, undecided = near_duplicate_verdicts(found, set(cut["later"]))
         fetch = undecided & set(cut["later"])  # the others follow once these are decided
         if not fetch:
             return near
         keys = set(cut.loc[cut["later"].isin(fetch), "band"])
-        found = pd.concat([found, matches(None, exact | (near - undecided), fetch, keys)], ignore_index=True)
+        found = pd.concat([found, matches(None, exact | near, fetch, keys)], ignore_index=True)
         complete |= fetch
 
 
