@@ -3,7 +3,7 @@
 # staged (../shared/DEVICE.md): `bash benchmarks/device/preprocess_scale.sh MODE` writes to $OUT.
 #   throughput: preprocess_throughput.py on 100k rows, every engine in one run, with Ray Data's
 #               per-operator stats and the CPU use sampled every 5 s (vmstat)
-#   neardedupe: near-dedupe alone on 1M rows (a cold run), with Ray Data's per-operator stats
+#   neardedupe: near-dedupe alone on $ROWS rows (default 1M; a cold run), with Ray Data's per-operator stats
 #   pipeline:   pipeline_gpu.py: 200k raw rows -> medtune preprocess -> 10 LoRA steps on the GPU
 #   train:      train_throughput.py on the Llama-3.1-8B shape (the seeds' recipe side by side)
 set -uo pipefail
@@ -16,8 +16,8 @@ case "${1:-throughput}" in
     MEDTUNE_DATA_STATS=1 python3 benchmarks/preprocess_throughput.py --rows 100000 \
       --out "$OUT/preprocess_throughput-h200-16core.json" 2>&1 | tee "$OUT/preprocess_throughput-h200-16core.txt" ;;
   neardedupe)
-    MEDTUNE_DATA_STATS=1 python3 benchmarks/preprocess_throughput.py --rows 1000000 --engines near-dedupe \
-      --out "$OUT/preprocess_near_dedupe-1m-h200-16core.json" 2>&1 | tee "$OUT/preprocess_near_dedupe-1m-h200-16core.txt" ;;
+    MEDTUNE_DATA_STATS=1 python3 benchmarks/preprocess_throughput.py --rows "${ROWS:-1000000}" --engines near-dedupe \
+      --out "$OUT/preprocess_near_dedupe-h200-16core.json" 2>&1 | tee "$OUT/preprocess_near_dedupe-h200-16core.txt" ;;
   pipeline)
     MEDTUNE_DATA_STATS=1 python3 benchmarks/pipeline_gpu.py --rows 200000 --steps 10 \
       --out "$OUT/pipeline_gpu-h200.json" 2>&1 | tee "$OUT/pipeline_gpu-h200.txt" ;;
