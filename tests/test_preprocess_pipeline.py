@@ -460,6 +460,20 @@ def test_near_dedupe_across_tasks_gives_the_sequential_verdicts_when_rows_wait_f
     assert found == dict.fromkeys(sorted(expected), "near_duplicate")
 
 
+def test_a_worker_fetches_a_broadcast_set_once_and_drops_old_runs_ones(monkeypatch):
+    from collections import OrderedDict
+
+    from ray_jobs.preprocess import process_cache
+
+    monkeypatch.setattr(process_cache, "_BROADCAST", OrderedDict())
+    refs = [ray.put({f"row-{i}"}) for i in range(process_cache.BROADCAST_ENTRIES + 2)]
+    fetch = process_cache.broadcast_value
+
+    assert [fetch(ref) for ref in refs] == [{f"row-{i}"} for i in range(len(refs))]
+    assert fetch(refs[-1]) is fetch(refs[-1])  # one fetch, one object
+    assert list(process_cache._BROADCAST) == [ref.hex() for ref in refs[-process_cache.BROADCAST_ENTRIES :]]
+
+
 def test_files_of_the_same_name_in_different_folders_and_near_duplicates_across_them(tmp_path: Path):
     # Row ids name each file by its path below the inputs' common folder, so the two
     # notes.jsonl stay apart (they used to collide as `notes.jsonl:1` and crash near-dedupe),

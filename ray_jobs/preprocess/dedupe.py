@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ray_jobs.core.recipe import DataConfig
-from ray_jobs.preprocess.process_cache import cached
+from ray_jobs.preprocess.process_cache import broadcast_value
 
 KEY_BUCKETS = 64
 """Keys are grouped by a bucket of the key, not the key itself: one pandas call per bucket
@@ -77,12 +77,11 @@ def later_copies(bucket: pd.DataFrame) -> pd.DataFrame:
 def band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]], skip_ref: Any, keys_ref: Any = None) -> pd.DataFrame:
     """One row per (cleaned row, LSH band): key, bucket, id, signature. Rows in `skip_ref` (rejected
     already) are left out; with `keys_ref`, only the band keys it holds are kept."""
-    import ray
 
     from ray_jobs.preprocess.clean import band_keys
 
-    skip = cached(f"dedupe:{skip_ref.hex()}", lambda: ray.get(skip_ref))
-    keys = None if keys_ref is None else cached(f"dedupe:{keys_ref.hex()}", lambda: ray.get(keys_ref))
+    skip = broadcast_value(skip_ref)
+    keys = None if keys_ref is None else broadcast_value(keys_ref)
     out: dict[str, list] = {"band": [], "bucket": [], "row_id": [], "signature": []}
     for row_id, signature, passed in zip(batch["row_id"], batch["signature"], batch[PASSED]):
         if not passed or row_id in skip:
@@ -100,11 +99,10 @@ def band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]], skip_ref: Any, 
 def band_matches(bucket: pd.DataFrame, threshold: float, limit: int | None, only_ref: Any) -> pd.DataFrame:
     """(band, earlier, later, more) rows of every LSH band group in the bucket
     (`clean.earlier_matches`); `only_ref`, when set, holds the later rows to list in full."""
-    import ray
 
     from ray_jobs.preprocess.clean import earlier_matches
 
-    only = None if only_ref is None else cached(f"dedupe:{only_ref.hex()}", lambda: ray.get(only_ref))
+    only = None if only_ref is None else broadcast_value(only_ref)
     shared = bucket[bucket["band"].duplicated(keep=False)]
     if only is not None:
         shared = shared[shared["band"].isin(shared.loc[shared["row_id"].isin(only), "band"])]
@@ -118,9 +116,8 @@ def band_matches(bucket: pd.DataFrame, threshold: float, limit: int | None, only
 
 def mark_duplicates(batch: pd.DataFrame, rejected_ref: Any) -> pd.DataFrame:
     """Set the reason of every rejected duplicate and drop the de-duplication columns."""
-    import ray
 
-    rejected = cached(f"dedupe:{rejected_ref.hex()}", lambda: ray.get(rejected_ref))
+    rejected = broadcast_value(rejected_ref)
     batch = batch.drop(columns=[c for c in ("signature", "dedupe_key", PASSED) if c in batch])
     reasons = batch["row_id"].map(rejected)
     hit = reasons.notna()
