@@ -263,6 +263,22 @@ def test_a_chain_keeps_its_first_and_last_link_as_one_sequential_pass_would():
     assert rejected_near_duplicates([("A", "B"), ("B", "C")]) == {"B"}
 
 
+def test_a_long_chain_of_matches_gets_the_verdicts_of_a_walk_in_row_order():
+    # Row i is similar to rows i-1..i-3 only: the verdicts alternate along the chain, so each
+    # decides the next (more links than the numpy rounds take on; the rest is walked in order).
+    rows = [f"row-{i:05d}" for i in range(400)]
+    pairs = [(rows[j], rows[i]) for i in range(len(rows)) for j in range(max(0, i - 3), i)]
+    kept: list[str] = []
+    for i, row in enumerate(rows):
+        if not any(rows[j] in kept for j in range(max(0, i - 3), i)):
+            kept.append(row)
+    assert len(kept) == 100  # rows 0, 4, 8, ...: one in four stays
+    assert near_duplicate_verdicts(pairs) == (set(rows) - set(kept), set())
+    # Cut lists stop the walk's verdicts from that row on, until full lists come.
+    rejected, undecided = near_duplicate_verdicts(pairs, truncated={rows[8]})
+    assert rejected == {row for row in rows[:8] if row not in kept} and rows[8] in undecided
+
+
 def test_a_row_whose_listed_matches_were_all_rejected_waits_for_its_full_list():
     # C's listed match B went (A~B, A kept); C had more matches than were listed: uncertain.
     assert near_duplicate_verdicts([("A", "B"), ("B", "C")], truncated={"C"}) == ({"B"}, {"C"})

@@ -157,14 +157,14 @@ def _near_duplicates(rows, data: DataConfig, exact: set[str]) -> set[str]:
     bands = lsh_bands(threshold)
 
     def matches(limit: int | None, skip: set[str], only: set[str] | None, keys: set[str] | None) -> pd.DataFrame:
-        band_kwargs = {"bands": bands, "skip_ref": ray.put(skip), "keys_ref": keys and ray.put(keys)}
+        band_kwargs = {"bands": bands, "skip_ref": ray.put(skip), "keys_ref": None if keys is None else ray.put(keys)}
         found = (
             rows.select_columns(["row_id", "signature", PASSED])
             .map_batches(band_rows, fn_kwargs=band_kwargs, batch_format="pandas")
             .groupby("bucket")
             .map_groups(
                 band_matches,
-                fn_kwargs={"threshold": threshold, "limit": limit, "only_ref": only and ray.put(only)},
+                fn_kwargs={"threshold": threshold, "limit": limit, "only_ref": None if only is None else ray.put(only)},
                 batch_format="pandas",
             )
         )

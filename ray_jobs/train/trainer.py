@@ -307,7 +307,13 @@ class Trainer:
         pad_id = self.plan.pad_id
         host = collate(rows, pad_id)
         count, real = target_token_count(host[1]), int((host[0] != pad_id).sum())
-        ids, labels, pos = (t.to(self.worker.device) for t in host)
+        device = self.worker.device
+        if device.type == "cuda":
+            # A blocking copy waits for the GPU to finish everything queued before it; from pinned
+            # memory a non-blocking one is queued behind the running kernels instead.
+            ids, labels, pos = (t.pin_memory().to(device, non_blocking=True) for t in host)
+        else:
+            ids, labels, pos = (t.to(device) for t in host)
         with self.autocast_ctx():
             loss_sum, _ = summed_loss(self.forward_model, ids, labels, pos, fused=self.fused, target_tokens=count)
         # Normalise by this worker's target tokens in the step so far; exact per step
