@@ -19,7 +19,6 @@ from ray_jobs.preprocess.clean import (
     minhash_signature,
     near_duplicate_verdicts,
     normalize_whitespace,
-    rejected_near_duplicates,
     strip_html,
 )
 from ray_jobs.preprocess.phi import PhiScrubber
@@ -260,7 +259,7 @@ def test_banding_in_groups_rejects_exactly_what_one_sequential_index_rejects():
 
 def test_a_chain_keeps_its_first_and_last_link_as_one_sequential_pass_would():
     # A~B and B~C but A!~C: B goes (like A), C stays (its only earlier match, B, is gone).
-    assert rejected_near_duplicates([("A", "B"), ("B", "C")]) == {"B"}
+    assert near_duplicate_verdicts([("A", "B"), ("B", "C")]) == ({"B"}, set())
 
 
 def test_a_long_chain_of_matches_gets_the_verdicts_of_a_walk_in_row_order():

@@ -5,7 +5,7 @@
     signature = minhash_signature(user_text + "\n" + assistant_text)  # per row, on Ray workers
     keys = band_keys(signature, lsh_bands(0.85))          # rows sharing a key are candidates
     found = earlier_matches(band_ids, band_signatures, 0.85, limit=2)  # per band, confirmed
-    rejected, uncertain = near_duplicate_verdicts(pairs, truncated)  # as one pass in row-id order would
+    rejected, undecided = near_duplicate_verdicts(found_pairs, truncated)  # as one pass in row order would
 
 Design decisions:
 - HTML goes through the stdlib `html.parser`, not regexes over tags: it copes with
@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from html.parser import HTMLParser
 from typing import Any
 
@@ -209,10 +209,9 @@ def earlier_matches(
 
 def near_duplicate_verdicts(pairs: Any, truncated: Collection[str] = ()) -> tuple[set[str], set[str]]:
     """(rejected, undecided) rows, from (earlier, later) similar pairs (tuples, or a DataFrame with
-    those two columns), as a sequential pass in
-    row-id order over a MinHash LSH index decides them: walking the rows in order, a row goes
-    when it is similar to an earlier row that was kept. Chains (A~B, B~C, A!~C) keep A and C, as
-    that pass does.
+    those two columns), as a sequential pass in row-id order over a MinHash LSH index decides
+    them: walking the rows in order, a row goes when it is similar to an earlier row that was
+    kept. Chains (A~B, B~C, A!~C) keep A and C, as that pass does.
 
     `truncated`: rows whose listed earlier matches may be only some of theirs. Such a row is
     rejected by a listed match that was kept, and otherwise undecided, as is every row whose
@@ -268,8 +267,3 @@ def _walk_undecided(state: np.ndarray, earlier: np.ndarray, later: np.ndarray, m
 VERDICT_ROUNDS = 8
 """Numpy rounds before the row-by-row walk: on 400k templated rows 8 rounds decided every row."""
 _UNDECIDED, _KEPT, _REJECTED = 0, 1, 2
-
-
-def rejected_near_duplicates(pairs: Iterable[tuple[str, str]]) -> set[str]:
-    """The rows `near_duplicate_verdicts` rejects when every similar pair is listed."""
-    return near_duplicate_verdicts(pairs)[0]

@@ -77,7 +77,6 @@ def later_copies(bucket: pd.DataFrame) -> pd.DataFrame:
 def band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]], skip_ref: Any, keys_ref: Any = None) -> pd.DataFrame:
     """One row per (cleaned row, LSH band): key, bucket, id, signature. Rows in `skip_ref` (rejected
     already) are left out; with `keys_ref`, only the band keys it holds are kept."""
-
     from ray_jobs.preprocess.clean import band_keys
 
     skip = broadcast_value(skip_ref)
@@ -116,7 +115,6 @@ def band_matches(bucket: pd.DataFrame, threshold: float, limit: int | None, only
 
 def mark_duplicates(batch: pd.DataFrame, rejected_ref: Any) -> pd.DataFrame:
     """Set the reason of every rejected duplicate and drop the de-duplication columns."""
-
     rejected = broadcast_value(rejected_ref)
     batch = batch.drop(columns=[c for c in ("signature", "dedupe_key", PASSED) if c in batch])
     reasons = batch["row_id"].map(rejected)
@@ -175,8 +173,9 @@ def _near_duplicates(rows, data: DataConfig, exact: set[str]) -> set[str]:
     complete: set[str] = set()
     while True:
         cut = found[found["more"].astype(bool) & ~found["later"].isin(complete)]
-        near, undecided = near_duplicate_verdicts(found, set(cut["later"]))
-        fetch = undecided & set(cut["later"])  # the others follow once these are decided
+        truncated = set(cut["later"])
+        near, undecided = near_duplicate_verdicts(found, truncated)
+        fetch = undecided & truncated  # the others follow once these are decided
         if not fetch:
             return near
         keys = set(cut.loc[cut["later"].isin(fetch), "band"])

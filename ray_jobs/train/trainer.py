@@ -409,8 +409,7 @@ class Trainer:
             resumed_from=self.resumed_from,
         )
         self.forward_model.train()
-        self.window.zero_()
-        self.window_loss = 0.0
+        self._clear_window()
         self.window_started = time.perf_counter()
         done = self.position.step >= plan.total_steps
         # With max_steps the data is cycled as often as needed; otherwise `epochs` passes.
@@ -498,9 +497,12 @@ class Trainer:
             metrics["resumed_from_step"] = self.resumed_from
         if self.worker.device.type == "cuda":
             metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.worker.device) / 2**30
+        self._clear_window()
+        return metrics
+
+    def _clear_window(self) -> None:
         self.window.zero_()
         self.window_loss = 0.0
-        return metrics
 
     def _record_eval(self, metrics: dict[str, Any]) -> None:
         eval_loss = self.evaluate()
