@@ -152,6 +152,8 @@ def hf_seed(data_file: Path, model_dir: str, out_dir: Path, max_seq_len: int) ->
 def hf_same_work(data_file: Path, model_dir: str, out_dir: Path, recipe) -> dict:
     """medtune's per-row classes and packing, driven by datasets.map in one process."""
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
     from datasets import load_dataset
 
     from ray_jobs.preprocess import pipeline
@@ -173,39 +175,44 @@ def hf_same_work(data_file: Path, model_dir: str, out_dir: Path, recipe) -> dict
             }
         )
         out = tokenize(convert(frame))
-        return {
-            "row_id": list(out["row_id"]),
-            "dedupe_key": list(out["dedupe_key"]),
-            "reject_reason": list(out["reject_reason"]),
-            "input_ids": list(out["input_ids"]),
-            "labels": list(out["labels"]),
-        }
+        # Arrow, as the Ray pipeline's blocks are: the token lists are not turned into Python.
+        return pa.Table.from_pandas(
+            out[["row_id", "dedupe_key", "reject_reason", "input_ids", "labels"]], preserve_index=False
+        )
 
+    # Named fingerprints: datasets otherwise hashes each function with dill, which pickles the
+    # PHI word lists the closure holds (about a second per map, whatever the row count).
     tokenized = dataset.map(
         convert_and_tokenize,
         batched=True,
         batch_size=pipeline.BATCH_ROWS,
         with_indices=True,
         remove_columns=dataset.column_names,
+        new_fingerprint="same-work-tokenized",
     )
     seen: set[str] = set()
 
-    def first_good_copy(row: dict) -> bool:
-        if row["reject_reason"] is not None or row["dedupe_key"] in seen:
+    def first_good_copy(reject_reason: str | None, dedupe_key: str) -> bool:
+        if reject_reason is not None or dedupe_key in seen:
             return False
-        seen.add(row["dedupe_key"])
+        seen.add(dedupe_key)
         return True
 
-    kept = tokenized.filter(first_good_copy)
-    tokens = sum(len(ids) for ids in kept["input_ids"])
+    kept = tokenized.filter(
+        first_good_copy, input_columns=["reject_reason", "dedupe_key"], new_fingerprint="same-work-kept"
+    )
+    tokens = pc.sum(pc.list_value_length(kept.with_format("arrow")["input_ids"])).as_py()
 
-    def pack(batch: dict) -> dict:
-        table = pipeline._pack_batch(
-            pd.DataFrame({"input_ids": batch["input_ids"], "labels": batch["labels"]}), recipe.data.max_seq_len, True
-        )
-        return table.to_pydict()
+    def pack(batch: pa.Table) -> pa.Table:
+        return pipeline._pack_batch(batch, recipe.data.max_seq_len, True)
 
-    packed = kept.map(pack, batched=True, batch_size=pipeline.PACK_ROWS, remove_columns=kept.column_names)
+    packed = kept.with_format("arrow").map(
+        pack,
+        batched=True,
+        batch_size=pipeline.PACK_ROWS,
+        remove_columns=kept.column_names,
+        new_fingerprint="same-work-packed",
+    )
     packed.to_parquet(str(out_dir / "train.parquet"))
     return {"seconds": time.perf_counter() - start, "tokens": tokens, "rows_out": len(kept), "packed_rows": len(packed)}
 

@@ -17,7 +17,13 @@ from transformers import AutoTokenizer
 
 from ray_jobs.core.recipe import AudienceConfig, DataConfig
 from ray_jobs.preprocess.formats import RowRejected, normalize_entities, to_conversation
-from ray_jobs.preprocess.tokenize import IGNORE_INDEX, pack_documents, tokenize_conversation, unpacked_row
+from ray_jobs.preprocess.tokenize import (
+    IGNORE_INDEX,
+    ChatRenderer,
+    pack_documents,
+    tokenize_conversation,
+    unpacked_row,
+)
 from ray_jobs.tiny_model import TEMPLATES
 
 ENTITY_PROMPT = (
@@ -425,6 +431,18 @@ def test_only_assistant_turns_and_their_end_of_turn_marker_carry_labels(family):
     full = tokenizer.decode(ids)
     for message in CONVERSATION:
         assert message["content"] in full
+
+
+def test_the_direct_renderer_writes_what_apply_chat_template_writes(family):
+    _, tokenizer = family
+    render = ChatRenderer(tokenizer)
+    assert render.compiled is not None  # the fast path, not the fallback, is what is compared
+    for end in range(1, len(CONVERSATION) + 1):
+        for generation_prompt in (False, True):
+            expected = tokenizer.apply_chat_template(
+                CONVERSATION[:end], tokenize=False, add_generation_prompt=generation_prompt
+            )
+            assert render(CONVERSATION[:end], add_generation_prompt=generation_prompt) == expected
 
 
 def test_train_on_inputs_labels_every_token(family):

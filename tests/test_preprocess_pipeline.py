@@ -522,6 +522,11 @@ def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypa
         monkeypatch.setattr(readers, "PIECE_BYTES", rows_per_task * 200)  # 16: each file parsed in ~3 pieces
         monkeypatch.setattr(pipeline, "BATCH_ROWS", rows_per_task)
         info = pipeline.run(recipe, force=True)
+        # Token columns are plain int32 lists that any Parquet reader understands (not Ray's
+        # tensor extension type), in the packed rows and in the eval rows duplicates were marked in.
+        for split, columns in (("train", pipeline.PACKED_COLUMNS), ("eval", ("input_ids", "labels"))):
+            schema = pq.read_schema(next((root / info.prefix / split).glob("*.parquet")))
+            assert {name: schema.field(name).type for name in columns} == dict.fromkeys(columns, pa.list_(pa.int32()))
         return {
             "stats": info.stats,
             "rejects": rejects(root, info),

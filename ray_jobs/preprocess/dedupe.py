@@ -113,14 +113,19 @@ def band_matches(bucket: pd.DataFrame, threshold: float, limit: int | None, only
     return pd.DataFrame(found, columns=MATCH_COLUMNS)
 
 
-def mark_duplicates(batch: pd.DataFrame, rejected_ref: Any) -> pd.DataFrame:
-    """Set the reason of every rejected duplicate and drop the de-duplication columns."""
+def mark_duplicates(batch, rejected_ref: Any):
+    """Set the reason of every rejected duplicate and drop the de-duplication columns. Arrow in
+    and out: the token lists pass through untouched."""
+    import pyarrow as pa
+
     rejected = broadcast_value(rejected_ref)
-    batch = batch.drop(columns=[c for c in ("signature", "dedupe_key", PASSED) if c in batch])
-    reasons = batch["row_id"].map(rejected)
-    hit = reasons.notna()
-    batch.loc[hit, "reject_reason"] = reasons[hit]
-    return batch
+    batch = batch.drop_columns([c for c in ("signature", "dedupe_key", PASSED) if c in batch.column_names])
+    reasons = [
+        rejected.get(row_id, reason)
+        for row_id, reason in zip(batch.column("row_id").to_pylist(), batch.column("reject_reason").to_pylist())
+    ]
+    index = batch.column_names.index("reject_reason")
+    return batch.set_column(index, "reject_reason", pa.array(reasons, type=pa.string()))
 
 
 def find_duplicates(rows, data: DataConfig) -> dict[str, str]:
@@ -190,4 +195,4 @@ def with_duplicates_marked(rows, rejected: dict[str, str]):
 
     if not rejected:
         return rows
-    return rows.map_batches(mark_duplicates, fn_kwargs={"rejected_ref": ray.put(rejected)}, batch_format="pandas")
+    return rows.map_batches(mark_duplicates, fn_kwargs={"rejected_ref": ray.put(rejected)}, batch_format="pyarrow")

@@ -44,7 +44,7 @@ from ray_jobs.preprocess.dedupe import PASSED, find_duplicates, with_duplicates_
 from ray_jobs.preprocess.formats import RowRejected, to_conversation
 from ray_jobs.preprocess.process_cache import cached
 from ray_jobs.preprocess.readers import expand_inputs, file_identity, input_names, parse_file
-from ray_jobs.preprocess.stats import dataset_stats, merge_stats, partial_stats
+from ray_jobs.preprocess.stats import STATS_COLUMNS, dataset_stats, merge_stats, partial_stats
 from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversations, unpacked_row
 
 log = logging.getLogger("medtune.preprocess")
@@ -231,28 +231,40 @@ class TokenizeBatch:
                 reasons[i] = None
                 ids_col[i], labels_col[i] = result
         batch = batch.copy()
-        # Plain lists, not numpy arrays: Ray would store arrays as its tensor extension type,
-        # which other Parquet readers (pyarrow, pandas, Spark) do not understand.
-        batch["input_ids"] = [x.tolist() for x in ids_col]
-        batch["labels"] = [x.tolist() for x in labels_col]
+        # Arrow int32 lists built from the arrays, which pandas holds and Ray stores as they
+        # are: Python lists cost a conversion to lists and another to Arrow (~18 us a row), and
+        # numpy arrays would become Ray's tensor extension type, which other Parquet readers
+        # (pyarrow, pandas, Spark) do not understand.
+        batch["input_ids"] = int32_lists(ids_col)
+        batch["labels"] = int32_lists(labels_col)
         batch["reject_reason"] = reasons
         batch["num_tokens"] = [len(x) for x in ids_col]
         batch["num_target_tokens"] = [int((x != IGNORE_INDEX).sum()) for x in labels_col]
         return batch
 
 
+def int32_lists(arrays: list[np.ndarray]) -> pd.Series:
+    """A pandas column of Arrow `list<int32>` values, one per array, made without Python lists."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
+    values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    return pd.Series(pd.arrays.ArrowExtensionArray(values))
+
+
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lens")
 
 
-def _pack_batch(batch: pd.DataFrame, max_seq_len: int, packing: bool):
-    """Packed rows as an Arrow table of plain int32 lists (built from flat arrays and offsets:
-    going through Python lists cost ~45 ms per 1,000 documents)."""
+def _pack_batch(batch, max_seq_len: int, packing: bool):
+    """Packed rows of an Arrow batch of documents, as an Arrow table of int32 lists. The ids and
+    labels are read as flat arrays with offsets and the rows are built the same way: a pandas
+    batch converts every document to a Python object and back (~45 ms per 1,000 documents)."""
     import pyarrow as pa
 
-    docs = [
-        (np.asarray(i, dtype=np.int32), np.asarray(lab, dtype=np.int32))
-        for i, lab in zip(batch["input_ids"], batch["labels"])
-    ]
+    (ids, bounds), (labels, _) = (_flat_lists(batch.column(name)) for name in ("input_ids", "labels"))
+    docs = [(ids[start:end], labels[start:end]) for start, end in zip(bounds[:-1], bounds[1:])]  # same lengths
     rows = pack_documents(docs, max_seq_len) if packing else [unpacked_row(i, lab) for i, lab in docs]
 
     def column(key: str) -> pa.ListArray:
@@ -263,6 +275,16 @@ def _pack_batch(batch: pd.DataFrame, max_seq_len: int, packing: bool):
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
     return pa.table({key: column(key) for key in PACKED_COLUMNS})
+
+
+def _flat_lists(column) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of an Arrow list column, with the offsets starting at 0."""
+    import pyarrow as pa
+
+    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = lists.offsets.to_numpy()
+    values = lists.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -313,13 +335,16 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
         if os.environ.get("MEDTUNE_DATA_STATS"):
             # Where the time went, per Ray Data operator (tasks, actors, wall and CPU time).
             log.warning("Ray Data stats of the tokenised rows:\n%s", tokenized.stats())
-        tokenized = with_duplicates_marked(tokenized, find_duplicates(tokenized, data))
+        rejected = find_duplicates(tokenized, data)
+    # Only the columns the counts need: a block's token lists are most of its bytes.
+    counted = with_duplicates_marked(tokenized.select_columns(list(STATS_COLUMNS)), rejected)
     totals = merge_stats(
-        [r["partial"] for r in tokenized.map_batches(partial_stats, batch_format="pandas", batch_size=4096).take_all()]
+        [r["partial"] for r in counted.map_batches(partial_stats, batch_format="pandas", batch_size=4096).take_all()]
     )
-    tokens, rejected = sum(totals["tokens"].values()), sum(totals["rejects"].values())
+    tokenized = with_duplicates_marked(tokenized, rejected)
+    tokens, reject_count = sum(totals["tokens"].values()), sum(totals["rejects"].values())
     done = f"{totals['rows_in']:,} rows tokenised in {time.perf_counter() - started:.0f} s, {tokens:,} tokens kept"
-    print(f"[medtune] preprocess: {done}, {rejected:,} rejected; packing", flush=True)
+    print(f"[medtune] preprocess: {done}, {reject_count:,} rejected; packing", flush=True)
     write_rejects(storage, prefix, totals["rejected_rows"])
     _check_rejects(totals, data, storage.uri(prefix, "rejects.jsonl"))
     packed_rows = _write_splits(tokenized, totals, data, storage, prefix)
@@ -436,7 +461,7 @@ def _write_splits(tokenized, totals: dict[str, Any], data: DataConfig, storage: 
     packed = train_rows.map_batches(
         _pack_batch,
         fn_kwargs={"max_seq_len": data.max_seq_len, "packing": data.packing},
-        batch_format="pandas",
+        batch_format="pyarrow",
         batch_size=PACK_ROWS,
     )
     packed.write_parquet(storage.path(prefix, "train"), filesystem=storage.filesystem)

@@ -16,6 +16,8 @@ import pandas as pd
 
 from ray_jobs.core.recipe import DataConfig
 
+STATS_COLUMNS = ("row_id", "split", "reject_reason", "num_tokens", "num_target_tokens", "phi", "meta")
+"""What `partial_stats` reads of a tokenised row."""
 LENGTH_BUCKETS = [0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 30]
 """Edges of stats.json's token-length histogram (the last bucket is open-ended)."""
 

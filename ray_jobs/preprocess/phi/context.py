@@ -191,11 +191,14 @@ def _key(word: str) -> str:
     return word.rstrip(".").replace("’", "'").lower().removesuffix("'s")
 
 
-def _runs(text: str, tokens: list[tuple[int, int, str]]) -> list[list[int]]:
-    """Indices of maximal runs of capitalised tokens separated by plain spaces."""
+@functools.lru_cache(maxsize=4)
+def _runs(text: str) -> list[list[int]]:
+    """Indices (into `_tokens(text)`) of maximal runs of capitalised tokens separated by plain
+    spaces. Cached like the tokens: names and cities read the same runs of the same text."""
+    tokens = _tokens(text)
     runs: list[list[int]] = []
     for index, (start, _, word) in enumerate(tokens):
-        if not _is_capitalised(word):
+        if not word[0].isupper() or not _is_capitalised(word):  # most words fail the first test
             continue
         if runs and runs[-1][-1] == index - 1 and text[tokens[index - 1][1] : start] in (" ", "\t"):
             runs[-1].append(index)
@@ -221,7 +224,7 @@ def find_names(text: str, lexicon: Lexicon) -> list[tuple[int, int]]:
     """(start, end) of each person's name in `text`."""
     tokens = _tokens(text)
     found: list[tuple[int, int]] = []
-    for run in _runs(text, tokens):
+    for run in _runs(text):
         words = [_key(tokens[i][2]) for i in run]
         # Titles and role words inside the run ("Patient John", "Dr. Ng") are cues, not the name.
         cue = run[0] > 0 and _key(tokens[run[0] - 1][2]) in TITLES | ROLE_WORDS
@@ -277,7 +280,7 @@ def find_locations(text: str, lexicon: Lexicon) -> list[tuple[int, int]]:
     """(start, end) of each city in `text` (states are kept: Safe Harbor allows them)."""
     tokens = _tokens(text)
     found: list[tuple[int, int]] = []
-    for run in _runs(text, tokens):
+    for run in _runs(text):
         end_token = run[-1]
         after = text[tokens[end_token][1] : tokens[end_token][1] + 3]
         next_word = _key(tokens[end_token + 1][2]) if end_token + 1 < len(tokens) else ""
