@@ -264,8 +264,7 @@ def test_too_many_rejects_fail_the_job_naming_the_counts(messy: MessyCorpus, mes
     store = Storage.from_uri(str(messy.root))
     complete = [name for name in store.listdir("datasets/messy") if store.is_complete(f"datasets/messy/{name}")]
     assert complete == [messy_run.fingerprint]
-    # Rows are packed while they are counted; the failed dataset keeps its rejects.jsonl for the
-    # user to read, and no training or eval rows.
+    # It keeps its rejects.jsonl for the user to read, and no training or eval rows.
     (failed,) = set(store.listdir("datasets/messy")) - set(complete)
     assert store.list_files(f"datasets/messy/{failed}") == ["rejects.jsonl"]
 
