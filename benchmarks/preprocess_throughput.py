@@ -156,7 +156,7 @@ def hf_same_work(data_file: Path, model_dir: str, out_dir: Path, recipe) -> dict
     import pyarrow.compute as pc
     from datasets import load_dataset
 
-    from ray_jobs.preprocess import pipeline
+    from ray_jobs.preprocess import packing, pipeline
 
     start = time.perf_counter()
     data = recipe.data.model_dump(mode="json")
@@ -204,12 +204,12 @@ def hf_same_work(data_file: Path, model_dir: str, out_dir: Path, recipe) -> dict
     tokens = pc.sum(pc.list_value_length(kept.with_format("arrow")["input_ids"])).as_py()
 
     def pack(batch: pa.Table) -> pa.Table:
-        return pipeline._pack_batch(batch, recipe.data.max_seq_len, True)
+        return packing.pack_batch(batch, recipe.data.max_seq_len, True)
 
     packed = kept.with_format("arrow").map(
         pack,
         batched=True,
-        batch_size=pipeline.PACK_ROWS,
+        batch_size=packing.PACK_ROWS,
         remove_columns=kept.column_names,
         new_fingerprint="same-work-packed",
     )

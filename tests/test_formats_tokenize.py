@@ -788,3 +788,19 @@ def test_elara_user_types_get_the_seeds_system_prompts(user_type: str | None, sy
     messages, meta = to_conversation(row, data_config("qa", system_prompt=ELARA_BASE, audience=ELARA_AUDIENCES))
     assert messages[0] == {"role": "system", "content": system}
     assert meta["audience"] == (user_type or "general")
+
+
+@pytest.mark.parametrize(
+    "block_rows",
+    [[5000, 0, 3, 2048, 1], [2048, 2048], [1], [], [0, 0], [100] * 50],
+)
+def test_packing_windows_cut_the_row_order_into_equal_runs_whatever_the_blocks(block_rows: list[int]):
+    from ray_jobs.preprocess.packing import windows
+
+    cut = windows(block_rows, 2048)
+    rows_in_order = [(block, row) for block, count in enumerate(block_rows) for row in range(count)]
+    covered = [(block, row) for window in cut for block, start, end in window for row in range(start, end)]
+    assert covered == rows_in_order  # every row once, in order
+    sizes = [sum(end - start for _, start, end in window) for window in cut]
+    assert all(size == 2048 for size in sizes[:-1]) and (not sizes or 0 < sizes[-1] <= 2048)
+    assert all(end > start for window in cut for _, start, end in window)  # no empty slices

@@ -30,7 +30,7 @@ from ray_jobs.core.artifacts import DatasetRef
 from ray_jobs.core.modeling import tiny_model_name
 from ray_jobs.core.recipe import parse_recipe
 from ray_jobs.core.storage import COMPLETE_MARKER, Storage, model_prefix
-from ray_jobs.preprocess import pipeline, readers
+from ray_jobs.preprocess import packing, pipeline, readers
 from ray_jobs.preprocess.formats import entities_answer
 from ray_jobs.preprocess.readers import expand_inputs, file_identity
 from ray_jobs.preprocess.tokenize import IGNORE_INDEX
@@ -527,7 +527,7 @@ def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypa
         info = pipeline.run(recipe, force=True)
         # Token columns are plain int32 lists that any Parquet reader understands (not Ray's
         # tensor extension type), in the packed rows and in the eval rows duplicates were marked in.
-        for split, columns in (("train", pipeline.PACKED_COLUMNS), ("eval", ("input_ids", "labels"))):
+        for split, columns in (("train", packing.PACKED_COLUMNS), ("eval", ("input_ids", "labels"))):
             schema = pq.read_schema(next((root / info.prefix / split).glob("*.parquet")))
             assert {name: schema.field(name).type for name in columns} == dict.fromkeys(columns, pa.list_(pa.int32()))
         return {
@@ -537,7 +537,7 @@ def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypa
             "eval": sorted(read_split(root, info, "eval").to_pylist(), key=lambda r: r["row_id"]),
         }
 
-    monkeypatch.setattr(pipeline, "PACK_ROWS", 64)  # several packing batches in both runs
+    monkeypatch.setattr(packing, "PACK_ROWS", 64)  # several packing batches in both runs
     one = run_in_batches_of(512)  # more than the corpus: every stage gets one block, one task
     many = run_in_batches_of(16)
 

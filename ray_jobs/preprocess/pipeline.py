@@ -42,10 +42,11 @@ from ray_jobs.core.storage import Storage, dataset_prefix
 from ray_jobs.preprocess import readers
 from ray_jobs.preprocess.dedupe import PASSED, find_duplicates, with_duplicates_marked, with_signature
 from ray_jobs.preprocess.formats import RowRejected, to_conversation
+from ray_jobs.preprocess.packing import write_packed
 from ray_jobs.preprocess.process_cache import cached
 from ray_jobs.preprocess.readers import expand_inputs, file_identity, input_names, parse_file
 from ray_jobs.preprocess.stats import STATS_COLUMNS, dataset_stats, merge_stats, partial_stats
-from ray_jobs.preprocess.tokenize import pack_documents, tokenize_conversations, unpacked_row
+from ray_jobs.preprocess.tokenize import tokenize_conversations
 
 log = logging.getLogger("medtune.preprocess")
 
@@ -61,8 +62,6 @@ cores, 100k rows: in blocks of 256 rows, the driver's scheduling loop took ~20 b
 the splitting task (~5k rows/s, most cores idle) and the dedupe shuffle made 391 x 391 pieces."""
 BLOCK_BYTES = 16 << 20
 """...and at most this many input bytes per block, so a task's memory stays bounded on big inputs."""
-PACK_ROWS = 2048
-"""Conversations packed together per batch: more finds fuller rows, fewer spreads the work."""
 
 
 class PreprocessError(MedtuneError):
@@ -254,39 +253,6 @@ def int32_lists(arrays: list[np.ndarray]) -> pd.Series:
     return pd.Series(pd.arrays.ArrowExtensionArray(values))
 
 
-PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lens")
-
-
-def _pack_batch(batch, max_seq_len: int, packing: bool):
-    """Packed rows of an Arrow batch of documents, as an Arrow table of int32 lists. The ids and
-    labels are read as flat arrays with offsets and the rows are built the same way: a pandas
-    batch converts every document to a Python object and back (~45 ms per 1,000 documents)."""
-    import pyarrow as pa
-
-    (ids, bounds), (labels, _) = (_flat_lists(batch.column(name)) for name in ("input_ids", "labels"))
-    docs = [(ids[start:end], labels[start:end]) for start, end in zip(bounds[:-1], bounds[1:])]  # same lengths
-    rows = pack_documents(docs, max_seq_len) if packing else [unpacked_row(i, lab) for i, lab in docs]
-
-    def column(key: str) -> pa.ListArray:
-        values = [row[key] for row in rows]
-        offsets = np.zeros(len(values) + 1, dtype=np.int32)
-        np.cumsum([len(v) for v in values], out=offsets[1:])
-        flat = np.concatenate(values).astype(np.int32) if values else np.zeros(0, dtype=np.int32)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-
-    return pa.table({key: column(key) for key in PACKED_COLUMNS})
-
-
-def _flat_lists(column) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets) of an Arrow list column, with the offsets starting at 0."""
-    import pyarrow as pa
-
-    lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = lists.offsets.to_numpy()
-    values = lists.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
-
-
 # ---------------------------------------------------------------------------- the stage
 def fingerprint(recipe: Recipe, identities: list[dict[str, Any]], model_dir: str) -> str:
     """`identities`: the input files' `readers.file_identity` (path, size, mtime)."""
@@ -454,26 +420,19 @@ def _write_splits(tokenized, totals: dict[str, Any], data: DataConfig, storage: 
     from ray.data.expressions import col  # predicates Arrow evaluates, no Python per row
 
     ok = tokenized.filter(expr=col("reject_reason").is_null())
-    # Blocks of exactly PACK_ROWS rows in row order, each packed alone: the packed rows are then
-    # the same however many blocks or tasks came before (a learnability run's F1 moved from 1.00
-    # to 0.84 when only the last batches' sizes changed with the block layout).
-    train_rows = ok.filter(expr=col("split") == "train").repartition(target_num_rows_per_block=PACK_ROWS, strict=True)
-    packed = train_rows.map_batches(
-        _pack_batch,
-        fn_kwargs={"max_seq_len": data.max_seq_len, "packing": data.packing},
-        batch_format="pyarrow",
-        batch_size=PACK_ROWS,
+    packed_rows = write_packed(
+        ok.filter(expr=col("split") == "train"),
+        storage,
+        posixpath.join(prefix, "train"),
+        max_seq_len=data.max_seq_len,
+        packing=data.packing,
     )
-    packed.write_parquet(storage.path(prefix, "train"), filesystem=storage.filesystem)
     eval_rows = ok.filter(expr=col("split") == "eval").select_columns(
         ["row_id", "messages", "meta", "input_ids", "labels", "num_tokens"]
     )
     if totals["splits"].get("eval", 0):
         eval_rows.write_parquet(storage.path(prefix, "eval"), filesystem=storage.filesystem)
-    # Counted from the written files' footers: mapping over `packed` again would pack twice.
-    import pyarrow.dataset as pads
-
-    return pads.dataset(storage.path(prefix, "train"), filesystem=storage.filesystem, format="parquet").count_rows()
+    return packed_rows
 
 
 def write_rejects(storage: Storage, prefix: str, rejected_rows: list[list[str]]) -> None:

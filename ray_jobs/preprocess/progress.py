@@ -46,7 +46,6 @@ STEPS = {
     "mark_duplicates": "dedupe",
     "tokenize_batch": "tokenise",
     "partial_stats": "stats",
-    "_pack_batch": "pack",
     "Write": "write",
 }
 
