@@ -7,7 +7,8 @@
 Steps, all inside Ray tasks (nothing but small aggregates reaches the driver):
 read (row by row, bad rows quarantined) -> cut into equal blocks -> format adapter -> clean
 -> PHI scrub -> split -> chat template + masking (one task per block for all of these)
--> exact / near de-duplication across all files (`dedupe.py`) -> pack -> write.
+-> exact / near de-duplication across all files (`dedupe.py`) -> pack + write, a task per window
+of rows (`packing.py`).
 
 Output, under `<storage>/datasets/<name>/<fingerprint>/`:
 `train/*.parquet` (packed rows: input_ids, labels, position_ids, seq_lens),
