@@ -1,15 +1,16 @@
 """Exact and near de-duplication across every input file, after the per-row work.
 
     rows = converted_and_tokenised.materialize()
-    rows = with_duplicates_marked(rows, find_duplicates(rows, data))   # "duplicate" / "near_duplicate"
+    rejected = find_duplicates(rows, data)        # row id -> "duplicate" / "near_duplicate"
+    marked = mark_duplicates(arrow_block, ref)    # per block, with rejected put in the object store
 
 Rows are cleaned and tokenised in one pass with no barrier in between; duplicates are then
 found from small columns only. Exact: (row id, content key) grouped by a bucket of the key.
 Near: MinHash signatures (computed in the per-row pass) banded into LSH band keys, grouped by
 a bucket of the key; per band group, each row's earliest similar rows are confirmed against the
 threshold. Only the ids to reject and those (earlier, later) pairs, a few per row, reach the
-driver; each later pass over the rows marks them on the way (a lookup
-per row, cheaper than materialising the rows again). No single actor sees every row.
+driver; the task that counts and splits each block marks them (a lookup per row, cheaper than
+materialising the rows again). No single actor sees every row.
 
 The verdicts are those of de-duplicating before tokenisation: only rows that passed cleaning
 count, the lowest row id of a key stays, near-duplicates resolve as one sequential pass in
@@ -186,13 +187,3 @@ def _near_duplicates(rows, data: DataConfig, exact: set[str]) -> set[str]:
         keys = set(cut.loc[cut["later"].isin(fetch), "band"])
         found = pd.concat([found, matches(None, exact | near, fetch, keys)], ignore_index=True)
         complete |= fetch
-
-
-def with_duplicates_marked(rows, rejected: dict[str, str]):
-    """`rows` with every rejected duplicate's reason set, lazily: each pass that reads the result
-    marks the rows it reads."""
-    import ray
-
-    if not rejected:
-        return rows
-    return rows.map_batches(mark_duplicates, fn_kwargs={"rejected_ref": ray.put(rejected)}, batch_format="pyarrow")

@@ -49,29 +49,26 @@ def windows(block_rows: list[int], size: int) -> list[Window]:
     return out
 
 
-def write_packed(rows, storage: Storage, directory: str, *, max_seq_len: int, packing: bool) -> int:
-    """Pack and write the `input_ids` and `labels` of the Ray dataset `rows`; returns the
-    packed row count (no files when `rows` is empty)."""
+def write_packed(
+    blocks: list[tuple[Any, int]], storage: Storage, directory: str, *, max_seq_len: int, packing: bool
+) -> int:
+    """Pack and write the conversations of `blocks`, (reference to an Arrow table with
+    `input_ids` and `labels`, its row count) in row order; returns the packed row count (no
+    files when there are no rows)."""
     import ray
 
-    blocks = rows.select_columns(["input_ids", "labels"]).to_arrow_refs()
-    count, pack = ray.remote(_row_count), ray.remote(_pack_window)
-    counts = ray.get([count.remote(block) for block in blocks])
+    pack = ray.remote(_pack_window)
     written = [
         pack.remote(
-            [(blocks[block], start, end) for block, start, end in window],
+            [(blocks[block][0], start, end) for block, start, end in window],
             storage,
             posixpath.join(directory, f"part-{number:05d}.parquet"),
             max_seq_len,
             packing,
         )
-        for number, window in enumerate(windows(counts, PACK_ROWS))
+        for number, window in enumerate(windows([rows for _, rows in blocks], PACK_ROWS))
     ]
     return sum(ray.get(written))
-
-
-def _row_count(table) -> int:
-    return table.num_rows
 
 
 def _pack_window(

@@ -29,6 +29,7 @@ import posixpath
 import time
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from ray_jobs.core.modeling import IGNORE_INDEX, load_tokenizer, resolve_model_d
 from ray_jobs.core.recipe import DataConfig, Recipe
 from ray_jobs.core.storage import Storage, dataset_prefix
 from ray_jobs.preprocess import readers
-from ray_jobs.preprocess.dedupe import PASSED, find_duplicates, with_duplicates_marked, with_signature
+from ray_jobs.preprocess.dedupe import PASSED, find_duplicates, mark_duplicates, with_signature
 from ray_jobs.preprocess.formats import RowRejected, to_conversation
 from ray_jobs.preprocess.packing import write_packed
 from ray_jobs.preprocess.process_cache import cached
@@ -303,18 +304,14 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
             # Where the time went, per Ray Data operator (tasks, actors, wall and CPU time).
             log.warning("Ray Data stats of the tokenised rows:\n%s", tokenized.stats())
         rejected = find_duplicates(tokenized, data)
-    # Only the columns the counts need: a block's token lists are most of its bytes.
-    counted = with_duplicates_marked(tokenized.select_columns(list(STATS_COLUMNS)), rejected)
-    totals = merge_stats(
-        [r["partial"] for r in counted.map_batches(partial_stats, batch_format="pandas", batch_size=4096).take_all()]
-    )
-    tokenized = with_duplicates_marked(tokenized, rejected)
+    parts = _split_blocks(tokenized, rejected)
+    totals = merge_stats(ray.get([part.partial for part in parts]))
     tokens, reject_count = sum(totals["tokens"].values()), sum(totals["rejects"].values())
     done = f"{totals['rows_in']:,} rows tokenised in {time.perf_counter() - started:.0f} s, {tokens:,} tokens kept"
     print(f"[medtune] preprocess: {done}, {reject_count:,} rejected; packing", flush=True)
     write_rejects(storage, prefix, totals["rejected_rows"])
     _check_rejects(totals, data, storage.uri(prefix, "rejects.jsonl"))
-    packed_rows = _write_splits(tokenized, totals, data, storage, prefix)
+    packed_rows = _write_splits(parts, totals, data, storage, prefix)
     stats = dataset_stats(totals, data, packed_rows)
     storage.write_json(posixpath.join(prefix, "stats.json"), stats)
     manifest = {
@@ -416,23 +413,65 @@ def _check_rejects(totals: dict[str, Any], data: DataConfig, rejects_uri: str) -
         raise PreprocessError("data.train: no training rows survived cleaning")
 
 
-def _write_splits(tokenized, totals: dict[str, Any], data: DataConfig, storage: Storage, prefix: str) -> int:
-    """Packed training rows and unpacked eval rows as Parquet; returns the packed row count."""
-    from ray.data.expressions import col  # predicates Arrow evaluates, no Python per row
+EVAL_COLUMNS = ["row_id", "messages", "meta", "input_ids", "labels", "num_tokens"]
 
-    ok = tokenized.filter(expr=col("reject_reason").is_null())
+
+@dataclass(frozen=True)
+class BlockParts:
+    """References to what one materialised block of tokenised rows splits into (`_split_block`)."""
+
+    partial: Any
+    train: Any
+    train_rows: int
+    eval: Any
+    eval_rows: int
+
+
+def _split_blocks(tokenized, rejected: dict[str, str]) -> list[BlockParts]:
+    """Each materialised block marked, counted and split, one Ray task per block, in row order.
+    One round of plain tasks instead of a Ray Data pass for the counts and another for the
+    packing's filter: each of those cost about a second of start-up and tail on 2 or 16 CPUs."""
+    import ray
+
+    split = ray.remote(_split_block).options(num_returns=5)
+    rejected_ref = ray.put(rejected)
+    refs = [split.remote(block, [rejected_ref]) for block in tokenized.to_arrow_refs()]
+    counts = ray.get([r[2] for r in refs] + [r[4] for r in refs])
+    return [
+        BlockParts(r[0], r[1], train_rows, r[3], eval_rows)
+        for r, train_rows, eval_rows in zip(refs, counts[: len(refs)], counts[len(refs) :])
+    ]
+
+
+def _split_block(block, rejected_ref: list):
+    """(stats summary, kept training rows' token lists, their count, kept eval rows, their count)."""
+    import pyarrow.compute as pc
+
+    (ref,) = rejected_ref  # in a list: Ray passes it on as a reference, fetched once per process
+    marked = mark_duplicates(block, ref)
+    partial = partial_stats(marked.select(list(STATS_COLUMNS)).to_pandas())["partial"].iloc[0]
+    kept = marked.filter(pc.is_null(marked.column("reject_reason")))
+    train = kept.filter(pc.equal(kept.column("split"), "train")).select(["input_ids", "labels"])
+    evals = kept.filter(pc.equal(kept.column("split"), "eval")).select(EVAL_COLUMNS)
+    return partial, train, train.num_rows, evals, evals.num_rows
+
+
+def _write_splits(
+    parts: list[BlockParts], totals: dict[str, Any], data: DataConfig, storage: Storage, prefix: str
+) -> int:
+    """Packed training rows and unpacked eval rows as Parquet; returns the packed row count."""
+    import ray.data
+
     packed_rows = write_packed(
-        ok.filter(expr=col("split") == "train"),
+        [(part.train, part.train_rows) for part in parts],
         storage,
         posixpath.join(prefix, "train"),
         max_seq_len=data.max_seq_len,
         packing=data.packing,
     )
-    eval_rows = ok.filter(expr=col("split") == "eval").select_columns(
-        ["row_id", "messages", "meta", "input_ids", "labels", "num_tokens"]
-    )
     if totals["splits"].get("eval", 0):
-        eval_rows.write_parquet(storage.path(prefix, "eval"), filesystem=storage.filesystem)
+        evals = ray.data.from_arrow_refs([part.eval for part in parts if part.eval_rows])
+        evals.write_parquet(storage.path(prefix, "eval"), filesystem=storage.filesystem)
     return packed_rows
 
 

@@ -43,9 +43,7 @@ STEPS = {
     "later_copies": "dedupe",
     "band_rows": "near-dedupe",
     "band_matches": "near-dedupe",
-    "mark_duplicates": "dedupe",
     "tokenize_batch": "tokenise",
-    "partial_stats": "stats",
     "Write": "write",
 }
 
