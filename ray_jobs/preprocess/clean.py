@@ -186,11 +186,11 @@ def earlier_matches(
     The earliest matches are enough to decide almost every row (`near_duplicate_verdicts`): in a
     group of n copies of one template, listing every pair cost n^2/2 comparisons and pairs, and
     on 1M templated rows one task and the driver spent minutes on them."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 (None lists every match), got {limit}")
     order = np.argsort(np.asarray(row_ids, dtype=object), kind="stable")
     ids = [row_ids[i] for i in order]
     signatures = np.asarray(signatures, dtype=np.uint64)[order]
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1 (None lists every match), got {limit}")
     wanted = None if only is None else set(only)
     found: list[tuple[str, str, bool]] = []
     for i in range(1, len(ids)):

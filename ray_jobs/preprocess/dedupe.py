@@ -121,6 +121,8 @@ def mark_duplicates(batch, rejected_ref: Any):
 
     rejected = broadcast_value(rejected_ref)
     batch = batch.drop_columns([c for c in ("signature", "dedupe_key", PASSED) if c in batch.column_names])
+    if not rejected:
+        return batch  # no duplicates: no lookup per row
     reasons = [
         rejected.get(row_id, reason)
         for row_id, reason in zip(batch.column("row_id").to_pylist(), batch.column("reject_reason").to_pylist())

@@ -90,21 +90,25 @@ def _pack_window(
 def pack_batch(batch, max_seq_len: int, packing: bool):
     """Packed rows of an Arrow table of documents, as an Arrow table of int32 lists. The ids and
     labels are read as flat arrays with offsets and the rows are built the same way: a pandas
-    batch converts every document to a Python object and back (~45 ms per 1,000 documents)."""
+    batch converts every document to a Python object and back."""
     import pyarrow as pa
 
     (ids, bounds), (labels, _) = (_flat_lists(batch.column(name)) for name in ("input_ids", "labels"))
     docs = [(ids[start:end], labels[start:end]) for start, end in zip(bounds[:-1], bounds[1:])]  # same lengths
     rows = pack_documents(docs, max_seq_len) if packing else [unpacked_row(i, lab) for i, lab in docs]
 
-    def column(key: str) -> pa.ListArray:
-        values = [row[key] for row in rows]
-        offsets = np.zeros(len(values) + 1, dtype=np.int32)
-        np.cumsum([len(v) for v in values], out=offsets[1:])
-        flat = np.concatenate(values).astype(np.int32) if values else np.zeros(0, dtype=np.int32)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    return pa.table({key: int32_list_array([row[key] for row in rows]) for key in PACKED_COLUMNS})
 
-    return pa.table({key: column(key) for key in PACKED_COLUMNS})
+
+def int32_list_array(arrays: list[np.ndarray]):
+    """An Arrow `list<int32>` array, one list per numpy array, built from one flat array and
+    offsets: going through Python lists cost ~45 ms per 1,000 documents."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def _flat_lists(column) -> tuple[np.ndarray, np.ndarray]:

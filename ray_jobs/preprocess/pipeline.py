@@ -44,7 +44,7 @@ from ray_jobs.core.storage import Storage, dataset_prefix
 from ray_jobs.preprocess import readers
 from ray_jobs.preprocess.dedupe import PASSED, find_duplicates, mark_duplicates, with_signature
 from ray_jobs.preprocess.formats import RowRejected, to_conversation
-from ray_jobs.preprocess.packing import write_packed
+from ray_jobs.preprocess.packing import int32_list_array, write_packed
 from ray_jobs.preprocess.process_cache import cached
 from ray_jobs.preprocess.readers import expand_inputs, file_identity, input_names, parse_file
 from ray_jobs.preprocess.stats import STATS_COLUMNS, dataset_stats, merge_stats, partial_stats
@@ -246,13 +246,7 @@ class TokenizeBatch:
 
 def int32_lists(arrays: list[np.ndarray]) -> pd.Series:
     """A pandas column of Arrow `list<int32>` values, one per array, made without Python lists."""
-    import pyarrow as pa
-
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    flat = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
-    values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-    return pd.Series(pd.arrays.ArrowExtensionArray(values))
+    return pd.Series(pd.arrays.ArrowExtensionArray(int32_list_array(arrays)))
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -311,7 +305,7 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     print(f"[medtune] preprocess: {done}, {reject_count:,} rejected; packing", flush=True)
     write_rejects(storage, prefix, totals["rejected_rows"])
     _check_rejects(totals, data, storage.uri(prefix, "rejects.jsonl"))
-    packed_rows = _write_splits(parts, totals, data, storage, prefix)
+    packed_rows = _write_splits(parts, data, storage, prefix)
     stats = dataset_stats(totals, data, packed_rows)
     storage.write_json(posixpath.join(prefix, "stats.json"), stats)
     manifest = {
@@ -456,9 +450,7 @@ def _split_block(block, rejected_ref: list):
     return partial, train, train.num_rows, evals, evals.num_rows
 
 
-def _write_splits(
-    parts: list[BlockParts], totals: dict[str, Any], data: DataConfig, storage: Storage, prefix: str
-) -> int:
+def _write_splits(parts: list[BlockParts], data: DataConfig, storage: Storage, prefix: str) -> int:
     """Packed training rows and unpacked eval rows as Parquet; returns the packed row count."""
     import ray.data
 
@@ -469,9 +461,9 @@ def _write_splits(
         max_seq_len=data.max_seq_len,
         packing=data.packing,
     )
-    if totals["splits"].get("eval", 0):
-        evals = ray.data.from_arrow_refs([part.eval for part in parts if part.eval_rows])
-        evals.write_parquet(storage.path(prefix, "eval"), filesystem=storage.filesystem)
+    evals = [part.eval for part in parts if part.eval_rows]
+    if evals:
+        ray.data.from_arrow_refs(evals).write_parquet(storage.path(prefix, "eval"), filesystem=storage.filesystem)
     return packed_rows
 
 
