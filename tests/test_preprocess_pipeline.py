@@ -437,6 +437,32 @@ def test_near_duplicates_in_different_blocks_of_one_file_are_found(tmp_path: Pat
     assert info.stats["rows_out"] == {"train": 699}
 
 
+@pytest.mark.parametrize("parts", [1, 3, 8])
+def test_exact_duplicates_spread_over_blocks_and_parts_keep_the_lowest_row_id(parts: int):
+    # 40 distinct keys, each on 1-4 rows scattered over 5 blocks (the first copy not always in
+    # the first block), plus rows that failed cleaning, whose keys never count.
+    import pyarrow as pa
+
+    from ray_jobs.preprocess import dedupe
+
+    rows = [(f"r{index:03d}", f"key-{index * 7 % 40}", index % 11 != 0) for index in range(120)]
+    order = sorted(rows, key=lambda row: (row[0][-1], row[0]))  # blocks not in row-id order
+    blocks = [
+        ray.put(pa.table(dict(zip(["row_id", "dedupe_key", dedupe.PASSED], map(list, zip(*order[start::5]))))))
+        for start in range(5)
+    ]
+
+    found = dedupe.exact_duplicates(blocks, parts)
+
+    first_of_key: dict[str, str] = {}
+    for row_id, key, passed in sorted(rows):
+        if passed:
+            first_of_key.setdefault(key, row_id)
+    expected = sorted(row_id for row_id, key, passed in rows if passed and first_of_key[key] != row_id)
+    assert len(expected) > 20
+    assert sorted(found) == expected
+
+
 def test_near_dedupe_across_tasks_gives_the_sequential_verdicts_when_rows_wait_for_full_lists(monkeypatch):
     # Templated notes drifting a word at a time: with one listed match per row and band, many
     # rows are left uncertain and the second pass (full lists for them) decides them.
@@ -523,7 +549,6 @@ def test_many_ray_tasks_produce_the_same_dataset_as_one(tmp_path: Path, monkeypa
     def run_in_batches_of(rows_per_task: int) -> dict:
         monkeypatch.setattr(pipeline, "block_count", lambda input_bytes: -(-len(rows) // rows_per_task))
         monkeypatch.setattr(readers, "PIECE_BYTES", rows_per_task * 200)  # 16: each file parsed in ~3 pieces
-        monkeypatch.setattr(pipeline, "BATCH_ROWS", rows_per_task)
         info = pipeline.run(recipe, force=True)
         # Token columns are plain int32 lists that any Parquet reader understands (not Ray's
         # tensor extension type), in the packed rows and in the eval rows duplicates were marked in.
@@ -624,5 +649,7 @@ def test_operators_are_named_by_the_steps_a_user_knows_fused_ones_by_each_step()
     assert step_name("ReadBinary->SplitBlocks(4)") == "read"
     assert step_name("Foo(12)") == "Foo"
     assert step_name("MapBatches(convert_batch)->MapBatches(tokenize_batch)") == "clean + PHI, tokenise"
-    assert step_name("MapBatches(key_buckets)") == "dedupe"
+    read_and_convert = "MapBatches(explode)->MapBatches(convert_batch)->MapBatches(tokenize_batch)"
+    assert step_name(read_and_convert) == "read, clean + PHI, tokenise"
+    assert step_name("MapBatches(band_rows)") == "near-dedupe"
     assert step_name("MapBatches(normalise)") == "normalise"

@@ -5,10 +5,10 @@
     marked = mark_duplicates(arrow_block, ref)    # per block, with rejected put in the object store
 
 Rows are cleaned and tokenised in one pass with no barrier in between; duplicates are then
-found from small columns only. Exact: (row id, content key) grouped by a bucket of the key.
-Near: MinHash signatures (computed in the per-row pass) banded into LSH band keys, grouped by
-a bucket of the key; per band group, each row's earliest similar rows are confirmed against the
-threshold. Only the ids to reject and those (earlier, later) pairs, a few per row, reach the
+found from small columns only. Exact: (row id, content key) shuffled by a hash of the key in
+two rounds of plain Ray tasks (`exact_duplicates`). Near: MinHash signatures (computed in the
+per-row pass) banded into LSH band keys, grouped by a bucket of the key; per band group, each
+row's earliest similar rows are confirmed against the threshold. Only the ids to reject and those (earlier, later) pairs, a few per row, reach the
 driver; the task that counts and splits each block marks them (a lookup per row, cheaper than
 materialising the rows again). No single actor sees every row.
 
@@ -59,20 +59,46 @@ def with_signature(batch: pd.DataFrame) -> pd.DataFrame:
     return batch
 
 
-def key_buckets(batch: pd.DataFrame) -> pd.DataFrame:
-    """(row id, content key, bucket) of each cleaned row."""
-    keep = batch[batch[PASSED]]
-    buckets = [_bucket(str(key)) for key in keep["dedupe_key"]]
-    return pd.DataFrame(
-        {"row_id": keep["row_id"].tolist(), "dedupe_key": keep["dedupe_key"].tolist(), "bucket": buckets}
+def exact_duplicates(blocks: list[Any], parts: int) -> list[str]:
+    """The row ids that repeat an earlier row's content key (the lowest row id of a key stays),
+    from the materialised blocks' references: a shuffle of (row id, key) partitioned by a hash of
+    the key, in two rounds of plain Ray tasks. Each block's keys are cut into `parts`, then each
+    part of every block is searched by one task. Ray Data's sort-based groupby did the same in
+    1.6 s of a 10 s warm run on 16 CPUs, most of it planning, sampling and scheduling."""
+    import ray
+
+    cut = ray.remote(_key_parts).options(num_returns=parts)
+    pieces = [cut.remote(block, parts) for block in blocks]
+    if parts == 1:
+        pieces = [[piece] for piece in pieces]
+    search = ray.remote(_later_copies)
+    found = ray.get([search.remote(*[block_pieces[part] for block_pieces in pieces]) for part in range(parts)])
+    return [row_id for row_ids in found for row_id in row_ids]
+
+
+def _key_parts(block: Any, parts: int) -> Any:
+    """The cleaned rows' (row id, content key) of an Arrow block, cut into `parts` by key hash."""
+    import pyarrow as pa
+
+    kept = block.filter(block.column(PASSED)).select(["row_id", "dedupe_key"])
+    if parts == 1:
+        return kept
+    part = np.fromiter(
+        (zlib.crc32(key.encode()) % parts for key in kept.column("dedupe_key").to_pylist()), np.int64, kept.num_rows
     )
+    return tuple(kept.filter(pa.array(part == index)) for index in range(parts))
 
 
-def later_copies(bucket: pd.DataFrame) -> pd.DataFrame:
+def _later_copies(*pieces: Any) -> list[str]:
+    import pyarrow as pa
+
+    return later_copies(pa.concat_tables(pieces).to_pandas())
+
+
+def later_copies(keys: pd.DataFrame) -> list[str]:
     """The row ids that repeat an earlier row's key (the lowest row id of a key stays)."""
-    bucket = bucket.sort_values(["dedupe_key", "row_id"], kind="stable")
-    repeated = bucket["dedupe_key"].duplicated(keep="first")
-    return pd.DataFrame({"row_id": bucket.loc[repeated, "row_id"].tolist()})
+    keys = keys.sort_values(["dedupe_key", "row_id"], kind="stable")
+    return keys.loc[keys["dedupe_key"].duplicated(keep="first"), "row_id"].tolist()
 
 
 def band_rows(batch: pd.DataFrame, bands: list[tuple[int, int]], skip_ref: Any, keys_ref: Any = None) -> pd.DataFrame:
@@ -133,18 +159,15 @@ def mark_duplicates(batch, rejected_ref: Any):
 
 def find_duplicates(rows, data: DataConfig) -> dict[str, str]:
     """Row id -> "duplicate" or "near_duplicate", for every row de-duplication rejects."""
+    import ray
+
     rejected: dict[str, str] = {}
     if not (data.clean.dedupe or data.clean.near_dedupe):
         return rejected
     if data.clean.dedupe:
-        copies = (
-            rows.select_columns(["row_id", "dedupe_key", PASSED])
-            .map_batches(key_buckets, batch_format="pandas")
-            .groupby("bucket")
-            .map_groups(later_copies, batch_format="pandas")
-            .take_all()
-        )
-        rejected.update((row["row_id"], "duplicate") for row in copies)
+        blocks = rows.to_arrow_refs()
+        parts = max(1, min(len(blocks), int(ray.cluster_resources().get("CPU", 1))))
+        rejected.update(dict.fromkeys(exact_duplicates(blocks, parts), "duplicate"))
     if data.clean.near_dedupe:
         rejected.update(dict.fromkeys(_near_duplicates(rows, data, set(rejected)), "near_duplicate"))
     return rejected

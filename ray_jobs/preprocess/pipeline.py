@@ -5,8 +5,9 @@
     ray job submit --working-dir . -- python -m ray_jobs.preprocess RECIPE
 
 Steps, all inside Ray tasks (nothing but small aggregates reaches the driver):
-read (row by row, bad rows quarantined) -> cut into equal blocks -> format adapter -> clean
--> PHI scrub -> split -> chat template + masking (one task per block for all of these)
+read (row by row, bad rows quarantined; a line-based file in pieces, one block each, other files
+cut into equal blocks once read) -> format adapter -> clean -> PHI scrub -> split -> chat template
++ masking (one task per block for all of these, parsing included for line-based files)
 -> exact / near de-duplication across all files (`dedupe.py`) -> pack + write, a task per window
 of rows (`packing.py`).
 
@@ -55,8 +56,8 @@ log = logging.getLogger("medtune.preprocess")
 PIPELINE_VERSION = "6"
 """Bump when the output of the same inputs changes, to invalidate old fingerprints."""
 BATCH_ROWS = 256
-"""Rows per batch handed to the per-row functions (convert, tokenize) inside a task: it bounds
-their memory, not how the work spreads; blocks do that (`block_count`)."""
+"""Rows per slice of a block handed to the per-row functions (convert, tokenize) inside a task:
+it bounds their memory, not how the work spreads; blocks do that (`block_count`)."""
 BLOCKS_PER_CPU = 4
 """The rows are cut into this many blocks per CPU of the cluster: enough that cores do not idle
 behind one slow block at the end, few enough that per-block costs stay small. Measured on 16
@@ -71,21 +72,27 @@ class PreprocessError(MedtuneError):
 
 
 # ---------------------------------------------------------------------------- reading
-def _read_split(files: list[tuple[str, Any, str]], split: str, names: dict[str, str]):
-    """Raw rows of the given files, parsed row by row inside Ray tasks (big line-based files in
-    pieces, one task each). `names` maps each uri to the prefix of its row ids (`readers.input_names`)."""
+def _read_split(files: list[tuple[str, Any, str]], split: str, names: dict[str, str], piece_bytes: int):
+    """Raw rows of the given files, parsed row by row inside Ray tasks (line-based files in pieces
+    of about `piece_bytes`, one task each). `names` maps each uri to the prefix of its row ids
+    (`readers.input_names`)."""
     import ray.data
-
-    piece_bytes = readers.PIECE_BYTES  # read here, on the driver, so a test can shrink it
 
     def cut_pieces(row: dict[str, Any], remote: bool) -> list[dict[str, Any]]:
         uri = f"s3://{row['path']}" if remote else row["path"]
         pieces = readers.file_pieces(uri, row["bytes"], piece_bytes)
         return [{"path": uri, "bytes": piece, "line": line} for line, piece in pieces]
 
-    def explode(piece: dict[str, Any]) -> list[dict[str, Any]]:
-        rows = parse_file(piece["path"], piece["bytes"], names[piece["path"]], first_line=piece["line"])
-        return [{**parsed, "split": split} for parsed in rows]
+    def explode(pieces: pd.DataFrame) -> pd.DataFrame:
+        rows = [
+            parsed
+            for uri, data, line in zip(pieces["path"], pieces["bytes"], pieces["line"])
+            for parsed in parse_file(uri, data, names[uri], first_line=line)
+        ]
+        # Object columns: pandas would make a text column with gaps NaN-filled strings (see
+        # ConvertBatch._convert).
+        frame = pd.DataFrame(rows, columns=["row_id", "record", "reject_reason"], dtype=object)
+        return frame.assign(split=split)
 
     datasets = []
     for remote in (False, True):  # local and S3 files need different filesystems
@@ -93,8 +100,10 @@ def _read_split(files: list[tuple[str, Any, str]], split: str, names: dict[str, 
         if group:
             binary = ray.data.read_binary_files([f[2] for f in group], include_paths=True, filesystem=group[0][1])
             pieces = binary.flat_map(cut_pieces, fn_kwargs={"remote": remote})
-            # One piece per block, so each is parsed by its own task.
-            datasets.append(pieces.repartition(target_num_rows_per_block=1).flat_map(explode))
+            # One piece per block, so each is parsed by its own task. A whole-block map, so Ray
+            # fuses it with the per-row maps after it (a row-wise one would stand alone).
+            pieces = pieces.repartition(target_num_rows_per_block=1)
+            datasets.append(pieces.map_batches(explode, batch_format="pandas", batch_size=None))
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
@@ -112,6 +121,17 @@ def convert_batch(batch: pd.DataFrame, data: dict[str, Any]) -> pd.DataFrame:
 def tokenize_batch(batch: pd.DataFrame, **kwargs: Any) -> pd.DataFrame:
     tokenizer = cached("tokenize:" + json.dumps(kwargs, sort_keys=True), lambda: TokenizeBatch(**kwargs))
     return tokenizer(batch)
+
+
+def in_slices(fn: Any, block: pd.DataFrame) -> pd.DataFrame:
+    """`fn` over `block` in slices of BATCH_ROWS rows, concatenated: Ray hands whole blocks to
+    the per-row maps, and the slices bound their memory."""
+    if len(block) <= BATCH_ROWS:
+        return fn(block)
+    slices = [
+        block.iloc[start : start + BATCH_ROWS].reset_index(drop=True) for start in range(0, len(block), BATCH_ROWS)
+    ]
+    return pd.concat([fn(batch) for batch in slices], ignore_index=True)
 
 
 class ConvertBatch:
@@ -143,7 +163,7 @@ class ConvertBatch:
             "meta": None,
             "phi": None,
             "dedupe_key": row["row_id"],
-            "reject_reason": row["reject_reason"],
+            "reject_reason": row["reject_reason"] if isinstance(row["reject_reason"], str) else None,
         }
         if out["reject_reason"]:
             return out
@@ -191,8 +211,14 @@ class ConvertBatch:
             out["dedupe_key"] = self.content_key([m["content"] for m in messages if m["role"] != "system"])
         return out
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = pd.DataFrame([self._one(row) for row in batch.to_dict("records")])
+    def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
+        return in_slices(self._convert, block)
+
+    def _convert(self, batch: pd.DataFrame) -> pd.DataFrame:
+        # Object columns throughout (as read): Ray may concatenate several outputs into one block,
+        # and a NaN-filled pandas text column beside a None-filled one gives a column Arrow
+        # cannot type.
+        out = pd.DataFrame([self._one(row) for row in batch.to_dict("records")], dtype=object)
         out[PASSED] = out["reject_reason"].isna()  # what de-duplication counts, whatever tokenising says
         return out
 
@@ -211,7 +237,10 @@ class TokenizeBatch:
         self.data = DataConfig.model_validate(data)
         self.tokenizer = load_tokenizer(model_dir, revision, trust_remote_code, chat_template)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
+        return in_slices(self._tokenize, block)
+
+    def _tokenize(self, batch: pd.DataFrame) -> pd.DataFrame:
         reasons, messages = batch["reject_reason"].tolist(), batch["messages"].tolist()
         todo = [i for i, reason in enumerate(reasons) if not isinstance(reason, str)]
         empty = np.zeros(0, dtype=np.int32)
@@ -238,7 +267,7 @@ class TokenizeBatch:
         # (pyarrow, pandas, Spark) do not understand.
         batch["input_ids"] = int32_lists(ids_col)
         batch["labels"] = int32_lists(labels_col)
-        batch["reject_reason"] = reasons
+        batch["reject_reason"] = pd.Series(reasons, index=batch.index, dtype=object)
         batch["num_tokens"] = [len(x) for x in ids_col]
         batch["num_target_tokens"] = [int((x != IGNORE_INDEX).sum()) for x in labels_col]
         return batch
@@ -338,12 +367,21 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
     # the training order follow the row order, and a test or a rerun must not depend on which
     # task happened to finish first.
     context.execution_options.preserve_order = True
-    names = input_names([uri for uri, _, _ in train_files + eval_files])
-    raw = _read_split(train_files, "auto" if not eval_files else "train", names)
+    files = train_files + eval_files
+    names = input_names([uri for uri, _, _ in files])
+    blocks = block_count(input_bytes)
+    # Line-based files are cut into about `blocks` pieces, and each piece is one block that its
+    # task parses and carries on through the per-row work: no barrier between reading and it.
+    # Other files are read whole, so the rows are cut into equal blocks after reading, which
+    # waits for every file to be parsed (1.5 s of a 10 s warm run on 16 CPUs when it was done
+    # for line-based files too). So do many small files: a block each would cost a task each.
+    streamed = len(files) <= blocks and all(readers.cut_by_lines(uri) for uri, _, _ in files)
+    piece_bytes = min(readers.PIECE_BYTES, -(-input_bytes // blocks)) if streamed else readers.PIECE_BYTES
+    raw = _read_split(train_files, "auto" if not eval_files else "train", names, max(1, piece_bytes))
     if eval_files:
-        raw = raw.union(_read_split(eval_files, "eval", names))
-    # A file is read as one block: cut into equal blocks, one big file spreads over every worker.
-    raw = raw.repartition(block_count(input_bytes))
+        raw = raw.union(_read_split(eval_files, "eval", names, max(1, piece_bytes)))
+    if not streamed:
+        raw = raw.repartition(blocks)
     data_dict = data.model_dump(mode="json")
     if data.phi.enabled and data.phi.actors:
         # A fixed pool bounds how many copies of a large phi.model sit in memory.
@@ -352,7 +390,7 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
             fn_constructor_kwargs={"data": data_dict},
             compute=ray.data.ActorPoolStrategy(size=data.phi.actors),
             batch_format="pandas",
-            batch_size=BATCH_ROWS,
+            batch_size=None,
         )
     else:
         # Tasks, each worker process building the scrubber (Presidio, its word lists) once
@@ -361,16 +399,18 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
         # vs 68 s; the pool grew to one actor while the stage waited on it, and new actors
         # re-import Presidio on every run.
         converted = raw.map_batches(
-            convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=BATCH_ROWS
+            convert_batch, fn_kwargs={"data": data_dict}, batch_format="pandas", batch_size=None
         )
     if data.clean.near_dedupe:
-        converted = converted.map_batches(with_signature, batch_format="pandas", batch_size=BATCH_ROWS)
-    # Tokenised in the same tasks as converted (Ray fuses the maps): de-duplication comes after,
-    # from small columns (`dedupe.py`), so no barrier or shuffle of every row's text sits between.
+        converted = converted.map_batches(with_signature, batch_format="pandas", batch_size=None)
+    # Tokenised in the same tasks as read and converted (Ray fuses the maps, as every one takes
+    # whole blocks: a batch size would make Ray gather that many pieces per task): de-duplication
+    # comes after, from small columns (`dedupe.py`), so no barrier or shuffle of every row's text
+    # sits between.
     return converted.map_batches(
         tokenize_batch,
         batch_format="pandas",
-        batch_size=BATCH_ROWS,
+        batch_size=None,
         fn_kwargs={
             "model_dir": model_dir,
             "data": data_dict,

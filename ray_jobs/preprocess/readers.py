@@ -131,6 +131,12 @@ def _decode(raw: bytes, row_id: str) -> tuple[str | None, dict[str, Any] | None]
         return None, _row(row_id, reason="not_utf8")
 
 
+def cut_by_lines(uri: str) -> bool:
+    """Whether `file_pieces` cuts a file of this name at line ends when it is big enough (a
+    compressed file may be read still compressed, and is then kept whole)."""
+    return file_format(uri) in ("jsonl", "text") and not uri.lower().endswith((".gz", ".zst"))
+
+
 def file_pieces(uri: str, data: bytes, piece_bytes: int = PIECE_BYTES) -> list[tuple[int, bytes]]:
     """(number of its first line, bytes) pieces of a file, for parsing in parallel: line-based
     files over `piece_bytes` are cut at line ends; other formats and compressed files stay whole."""
