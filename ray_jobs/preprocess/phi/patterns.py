@@ -10,7 +10,9 @@ Design decisions:
 - One compiled alternation, one left-to-right pass per text: the scrubber runs on every text
   field of every row. Each rule is a named group, so the match says which placeholder to use.
   Two cheap checks run before any rule (no span starts inside a word; each rule's possible
-  first characters), which makes the pass ~3x faster than the bare alternation.
+  first characters), which makes the pass ~3x faster than the bare alternation. The first
+  character picks its rules down a tree of character classes, so a word start pays a few
+  checks, not one per rule: half the time again (45 -> 21 us per entity row).
 - The leftmost match wins; at the same start the first rule wins, so the order of `_RULES`
   is the tie-break: url before email (`https://x.org/?to=a@b.org` is one URL); email before
   the numeric types; ip, then ssn, then date, then phone, most specific shape first. Numeric
@@ -418,6 +420,27 @@ _RULES: tuple[_Rule, ...] = (
 )
 
 
+def _leaves(rules: list[_Rule]) -> list[tuple[str, list[int]]]:
+    """The ASCII characters any rule can start with, grouped by the rules that can: (escaped
+    characters, indices of those rules)."""
+    starts = [re.compile(rule.starts) for rule in rules]
+    by_rules: dict[tuple[int, ...], str] = {}
+    for char in map(chr, range(128)):
+        indices = tuple(index for index, pattern in enumerate(starts) if pattern.match(char))
+        if indices:
+            by_rules[indices] = by_rules.get(indices, "") + re.escape(char)
+    return [(chars, list(indices)) for indices, chars in by_rules.items()]
+
+
+def _tree(leaves: list[tuple[str, str]]) -> str:
+    """A pattern that picks the one leaf whose characters hold the current one, in about log2 of
+    the leaves' count of checks: each half is tried behind a lookahead for its characters."""
+    if len(leaves) == 1:
+        return leaves[0][1]
+    halves = leaves[: len(leaves) // 2], leaves[len(leaves) // 2 :]
+    return "(?:" + "|".join(f"(?=[{''.join(c for c, _ in half)}]){_tree(half)}" for half in halves) + ")"
+
+
 class PhiScrubber:
     """Replaces PHI-like spans of the selected types with `[TYPE]` placeholders.
 
@@ -436,16 +459,28 @@ class PhiScrubber:
         if unknown:
             raise ValueError(f"data.phi.types: unknown PHI types {unknown}; allowed: {list(PATTERN_PHI_TYPES)}")
         self.types = tuple(t for t in PATTERN_PHI_TYPES if t in wanted)
-        alternatives = []
+        rules = [r for r in _RULES if r.phi_type in wanted]
         # group name -> (PHI type, name of the kept keyword group or None)
         self._groups: dict[str, tuple[str, str | None]] = {}
-        for index, rule in enumerate(r for r in _RULES if r.phi_type in wanted):
-            group, keyword_group = f"g{index}", (f"k{index}" if rule.keyword else None)
-            keyword = f"(?P<{keyword_group}>{rule.keyword})" if rule.keyword else ""
-            alternatives.append(f"(?P<{group}>(?={rule.starts}){keyword}{rule.value})")
-            self._groups[group] = (rule.phi_type, keyword_group)
-        # No span starts inside a word: that one check first rejects most positions.
-        self._pattern = re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + ")") if alternatives else None
+
+        def alternatives(leaf: int, indices: list[int]) -> str:
+            # A rule sits in every leaf of a character it can start with, under a name per leaf.
+            branches = []
+            for index in indices:
+                rule = rules[index]
+                group, keyword_group = f"g{index}_{leaf}", (f"k{index}_{leaf}" if rule.keyword else None)
+                keyword = f"(?P<{keyword_group}>{rule.keyword})" if rule.keyword else ""
+                branches.append(f"(?P<{group}>(?={rule.starts}){keyword}{rule.value})")
+                self._groups[group] = (rule.phi_type, keyword_group)
+            return "(?:" + "|".join(branches) + ")"
+
+        leaves = [(chars, alternatives(leaf, indices)) for leaf, (chars, indices) in enumerate(_leaves(rules))]
+        every_rule = alternatives(len(leaves), list(range(len(rules))))
+        # No span starts inside a word: that one check first rejects most positions. Then the
+        # position's character picks, down a tree of character classes, the rules that can start
+        # with it, in their order; the regex engine tried every rule's first-character check at
+        # every word start (~60% of the pass). Other than ASCII, every rule is tried.
+        self._pattern = re.compile(rf"(?<!\w)(?:{_tree(leaves)}|(?=[^\x00-\x7f]){every_rule})") if rules else None
 
     def scrub(self, text: str) -> tuple[str, Counter[str]]:
         """Replace every PHI span in `text`.
