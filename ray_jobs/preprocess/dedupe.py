@@ -80,7 +80,8 @@ def _key_parts(block: Any, parts: int) -> Any:
     """The cleaned rows' (row id, content key) of an Arrow block, cut into `parts` by key hash."""
     import pyarrow as pa
 
-    kept = block.filter(block.column(PASSED)).select(["row_id", "dedupe_key"])
+    # Select before filtering: the block also holds every row's text and token lists.
+    kept = block.select(["row_id", "dedupe_key", PASSED]).filter(block.column(PASSED)).select(["row_id", "dedupe_key"])
     if parts == 1:
         return kept
     part = np.fromiter(

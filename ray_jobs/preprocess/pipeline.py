@@ -484,9 +484,13 @@ def _split_block(block, rejected_ref: list):
     (ref,) = rejected_ref  # in a list: Ray passes it on as a reference, fetched once per process
     marked = mark_duplicates(block, ref)
     partial = partial_stats(marked.select(list(STATS_COLUMNS)).to_pandas())["partial"].iloc[0]
-    kept = marked.filter(pc.is_null(marked.column("reject_reason")))
-    train = kept.filter(pc.equal(kept.column("split"), "train")).select(["input_ids", "labels"])
-    evals = kept.filter(pc.equal(kept.column("split"), "eval")).select(EVAL_COLUMNS)
+    # Masks first, then each part selects its columns before filtering: a filter copies every
+    # column it is given, and the block holds each row's text as well as its token lists.
+    kept = pc.is_null(marked.column("reject_reason"))
+    in_train = pc.and_(kept, pc.equal(marked.column("split"), "train"))
+    in_eval = pc.and_(kept, pc.equal(marked.column("split"), "eval"))
+    train = marked.select(["input_ids", "labels"]).filter(in_train)
+    evals = marked.select(EVAL_COLUMNS).filter(in_eval)
     return partial, train, train.num_rows, evals, evals.num_rows
 
 
