@@ -8,9 +8,10 @@ Rows are cleaned and tokenised in one pass with no barrier in between; duplicate
 found from small columns only. Exact: (row id, content key) shuffled by a hash of the key in
 two rounds of plain Ray tasks (`exact_duplicates`). Near: MinHash signatures (computed in the
 per-row pass) banded into LSH band keys, grouped by a bucket of the key; per band group, each
-row's earliest similar rows are confirmed against the threshold. Only the ids to reject and those (earlier, later) pairs, a few per row, reach the
-driver; the task that counts and splits each block marks them (a lookup per row, cheaper than
-materialising the rows again). No single actor sees every row.
+row's earliest similar rows are confirmed against the threshold. Only the ids to reject and
+those (earlier, later) pairs, a few per row, reach the driver; the task that counts and splits
+each block marks them (a lookup per row, cheaper than materialising the rows again). No single
+actor sees every row.
 
 The verdicts are those of de-duplicating before tokenisation: only rows that passed cleaning
 count, the lowest row id of a key stays, near-duplicates resolve as one sequential pass in
@@ -81,7 +82,7 @@ def _key_parts(block: Any, parts: int) -> Any:
     import pyarrow as pa
 
     # Select before filtering: the block also holds every row's text and token lists.
-    kept = block.select(["row_id", "dedupe_key", PASSED]).filter(block.column(PASSED)).select(["row_id", "dedupe_key"])
+    kept = block.select(["row_id", "dedupe_key"]).filter(block.column(PASSED))
     if parts == 1:
         return kept
     part = np.fromiter(

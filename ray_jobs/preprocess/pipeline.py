@@ -374,12 +374,15 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
     # task parses and carries on through the per-row work: no barrier between reading and it.
     # Other files are read whole, so the rows are cut into equal blocks after reading, which
     # waits for every file to be parsed (1.5 s of a 10 s warm run on 16 CPUs when it was done
-    # for line-based files too). So do many small files: a block each would cost a task each.
+    # for line-based files too). More files than blocks are cut that way as well: a block per
+    # small file would cost a task per file.
     streamed = len(files) <= blocks and all(readers.cut_by_lines(uri) for uri, _, _ in files)
-    piece_bytes = min(readers.PIECE_BYTES, -(-input_bytes // blocks)) if streamed else readers.PIECE_BYTES
-    raw = _read_split(train_files, "auto" if not eval_files else "train", names, max(1, piece_bytes))
+    piece_bytes = readers.PIECE_BYTES
+    if streamed and input_bytes:  # sizes unknown (0): the default pieces
+        piece_bytes = min(piece_bytes, -(-input_bytes // blocks))
+    raw = _read_split(train_files, "auto" if not eval_files else "train", names, piece_bytes)
     if eval_files:
-        raw = raw.union(_read_split(eval_files, "eval", names, max(1, piece_bytes)))
+        raw = raw.union(_read_split(eval_files, "eval", names, piece_bytes))
     if not streamed:
         raw = raw.repartition(blocks)
     data_dict = data.model_dump(mode="json")
@@ -486,9 +489,9 @@ def _split_block(block, rejected_ref: list):
     partial = partial_stats(marked.select(list(STATS_COLUMNS)).to_pandas())["partial"].iloc[0]
     # Masks first, then each part selects its columns before filtering: a filter copies every
     # column it is given, and the block holds each row's text as well as its token lists.
-    kept = pc.is_null(marked.column("reject_reason"))
-    in_train = pc.and_(kept, pc.equal(marked.column("split"), "train"))
-    in_eval = pc.and_(kept, pc.equal(marked.column("split"), "eval"))
+    is_kept = pc.is_null(marked.column("reject_reason"))
+    in_train = pc.and_(is_kept, pc.equal(marked.column("split"), "train"))
+    in_eval = pc.and_(is_kept, pc.equal(marked.column("split"), "eval"))
     train = marked.select(["input_ids", "labels"]).filter(in_train)
     evals = marked.select(EVAL_COLUMNS).filter(in_eval)
     return partial, train, train.num_rows, evals, evals.num_rows
