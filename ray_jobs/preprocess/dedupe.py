@@ -42,8 +42,8 @@ PASSED = "passed_cleaning"
 """Column set by the per-row pass: the row survived reading, conversion and cleaning."""
 
 
-def _bucket(key: str) -> int:
-    return zlib.crc32(key.encode()) % KEY_BUCKETS
+def _bucket(key: str, buckets: int = KEY_BUCKETS) -> int:
+    return zlib.crc32(key.encode()) % buckets
 
 
 def with_signature(batch: pd.DataFrame) -> pd.DataFrame:
@@ -72,7 +72,7 @@ def exact_duplicates(blocks: list[Any], parts: int) -> list[str]:
     pieces = [cut.remote(block, parts) for block in blocks]
     if parts == 1:
         pieces = [[piece] for piece in pieces]
-    search = ray.remote(_later_copies)
+    search = ray.remote(later_copies)
     found = ray.get([search.remote(*[block_pieces[part] for block_pieces in pieces]) for part in range(parts)])
     return [row_id for row_ids in found for row_id in row_ids]
 
@@ -85,21 +85,16 @@ def _key_parts(block: Any, parts: int) -> Any:
     kept = block.select(["row_id", "dedupe_key"]).filter(block.column(PASSED))
     if parts == 1:
         return kept
-    part = np.fromiter(
-        (zlib.crc32(key.encode()) % parts for key in kept.column("dedupe_key").to_pylist()), np.int64, kept.num_rows
-    )
+    part = np.fromiter((_bucket(key, parts) for key in kept.column("dedupe_key").to_pylist()), np.int64, kept.num_rows)
     return tuple(kept.filter(pa.array(part == index)) for index in range(parts))
 
 
-def _later_copies(*pieces: Any) -> list[str]:
+def later_copies(*pieces: Any) -> list[str]:
+    """The row ids in the (row id, content key) Arrow tables `pieces` that repeat an earlier
+    row's key (the lowest row id of a key stays)."""
     import pyarrow as pa
 
-    return later_copies(pa.concat_tables(pieces).to_pandas())
-
-
-def later_copies(keys: pd.DataFrame) -> list[str]:
-    """The row ids that repeat an earlier row's key (the lowest row id of a key stays)."""
-    keys = keys.sort_values(["dedupe_key", "row_id"], kind="stable")
+    keys = pa.concat_tables(pieces).to_pandas().sort_values(["dedupe_key", "row_id"], kind="stable")
     return keys.loc[keys["dedupe_key"].duplicated(keep="first"), "row_id"].tolist()
 
 

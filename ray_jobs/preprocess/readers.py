@@ -35,6 +35,8 @@ FORMATS = {
     ".tsv": "csv",
     ".txt": "text",
 }
+LINE_FORMATS = ("jsonl", "text")
+"""Formats with one record per line, so a file can be parsed in pieces cut at line ends."""
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 """A record larger than this is quarantined as `giant_row` before it is parsed."""
 PIECE_BYTES = 8 * 1024 * 1024
@@ -132,15 +134,16 @@ def _decode(raw: bytes, row_id: str) -> tuple[str | None, dict[str, Any] | None]
 
 
 def cut_by_lines(uri: str) -> bool:
-    """Whether `file_pieces` cuts a file of this name at line ends when it is big enough (a
-    compressed file may be read still compressed, and is then kept whole)."""
-    return file_format(uri) in ("jsonl", "text") and not uri.lower().endswith((".gz", ".zst"))
+    """Whether a file of this name is surely cut at line ends by `file_pieces` when it is big
+    enough: line-based, and not named as compressed (such a file may arrive still compressed,
+    and is then kept whole)."""
+    return file_format(uri) in LINE_FORMATS and not uri.lower().endswith((".gz", ".zst"))
 
 
 def file_pieces(uri: str, data: bytes, piece_bytes: int = PIECE_BYTES) -> list[tuple[int, bytes]]:
     """(number of its first line, bytes) pieces of a file, for parsing in parallel: line-based
     files over `piece_bytes` are cut at line ends; other formats and compressed files stay whole."""
-    if file_format(uri) not in ("jsonl", "text") or len(data) <= piece_bytes or data[:2] == b"\x1f\x8b":
+    if file_format(uri) not in LINE_FORMATS or len(data) <= piece_bytes or data[:2] == b"\x1f\x8b":
         return [(1, data)]
     pieces, start, line = [], 0, 1
     while start < len(data):
