@@ -408,6 +408,23 @@ def _stop_session(sid: int) -> None:
             time.sleep(0.2)
 
 
+def _wait_for_the_job_agent(temp_dir: Path, deadline: float) -> None:
+    """Wait until the head's dashboard agent, which job submission goes through, has started its HTTP server.
+
+    The agent writes the port it bound to the session dir (-1 when its HTTP server failed to
+    start) just before registering itself with the GCS; `ray job list` answers before that.
+    """
+    session = temp_dir / "session_latest"
+    port = ""
+    while not port:
+        assert time.monotonic() < deadline, "the head's dashboard agent did not start"
+        time.sleep(0.5)
+        port = "".join(path.read_text().strip() for path in session.glob("dashboard_agent_listen_port_*"))
+    log = session / "logs" / "dashboard_agent.log"
+    agent_log = log.read_text()[-3000:] if log.exists() else "(no agent log)"
+    assert port != "-1", f"the dashboard agent's HTTP server did not start:\n{agent_log}"
+
+
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[RayHead]:
     # Short: Ray's Unix sockets live under the temp dir (108-byte path limit).
@@ -437,8 +454,12 @@ def ray_head() -> Iterator[RayHead]:
         str(dashboard),
         "--ray-client-server-port",
         str(free_port()),
+        # 0: the agent binds a port the OS knows is free. A port picked here beforehand can
+        # be taken by one of the ports Ray picks itself before the agent binds it; the agent
+        # then stays up without its HTTP server, and every submit fails with "No available
+        # agent" (seen once in CI).
         "--dashboard-agent-listen-port",
-        str(free_port()),
+        "0",
         "--object-store-memory",
         str(600 * 2**20),
         "--temp-dir",
@@ -453,6 +474,7 @@ def ray_head() -> Iterator[RayHead]:
     try:
         output, _ = starter.communicate(timeout=180)
         assert starter.returncode == 0, output[-3000:]
+        _wait_for_the_job_agent(temp_dir, deadline=time.monotonic() + 120)
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 60
         while (
