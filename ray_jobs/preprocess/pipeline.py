@@ -119,6 +119,10 @@ def convert_batch(batch: pd.DataFrame, data: dict[str, Any]) -> pd.DataFrame:
 
 
 def tokenize_batch(batch: pd.DataFrame, **kwargs: Any) -> pd.DataFrame:
+    # A Ray task holds one CPU, as Ray's OMP_NUM_THREADS=1 says to numpy, but the Rust tokenizer
+    # spreads every batch over a thread per core of the machine: with a task per core, 16 x 16
+    # threads on 16 CPUs. It reads the variable at each call; a value set by the user stays.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenizer = cached("tokenize:" + json.dumps(kwargs, sort_keys=True), lambda: TokenizeBatch(**kwargs))
     return tokenizer(batch)
 
