@@ -16,6 +16,7 @@ import os
 import posixpath
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,7 +31,7 @@ from ray_jobs.core.artifacts import DatasetRef
 from ray_jobs.core.modeling import tiny_model_name
 from ray_jobs.core.recipe import parse_recipe
 from ray_jobs.core.storage import COMPLETE_MARKER, Storage, model_prefix
-from ray_jobs.preprocess import packing, pipeline, readers
+from ray_jobs.preprocess import packing, pipeline, readers, stats
 from ray_jobs.preprocess.formats import entities_answer
 from ray_jobs.preprocess.readers import expand_inputs, file_identity
 from ray_jobs.preprocess.tokenize import IGNORE_INDEX
@@ -168,6 +169,54 @@ def test_every_bad_row_is_counted_under_its_reason(messy: MessyCorpus, messy_run
     assert stats["rejected"] == 9
     assert sum(stats["rows_out"].values()) == messy.rows_in - 9
     assert json.loads((messy.root / messy_run.prefix / "stats.json").read_text()) == stats
+
+
+def test_stats_count_phi_metadata_and_tokens_of_kept_rows_only_across_blocks():
+    tags = pa.list_(pa.string())
+    first = pa.table(
+        {
+            "row_id": ["a:1", "a:2", "a:3"],
+            "split": ["train", "eval", "train"],
+            "reject_reason": pa.array([None, None, "duplicate"], pa.string()),
+            "num_tokens": [100, 300, 50],
+            "num_target_tokens": [10, 30, 5],
+            "stat_tags": pa.array(
+                [
+                    stats.stat_tags(Counter(name=2, date=1), {"step": "domain_selection", "domain": "AE"}),
+                    stats.stat_tags(Counter(), {"category": "drug information", "reference": "x"}),
+                    stats.stat_tags(Counter(name=5), {"step": "domain_selection"}),  # a duplicate: not counted
+                ],
+                tags,
+            ),
+        }
+    )
+    # A block with no tags at all, as Arrow may type it when every list is empty.
+    second = pa.table(
+        {
+            "row_id": ["b:1", "b:2"],
+            "split": ["train", "auto"],
+            "reject_reason": pa.array([None, "invalid_json"], pa.string()),
+            "num_tokens": [5000, 0],
+            "num_target_tokens": [1000, 0],
+            "stat_tags": pa.array([[], []], pa.list_(pa.null())),
+        }
+    )
+    totals = stats.merge_stats([stats.partial_stats(first), stats.partial_stats(second)])
+    data = parse_recipe(
+        {"name": "s", "model": {"base": "tiny:llama"}, "data": {"format": "entities", "train": "x.jsonl"}}
+    ).data
+    summary = stats.dataset_stats(totals, data, packed_rows=3)
+    assert summary["rows_in"] == 5
+    assert summary["rows_out"] == {"train": 2, "eval": 1}
+    assert summary["rejects_by_reason"] == {"duplicate": 1, "invalid_json": 1}
+    assert sorted(totals["rejected_rows"]) == [["a:3", "duplicate"], ["b:2", "invalid_json"]]
+    assert summary["tokens"] == {"train": 5100, "eval": 300}
+    assert summary["target_tokens"] == {"train": 1010, "eval": 30}
+    assert summary["phi_replacements"] == {"name": 2, "date": 1}
+    assert summary["metadata_counts"] == {"step=domain_selection": 1, "domain=AE": 1, "category=drug information": 1}
+    histogram = dict(zip(summary["length_histogram"]["bucket_edges"], summary["length_histogram"]["counts"]))
+    assert (histogram[64], histogram[256], histogram[4096]) == (1, 1, 1)
+    assert sum(histogram.values()) == 3
 
 
 def test_rejects_jsonl_lists_row_ids_and_reasons_but_no_row_text(messy: MessyCorpus, messy_run: DatasetRef):

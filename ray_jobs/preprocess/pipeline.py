@@ -48,7 +48,7 @@ from ray_jobs.preprocess.formats import RowRejected, to_conversation
 from ray_jobs.preprocess.packing import int32_list_array, write_packed
 from ray_jobs.preprocess.process_cache import cached
 from ray_jobs.preprocess.readers import expand_inputs, file_identity, input_names, parse_file
-from ray_jobs.preprocess.stats import STATS_COLUMNS, dataset_stats, merge_stats, partial_stats
+from ray_jobs.preprocess.stats import STATS_COLUMNS, dataset_stats, merge_stats, partial_stats, stat_tags
 from ray_jobs.preprocess.tokenize import tokenize_conversations
 
 log = logging.getLogger("medtune.preprocess")
@@ -165,7 +165,7 @@ class ConvertBatch:
             "split": row["split"],
             "messages": None,
             "meta": None,
-            "phi": None,
+            "stat_tags": [],
             "dedupe_key": row["row_id"],
             "reject_reason": row["reject_reason"] if isinstance(row["reject_reason"], str) else None,
         }
@@ -209,7 +209,7 @@ class ConvertBatch:
         out.update(
             messages=json.dumps(messages, ensure_ascii=False),
             meta=json.dumps(meta, ensure_ascii=False),
-            phi=json.dumps(dict(phi)),
+            stat_tags=stat_tags(phi, meta),
         )
         if clean.dedupe:
             out["dedupe_key"] = self.content_key([m["content"] for m in messages if m["role"] != "system"])
@@ -219,11 +219,15 @@ class ConvertBatch:
         return in_slices(self._convert, block)
 
     def _convert(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import pyarrow as pa
+
         # Object columns throughout (as read): Ray may concatenate several outputs into one block,
         # and a NaN-filled pandas text column beside a None-filled one gives a column Arrow
         # cannot type.
         out = pd.DataFrame([self._one(row) for row in batch.to_dict("records")], dtype=object)
         out[PASSED] = out["reject_reason"].isna()  # what de-duplication counts, whatever tokenising says
+        # Typed here: a block whose rows all have no tags would otherwise be Arrow's list<null>.
+        out["stat_tags"] = pd.Series(pd.arrays.ArrowExtensionArray(pa.array(out["stat_tags"], pa.list_(pa.string()))))
         return out
 
 
@@ -490,7 +494,7 @@ def _split_block(block, rejected_ref: list):
 
     (ref,) = rejected_ref  # in a list: Ray passes it on as a reference, fetched once per process
     marked = mark_duplicates(block, ref)
-    partial = partial_stats(marked.select(list(STATS_COLUMNS)).to_pandas())["partial"].iloc[0]
+    partial = partial_stats(marked.select(list(STATS_COLUMNS)))
     # Masks first, then each part selects its columns before filtering: a filter copies every
     # column it is given, and the block holds each row's text as well as its token lists.
     is_kept = pc.is_null(marked.column("reject_reason"))
