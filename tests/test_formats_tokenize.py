@@ -9,9 +9,11 @@ decode to exactly the assistant turns plus the end-of-turn marker, in every temp
 from __future__ import annotations
 
 import json
+import unicodedata
 from itertools import accumulate
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -19,7 +21,9 @@ from ray_jobs.core.recipe import AudienceConfig, DataConfig
 from ray_jobs.preprocess.formats import RowRejected, normalize_entities, to_conversation
 from ray_jobs.preprocess.tokenize import (
     IGNORE_INDEX,
+    ByteLevelLengths,
     ChatRenderer,
+    byte_level_lengths,
     pack_documents,
     tokenize_conversation,
     unpacked_row,
@@ -451,6 +455,71 @@ def test_train_on_inputs_labels_every_token(family):
         tokenizer, CONVERSATION, max_seq_len=4096, truncation="reject", train_on_inputs=True
     )
     assert labels == ids
+
+
+# Texts whose bytes and characters differ, whose tokens split characters, or that hold the
+# templates' special tokens, besides the rendered conversation.
+AWKWARD_TEXTS = [
+    "Café au lait spots, naïve T-cells — résumé of Sjögren's: ≥ 5 mg/dL, 37.5 °C.",
+    "患者は糖尿病です。Patient 🙂👩‍⚕️ reports pain 7/10\u200b today.\r\n\tTab and  two  spaces\n\n\n",
+    "Ω≈ç√∫˜µ≤≥÷ combining: e\u0301 a\u0308 — Ａｒｔｈｕｒ",
+    " leading space, trailing space ",
+    "",
+]
+
+
+def test_offsets_from_byte_lengths_are_the_tokenizers_own(family):
+    _, tokenizer = family
+    lengths = byte_level_lengths(tokenizer)
+    assert lengths is not None  # every tiny tokenizer is byte-level BPE: the fast path is what is compared
+    specials = " ".join(tokenizer.all_special_tokens)
+    texts = [*AWKWARD_TEXTS, specials + " " + AWKWARD_TEXTS[1], ChatRenderer(tokenizer)(CONVERSATION)]
+    backend = tokenizer.backend_tokenizer
+    exact = backend.encode_batch(texts, add_special_tokens=False)
+    assert [(ids.tolist(), offsets.tolist()) for ids, offsets in lengths.encode(backend, texts)] == [
+        (e.ids, [list(pair) for pair in e.offsets]) for e in exact
+    ]
+    # Every text took the fast path, except one that is not NFC where the tokenizer (Qwen's)
+    # NFC-normalises: its offsets came from the tokenizer.
+    from_lengths = [
+        lengths.offsets(text, np.asarray(e.ids, dtype=np.int32)) is not None for text, e in zip(texts, exact)
+    ]
+    assert from_lengths == [not (lengths.nfc and not unicodedata.is_normalized("NFC", text)) for text in texts]
+    assert lengths.usable
+
+
+def test_byte_length_offsets_give_way_to_the_tokenizers_own_when_they_cannot_be_trusted(family):
+    _, tokenizer = family
+    backend = tokenizer.backend_tokenizer
+    text = AWKWARD_TEXTS[0]
+    (exact,) = backend.encode_batch([text], add_special_tokens=False)
+    ids = np.asarray(exact.ids, dtype=np.int32)
+    # Bytes that do not add up to the text's: no offsets from lengths for that text.
+    assert ByteLevelLengths(byte_level_lengths(tokenizer).lengths + 1).offsets(text, ids) is None
+    # Lengths that add up but are wrong, token by token: the first batch's check finds it, and
+    # this batch and every later one get the tokenizer's own offsets.
+    wrong = byte_level_lengths(tokenizer).lengths.copy()
+    once = [int(i) for i in ids if (ids == i).sum() == 1]  # so that the total stays the same
+    longer = next(i for i in once if wrong[i] > 1)
+    other = next(i for i in once if i != longer)
+    wrong[longer] -= 1
+    wrong[other] += 1
+    lengths = ByteLevelLengths(wrong)
+    for _ in range(2):
+        (encoded,) = lengths.encode(backend, [text])
+        assert encoded[1].tolist() == [list(pair) for pair in exact.offsets]
+    assert not lengths.usable
+
+
+def test_tokenizers_that_change_the_text_get_their_own_offsets(tiny_tokenizers: dict[str, Path]):
+    from tokenizers import normalizers, pre_tokenizers
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizers["llama3"])
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFKC()
+    assert byte_level_lengths(tokenizer) is None
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizers["llama3"])
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert byte_level_lengths(tokenizer) is None
 
 
 def test_a_template_error_rejects_the_row(tiny_tokenizers: dict[str, Path]):
