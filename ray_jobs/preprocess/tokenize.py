@@ -8,9 +8,11 @@ label, all others get -100. The span includes the template's end-of-turn token, 
 model learns to stop. For the last turn, "through it" is the full rendering, so a
 single-turn row costs two renderings, not three.
 
-A batch of conversations is tokenised in one fast-tokenizer call with offsets, and labels
-come from the offsets with numpy: per-call and per-token Python overhead was most of the
-stage's cost (benchmarks/README.md, "Preprocessing profile").
+A batch of conversations is tokenised in one fast-tokenizer call, and labels come from the
+tokens' character offsets with numpy: per-call and per-token Python overhead was most of the
+stage's cost (benchmarks/README.md, "Preprocessing profile"). For byte-level BPE tokenizers
+the offsets are summed from the tokens' byte lengths (`ByteLevelLengths`) instead of asked of
+the tokenizer, which nearly doubles what the ids alone cost.
 
 Packing concatenates documents into rows of exactly `max_seq_len` tokens (the last row of
 a batch may be shorter) and restarts `position_ids` at 0 for every document. Transformers
