@@ -150,13 +150,15 @@ class ConvertBatch:
         self.content_key = content_key
         self.scrubber = build_scrubber(self.data.phi) if self.data.phi.enabled else None
         audience_prompts = self.data.audience.prompts.values() if self.data.audience else ()
-        self.config_prompts = {
-            clean_text(
+        # The recipe's prompts, raw -> cleaned: they open most rows, and are cleaned once here.
+        self.cleaned_prompts = {
+            p: clean_text(
                 p, strip_html=self.data.clean.strip_html, normalize_whitespace=self.data.clean.normalize_whitespace
             )
             for p in [self.data.system_prompt or "", *audience_prompts]
             if p
         }
+        self.config_prompts = set(self.cleaned_prompts.values())
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         data, clean = self.data, self.data.clean
@@ -176,9 +178,11 @@ class ConvertBatch:
             messages, meta = to_conversation(record, data)
             phi: Counter = Counter()
             for message in messages:
-                text = self.clean_text(
-                    message["content"], strip_html=clean.strip_html, normalize_whitespace=clean.normalize_whitespace
-                )
+                text = self.cleaned_prompts.get(message["content"])
+                if text is None:
+                    text = self.clean_text(
+                        message["content"], strip_html=clean.strip_html, normalize_whitespace=clean.normalize_whitespace
+                    )
                 if len(text) > clean.max_chars:
                     raise RowRejected("too_long_chars")
                 if len(text.strip()) < clean.min_chars and message["role"] != "system":
