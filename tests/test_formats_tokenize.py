@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ray_jobs.core.recipe import AudienceConfig, DataConfig
 from ray_jobs.preprocess.formats import RowRejected, normalize_entities, to_conversation
@@ -509,6 +510,42 @@ def test_byte_length_offsets_give_way_to_the_tokenizers_own_when_they_cannot_be_
         (encoded,) = lengths.encode(backend, [text])
         assert encoded[1].tolist() == [list(pair) for pair in exact.offsets]
     assert not lengths.usable
+
+
+def _trained_byte_level(corpus: list[str], **bpe) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE(**bpe))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = [bpe["unk_token"]] if "unk_token" in bpe else []
+    alphabet = [] if "unk_token" in bpe else pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["one unknown token for a run of unknown bytes", "added tokens matched in their NFC form"],
+)
+def test_byte_length_offsets_are_the_tokenizers_own_where_a_token_has_no_fixed_length(case: str):
+    # Found in review: both cases add up to the text's bytes, so only the lengths can be wrong.
+    if case.startswith("one unknown"):
+        backend = _trained_byte_level(["hello world abc"] * 5, unk_token="<unk>", fuse_unk=True)
+        text = "zzzzzz abc zzzz"  # 6 unknown bytes, then 4: "<unk>" twice
+    else:
+        backend = _trained_byte_level(["hello world"])
+        backend.normalizer = normalizers.NFC()
+        # ANGSTROM SIGN and DEVANAGARI QA are matched as their NFC forms, of other lengths.
+        backend.add_tokens([AddedToken("\u212b", normalized=True), AddedToken("\u0958", normalized=True)])
+        text = "\u00c5\u00c5\u00c5\u0915\u093c tail"
+    lengths = byte_level_lengths(PreTrainedTokenizerFast(tokenizer_object=backend))
+    assert lengths is not None
+    lengths.encode(backend, ["hello world"])  # the first batch, checked and passed
+    (exact,) = backend.encode_batch([text], add_special_tokens=False)
+    ((ids, offsets),) = lengths.encode(backend, [text])
+    assert (ids.tolist(), offsets.tolist()) == (exact.ids, [list(pair) for pair in exact.offsets])
 
 
 def test_tokenizers_that_change_the_text_get_their_own_offsets(tiny_tokenizers: dict[str, Path]):

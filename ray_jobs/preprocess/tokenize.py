@@ -200,9 +200,11 @@ class ByteLevelLengths:
     inside a character covers the whole character).
 
     Guarded three ways: only tokenizers whose configuration allows it (`byte_level_lengths`);
-    per text, the byte lengths must add up to the text's (else that text gets the tokenizer's
-    own offsets); and the first batch in each process is also encoded with offsets and compared
-    (on any difference this process stops using the lengths, and says so once).
+    per text, the byte lengths must add up to the text's and every token's length must be known
+    (an unknown token, which stands for any number of bytes, is not), else that text gets the
+    tokenizer's own ids and offsets; and the first batch in each process is also encoded with
+    offsets and compared (on any difference this process stops using the lengths, and says so
+    once). Only the first batch is compared: later texts rely on the first two guards.
     """
 
     def __init__(self, lengths: np.ndarray, nfc: bool = False):
@@ -220,7 +222,7 @@ class ByteLevelLengths:
             offsets = self.offsets(text, ids)
             if offsets is None:
                 (exact,) = backend.encode_batch([text], add_special_tokens=False)
-                offsets = _arrays(exact.ids, exact.offsets)[1]
+                ids, offsets = _arrays(exact.ids, exact.offsets)
             out.append((ids, offsets))
         if not self.checked:
             self.checked = True
@@ -259,7 +261,8 @@ def byte_level_lengths(tokenizer: Any) -> ByteLevelLengths | None:
     """ByteLevelLengths for `tokenizer` when its configuration keeps every token's bytes in the
     text as they are: byte-level BPE without byte fallback, no normaliser but NFC (Qwen's; the
     cleaned text is NFC already), no prefix space, no offset trimming, and added tokens matched
-    as written (no stripping). Otherwise None."""
+    as written (no stripping), no BPE dropout. Otherwise None. Cached per tokenizer object: one
+    whose pipeline is changed after its first use keeps what was worked out then."""
     import json
 
     backend = tokenizer.backend_tokenizer
@@ -269,12 +272,13 @@ def byte_level_lengths(tokenizer: Any) -> ByteLevelLengths | None:
     model = config.get("model") or {}
     pre = config.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    post = config.get("post_processor") or {}
+    post = config.get("post_processor") or {"type": "TemplateProcessing"}  # none: nothing added
     processors = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
     if (
         (config.get("normalizer") or {}).get("type", "NFC") != "NFC"
         or model.get("type") != "BPE"
         or model.get("byte_fallback")
+        or model.get("dropout")  # the same text may give other tokens on the next call
         or not any(step.get("type") == "ByteLevel" for step in steps)
         or any(step.get("type") not in ("ByteLevel", "Split") for step in steps)
         or any(step.get("type") == "ByteLevel" and step.get("add_prefix_space") for step in steps)
@@ -287,14 +291,24 @@ def byte_level_lengths(tokenizer: Any) -> ByteLevelLengths | None:
 
     alphabet = set(ByteLevel.alphabet())
     vocab: dict[str, int] = model.get("vocab") or {}
-    added = {t["id"]: len(t["content"].encode("utf-8")) for t in config.get("added_tokens", [])}
+    nfc = config.get("normalizer") is not None
+    # Under NFC a normalised added token is matched in its NFC form: not known (0) unless that
+    # is the content as written.
+    added = {
+        t["id"]: len(t["content"].encode("utf-8"))
+        if not (nfc and t.get("normalized") and not unicodedata.is_normalized("NFC", t["content"]))
+        else 0
+        for t in config.get("added_tokens", [])
+    }
     lengths = np.zeros(max([*vocab.values(), *added, -1]) + 1, dtype=np.int64)  # 0: not known
     for token, token_id in vocab.items():
         if alphabet.issuperset(token):
             lengths[token_id] = len(token)  # one character of the byte-level alphabet per byte
     for token_id, length in added.items():
         lengths[token_id] = length
-    return ByteLevelLengths(lengths, nfc=config.get("normalizer") is not None)
+    if model.get("unk_token") in vocab:  # one unknown token may stand for any number of bytes
+        lengths[vocab[model["unk_token"]]] = 0
+    return ByteLevelLengths(lengths, nfc=nfc)
 
 
 def _labelled(
