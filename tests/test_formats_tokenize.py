@@ -549,8 +549,6 @@ def test_byte_length_offsets_are_the_tokenizers_own_where_a_token_has_no_fixed_l
 
 
 def test_tokenizers_that_change_the_text_get_their_own_offsets(tiny_tokenizers: dict[str, Path]):
-    from tokenizers import normalizers, pre_tokenizers
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizers["llama3"])
     tokenizer.backend_tokenizer.normalizer = normalizers.NFKC()
     assert byte_level_lengths(tokenizer) is None

@@ -113,7 +113,7 @@ def _lookup_path(record: dict[str, Any], dotted: str) -> Any:
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, dict):  # tolerate case differences in explicit paths too
-            match = {_squash(k): k for k in node}.get(_squash(part))
+            match = _squashed_keys(tuple(node)).get(_squash(part))
             if match is None:
                 return None
             node = node[match]

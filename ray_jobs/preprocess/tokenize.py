@@ -180,13 +180,20 @@ def _encode(texts: list[str], tokenizer: Any, add_special_tokens: bool) -> list[
         lengths = None if add_special_tokens else byte_level_lengths(tokenizer)
         if lengths is not None:
             return lengths.encode(backend, texts)
-        return [_arrays(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        return _with_offsets(backend, texts, add_special_tokens)
     encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     return [_arrays(ids, offsets) for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"])]
 
 
 def _arrays(ids: list[int], offsets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+
+
+def _with_offsets(
+    backend: Any, texts: list[str], add_special_tokens: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, character offsets) per text, both as the Rust tokenizer reports them."""
+    return [_arrays(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
 
 class ByteLevelLengths:
@@ -215,18 +222,17 @@ class ByteLevelLengths:
 
     def encode(self, backend: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         if not self.usable:
-            return [_arrays(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+            return _with_offsets(backend, texts)
         out = []
         for text, encoding in zip(texts, backend.encode_batch_fast(texts, add_special_tokens=False)):
             ids = np.asarray(encoding.ids, dtype=np.int32)
             offsets = self.offsets(text, ids)
             if offsets is None:
-                (exact,) = backend.encode_batch([text], add_special_tokens=False)
-                ids, offsets = _arrays(exact.ids, exact.offsets)
+                ((ids, offsets),) = _with_offsets(backend, [text])
             out.append((ids, offsets))
         if not self.checked:
             self.checked = True
-            exact = [_arrays(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+            exact = _with_offsets(backend, texts)
             if any(not (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])) for a, b in zip(out, exact)):
                 import logging
 
