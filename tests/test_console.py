@@ -105,3 +105,55 @@ def test_medtune_log_level_shows_everything(tmp_path: Path):
     shown = done.stdout + done.stderr
     assert "Starting execution" in shown and "raw C++ line" in shown and "library deprecation" in shown
     assert not (tmp_path / "logs").exists()
+
+
+RAY_SCRIPT = """
+import sys
+from ray_jobs.core import console
+console.quiet("probe", sys.argv[1])  # as the CLI does: before Ray starts
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+ray.init(num_cpus=2, include_dashboard=False)
+
+
+def loop():
+    print("[medtune] step 1/1 loss 1.0000 from the train worker", flush=True)
+
+
+@ray.remote
+def task():
+    print("[medtune] a line from a plain task", flush=True)
+
+
+config = RunConfig(storage_path=sys.argv[1] + "/ray", name="probe")
+TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1), run_config=config).fit()
+ray.get(task.remote())
+print("[medtune] driver done", flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.mark.integration
+def test_a_line_printed_in_a_ray_train_worker_or_task_is_shown_once(tmp_path: Path):
+    # Ray Train's own `print` in its workers writes each line to stdout and logs it to stderr as
+    # well: Ray forwarded both, and the quiet terminal showed every training step twice.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    for key in ("MEDTUNE_LOG_LEVEL", "RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_DEDUP_LOGS", "RAY_ADDRESS"):
+        env.pop(key, None)
+    done = subprocess.run(
+        [sys.executable, "-c", RAY_SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = (done.stdout + done.stderr).splitlines()
+    expected = [
+        "[medtune] step 1/1 loss 1.0000 from the train worker",
+        "[medtune] a line from a plain task",
+        "[medtune] driver done",
+    ]
+    assert [line for line in shown if line in expected] == expected, shown
+    assert len(shown) == len(set(shown)), shown
+    (log,) = (tmp_path / "logs").glob("probe-*.log")
+    forwarded = [line for line in log.read_text().splitlines() if line.endswith(expected[0])]
+    assert len(forwarded) == 1, forwarded

@@ -318,6 +318,61 @@ def test_too_many_rejects_fail_the_job_naming_the_counts(messy: MessyCorpus, mes
     assert store.list_files(f"datasets/messy/{failed}") == ["rejects.jsonl"]
 
 
+# --------------------------------------------------------------------------- a few rows
+@pytest.mark.parametrize(("distinct", "copies"), [(1, 0), (2, 0), (4, 0), (4, 1)])
+def test_a_json_file_of_fewer_rows_than_blocks_keeps_every_good_row(tmp_path: Path, distinct: int, copies: int):
+    # A JSON array is cut into BLOCKS_PER_CPU blocks per CPU once read (8 here): with fewer rows,
+    # some blocks are empty, and Ray Data hands those on without columns. The de-duplication
+    # key tasks failed on them ('Field "row_id" does not exist in schema', issue 31).
+    rows = good_rows("F", distinct)
+    (tmp_path / "notes.json").write_text(json.dumps(rows + rows[:copies]))
+    root = tmp_path / "storage"
+    recipe = recipe_for("few", root, [str(tmp_path / "notes.json")], eval_fraction=0.0, clean={"dedupe": True})
+    assert pipeline.block_count(0) > distinct + copies
+
+    info = pipeline.run(recipe)
+
+    assert info.stats["rows_in"] == distinct + copies
+    assert info.stats["rows_out"] == {"train": distinct}
+    assert rejects(root, info) == [
+        {"row_id": f"notes.json:{distinct + i}", "reason": "duplicate"} for i in range(copies)
+    ]
+    packed = " ".join(decoded_outputs(root, info))
+    assert all(row["text"] in packed for row in rows)
+
+
+@pytest.mark.parametrize("content", ["[]", ""])
+def test_a_file_with_no_rows_fails_with_one_line_naming_it(tmp_path: Path, content: str):
+    (tmp_path / "empty.json").write_text(content)
+    recipe = recipe_for("none", tmp_path / "storage", [str(tmp_path / "empty.json")], clean={"dedupe": True})
+
+    with pytest.raises(pipeline.PreprocessError) as caught:
+        pipeline.run(recipe)
+
+    message = str(caught.value)
+    assert message.startswith("data.train: no rows in ") and str(tmp_path / "empty.json") in message
+    assert "\n" not in message
+
+
+def test_every_per_block_task_takes_an_empty_block_without_columns():
+    # What Ray Data hands on for a block with no rows: no schema at all.
+    from ray_jobs.preprocess import dedupe
+
+    empty = pa.table({})
+    keyed = pa.table({"row_id": ["r1", "r2"], "dedupe_key": ["k", "k"], dedupe.PASSED: [True, True]})
+    assert dedupe.exact_duplicates([ray.put(empty), ray.put(keyed), ray.put(empty)], 2) == ["r2"]
+    assert dedupe.exact_duplicates([ray.put(empty)], 1) == []
+    assert dedupe.mark_duplicates(empty, ray.put({"r2": "duplicate"})).num_rows == 0
+
+    partial, train, train_rows, _, eval_rows = pipeline._split_block(empty, [ray.put({"r2": "duplicate"})])
+    assert (train.num_rows, train_rows, eval_rows) == (0, 0, 0)
+    assert train.column_names == ["input_ids", "labels"]
+    totals = stats.merge_stats([partial])
+    assert totals["rows_in"] == 0 and not totals["splits"] and totals["histogram"].sum() == 0
+    # Packing reads no slice of a block without rows.
+    assert packing.windows([0, 2, 0, 1], 2) == [[(1, 0, 2)], [(3, 0, 1)]]
+
+
 # --------------------------------------------------------------------------- every input type
 class MixedInputs:
     """Three rows in each of JSON array, CSV, Parquet and JSONL, all valid."""

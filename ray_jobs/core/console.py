@@ -20,6 +20,9 @@ Design decisions:
 - `sys.stdout` and `sys.stderr` become line gates, not a logging filter: Ray hands worker
   output to the driver by writing it to whichever `sys.stdout`/`sys.stderr` is current, and
   `warnings` and tqdm write to `sys.stderr`, so the gates see every line of the process.
+- A line a worker prints must reach the driver once: Ray Train's `print`, which writes each
+  line to the worker's stdout and logs it to its stderr as well, is turned off
+  (`TRAIN_PRINT_PATCH_ENV`), and both gates pass `[medtune]` lines, whichever stream they came by.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ MARK = "[medtune]"
 """Lines carrying it are medtune's progress and results: the gates always pass them."""
 
 VERBOSE_ENV = "MEDTUNE_LOG_LEVEL"
+TRAIN_PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+"""Ray Train's switch for its `print` that also logs each line (`quiet` turns it off)."""
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # A line that starts with a timestamp is a log record, whoever printed it.
@@ -68,6 +73,12 @@ def quiet(command: str, storage_root: str | None, *, verbose: bool = False) -> P
     """Send what is not medtune's to a log file; return its path (None when verbose)."""
     # Ray Data's progress bars redraw one line hundreds of times: noise in logs and job output.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Train replaces `print` in its workers with one that writes the line to stdout (a Ray
+    # worker's `sys.stdout` is not `sys.__stdout__`) and also logs it to the root logger, whose
+    # console handler writes it to stderr: Ray forwards both, so every `[medtune] step ...` line
+    # of the training loop reached the terminal twice, with --verbose too. Ray Train passes the
+    # driver's value of this variable on to its controller and workers, on any cluster.
+    os.environ.setdefault(TRAIN_PRINT_PATCH_ENV, "0")
     if verbose_requested(verbose):
         configure_verbose()
         return None

@@ -81,6 +81,9 @@ def _key_parts(block: Any, parts: int) -> Any:
     """The cleaned rows' (row id, content key) of an Arrow block, cut into `parts` by key hash."""
     import pyarrow as pa
 
+    if block.num_rows == 0:  # Ray Data passes an empty block on without its columns
+        kept = pa.table({"row_id": pa.array([], pa.string()), "dedupe_key": pa.array([], pa.string())})
+        return kept if parts == 1 else (kept,) * parts
     # Select before filtering: the block also holds every row's text and token lists.
     kept = block.select(["row_id", "dedupe_key"]).filter(block.column(PASSED))
     if parts == 1:
@@ -94,6 +97,9 @@ def later_copies(*pieces: Any) -> list[str]:
     row's key (the lowest row id of a key stays)."""
     import pyarrow as pa
 
+    pieces = [piece for piece in pieces if piece.num_rows]  # empty ones may be typed differently
+    if not pieces:
+        return []
     keys = pa.concat_tables(pieces).to_pandas().sort_values(["dedupe_key", "row_id"], kind="stable")
     return keys.loc[keys["dedupe_key"].duplicated(keep="first"), "row_id"].tolist()
 
@@ -144,8 +150,8 @@ def mark_duplicates(batch, rejected_ref: Any):
 
     rejected = broadcast_value(rejected_ref)
     batch = batch.drop_columns([c for c in ("signature", "dedupe_key", PASSED) if c in batch.column_names])
-    if not rejected:
-        return batch  # no duplicates: no lookup per row
+    if not rejected or batch.num_rows == 0:
+        return batch  # no duplicates, or no rows (and maybe no columns): no lookup per row
     reasons = [
         rejected.get(row_id, reason)
         for row_id, reason in zip(batch.column("row_id").to_pylist(), batch.column("reject_reason").to_pylist())

@@ -345,7 +345,13 @@ def run(recipe: Recipe, *, force: bool = False) -> DatasetRef:
     done = f"{totals['rows_in']:,} rows tokenised in {time.perf_counter() - started:.0f} s, {tokens:,} tokens kept"
     print(f"[medtune] preprocess: {done}, {reject_count:,} rejected; packing", flush=True)
     write_rejects(storage, prefix, totals["rejected_rows"])
-    _check_rejects(totals, data, storage.uri(prefix, "rejects.jsonl"))
+    _check_rejects(
+        totals,
+        data,
+        storage.uri(prefix, "rejects.jsonl"),
+        [u for u, _, _ in train_files],
+        [u for u, _, _ in eval_files],
+    )
     packed_rows = _write_splits(parts, data, storage, prefix)
     stats = dataset_stats(totals, data, packed_rows)
     storage.write_json(posixpath.join(prefix, "stats.json"), stats)
@@ -396,6 +402,9 @@ def _tokenized_rows(recipe: Recipe, model_dir: str, train_files: list, eval_file
     if eval_files:
         raw = raw.union(_read_split(eval_files, "eval", names, piece_bytes))
     if not streamed:
+        # With fewer rows than blocks, some blocks are empty, and Ray Data hands an empty block
+        # on without its columns (its maps never see it): the plain Ray tasks over the blocks
+        # (`dedupe.exact_duplicates`, `_split_block`, packing) take such blocks as they are.
         raw = raw.repartition(blocks)
     data_dict = data.model_dump(mode="json")
     if data.phi.enabled and data.phi.actors:
@@ -444,11 +453,15 @@ def block_count(input_bytes: int) -> int:
     return max(1, BLOCKS_PER_CPU * cpus, -(-input_bytes // BLOCK_BYTES))
 
 
-def _check_rejects(totals: dict[str, Any], data: DataConfig, rejects_uri: str) -> None:
-    """PreprocessError when nothing was read, too many rows were bad, or no training row is left."""
+def _check_rejects(
+    totals: dict[str, Any], data: DataConfig, rejects_uri: str, train_uris: list[str], eval_uris: list[str]
+) -> None:
+    """PreprocessError when nothing was read, too many rows were bad, or no training row is left;
+    the message names the input files."""
     rows_in = totals["rows_in"]
     if rows_in == 0:
-        raise PreprocessError("data.train: the input files hold no rows")
+        files = _listed(train_uris + eval_uris)
+        raise PreprocessError(f"data.train: no rows in {files} (an empty file, or a JSON file with an empty list?)")
     # Duplicates are removed, not bad: only bad rows count against the threshold.
     bad = sum(n for reason, n in totals["rejects"].items() if reason not in ("duplicate", "near_duplicate"))
     fraction = bad / rows_in
@@ -459,7 +472,19 @@ def _check_rejects(totals: dict[str, Any], data: DataConfig, rejects_uri: str) -
             f"{data.max_reject_fraction:.0%}): {worst}; see {rejects_uri}"
         )
     if totals["splits"].get("train", 0) == 0:
-        raise PreprocessError("data.train: no training rows survived cleaning")
+        held_out = totals["splits"].get("eval", 0) if not eval_uris else 0
+        if held_out:
+            raise PreprocessError(
+                f"data.train: the {held_out} usable row(s) of {_listed(train_uris)} were all held out for "
+                f"evaluation (data.eval_fraction {data.eval_fraction}); add rows, or name eval files in data.eval"
+            )
+        raise PreprocessError(f"data.train: no row of {_listed(train_uris)} survived cleaning; see {rejects_uri}")
+
+
+def _listed(uris: list[str], most: int = 3) -> str:
+    """Files named in an error: the first `most`, then how many more."""
+    names = ", ".join(uris[:most])
+    return names + (f" and {len(uris) - most} more files" if len(uris) > most else "")
 
 
 EVAL_COLUMNS = ["row_id", "messages", "meta", "input_ids", "labels", "num_tokens"]
@@ -494,8 +519,12 @@ def _split_blocks(tokenized, rejected: dict[str, str]) -> list[BlockParts]:
 
 def _split_block(block, rejected_ref: list):
     """(stats summary, kept training rows' token lists, their count, kept eval rows, their count)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    if block.num_rows == 0:  # Ray Data passes an empty block on without its columns
+        empty = pa.table({"input_ids": int32_list_array([]), "labels": int32_list_array([])})
+        return partial_stats(block), empty, 0, pa.table({}), 0
     (ref,) = rejected_ref  # in a list: Ray passes it on as a reference, fetched once per process
     marked = mark_duplicates(block, ref)
     partial = partial_stats(marked.select(list(STATS_COLUMNS)))

@@ -31,6 +31,20 @@ def stat_tags(phi: Counter[str], meta: dict[str, Any]) -> list[str]:
     return tags + [f"meta:{key}={meta[key]}" for key in META_STAT_KEYS if key in meta]
 
 
+NO_ROWS: dict[str, Any] = {
+    "rows_in": 0,
+    "rejects": {},
+    "splits": {},
+    "phi": {},
+    "tokens": {"train": 0, "eval": 0},
+    "target_tokens": {"train": 0, "eval": 0},
+    "meta": {},
+    "rejected_rows": [],
+    "histogram": [0] * (len(LENGTH_BUCKETS) - 1),
+}
+"""`partial_stats` of a block without rows."""
+
+
 def partial_stats(block) -> str:
     """One Arrow block's statistics as JSON, summed on the driver (a few numbers per block), and
     its rejected rows as (row id, reason) for rejects.jsonl. Arrow compute over the columns; only
@@ -38,6 +52,8 @@ def partial_stats(block) -> str:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if block.num_rows == 0:  # Ray Data passes an empty block on without its columns
+        return json.dumps(NO_ROWS)
     reasons = block.column("reject_reason")
     ok = pc.is_null(reasons)
     kept = block.filter(ok)
