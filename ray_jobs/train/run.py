@@ -151,7 +151,7 @@ def run(
     The run resumes from its last checkpoint when one exists in storage (`identity`), and a
     finished run returns its adapter without training unless `force`."""
 
-    from ray_jobs.core.modeling import load_tokenizer, resolve_model_dir
+    from ray_jobs.core.modeling import is_built_base, load_tokenizer, resolve_model_dir
     from ray_jobs.runlogs import copy_run_logs
 
     ds_config = preflight(recipe)
@@ -219,7 +219,7 @@ def run(
         version=version,
         run=storage.uri(run_prefix(run_name)),
         base_model=recipe.model.base,
-        resolved_base_model=model_dir if recipe.model.base.startswith("tiny:") else recipe.model.base,
+        resolved_base_model=model_dir if is_built_base(recipe.model.base) else recipe.model.base,
         dataset=dataset.uri,
         dataset_fingerprint=dataset.fingerprint,
         recipe_hash=recipe.recipe_hash(),

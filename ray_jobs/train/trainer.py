@@ -68,6 +68,8 @@ class WorkerContext:
         context = ray.train.get_context()
         use_gpu = plan.recipe.train.gpus_per_worker > 0
         device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+        if not use_gpu and plan.recipe.train.cpu_threads:
+            torch.set_num_threads(plan.recipe.train.cpu_threads)
         return cls(rank=context.get_world_rank(), world=context.get_world_size(), device=device)
 
 
