@@ -70,6 +70,16 @@ def test_the_report_is_the_same_whether_one_or_two_ray_tasks_evaluate(published,
     for name in ("report.json", "report.md", "before_after.png", "performance.json", "true_pred_entities.json"):
         assert (report_dir / name).is_file(), name
     assert "average_inference_time_s" in json.loads((report_dir / "performance.json").read_text())
+    # The report shows real answers: the first rows' prompt, reference and both models' answers,
+    # the very outputs the metrics were computed from.
+    samples = two["samples"]
+    assert [s["row_id"] for s in samples] == [p["row_id"] for p in pairs_two[: len(samples)]] and len(samples) == 5
+    assert [s["adapter"] for s in samples] == [p["raw_output"] for p in pairs_two[:5]]
+    assert all(s["prompt"] == p["text"] for s, p in zip(samples, pairs_two))
+    markdown = (report_dir / "report.md").read_text()
+    assert "## Sample answers" in markdown
+    for sample in samples:
+        assert f"> {sample['prompt']}" in markdown and "Base model:" in markdown and "Adapter model:" in markdown
 
 
 def test_a_missing_adapter_names_the_ones_that_exist(published, tiny_llama_dir):

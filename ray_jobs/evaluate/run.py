@@ -67,12 +67,18 @@ def loss_sums(model, rows: list[dict[str, Any]], device, batch_size: int) -> tup
 
 
 def evaluate_shard(
-    recipe_json: dict[str, Any], adapter: tuple[str, str], rows: list[dict[str, Any]], generative: bool
+    recipe_json: dict[str, Any],
+    adapter: tuple[str, str],
+    rows: list[dict[str, Any]],
+    generative: bool,
+    shard: tuple[int, int] = (1, 1),
 ) -> dict[str, dict[str, Any]]:
     """Base model, then the adapter on it, over one shard of the eval rows: loss sums and answers.
 
     Runs in the driver or as a Ray task (one per GPU, or per CPU slot): it resolves the base
-    model and the adapter through storage itself, so every node fetches its own copy.
+    model and the adapter through storage itself, so every node fetches its own copy. `shard`:
+    (its number, how many): the first names the answering engine for all (they choose alike,
+    and the report takes the first's), and each one's progress lines say which shard they count.
     """
     import torch
     from peft import PeftModel
@@ -90,7 +96,8 @@ def evaluate_shard(
     engine, why = "hf", "no generated answers to score"
     if generative:
         engine, why = choose_engine(recipe.eval.engine, recipe, has_vllm=vllm_available(), has_gpu=device == "cuda")
-        print(f"[medtune] evaluation answers from {engine} ({why})", flush=True)
+        if shard[0] == 1:
+            print(f"[medtune] evaluation answers from {engine} ({why})", flush=True)
     base = load_model(recipe.model, model_dir, device=device)
     results: dict[str, dict[str, Any]] = {}
     local = None
@@ -107,7 +114,8 @@ def evaluate_shard(
         total, count = loss_sums(model, rows, device, recipe.eval.batch_size)
         entry: dict[str, Any] = {"loss_sum": total, "tokens": count, "outputs": [], "seconds": [], "engine": engine}
         if generative and engine == "hf":
-            entry["outputs"], entry["seconds"] = generate_answers(model, tokenizer, rows, recipe, device, label)
+            shown = label if shard[1] == 1 else f"{label}, shard {shard[0]}/{shard[1]}"
+            entry["outputs"], entry["seconds"] = generate_answers(model, tokenizer, rows, recipe, device, shown)
         results[label] = entry
     if generative and engine == "vllm":
         from ray_jobs.evaluate.vllm_generate import free_gpu_memory, generate_with_vllm
@@ -166,7 +174,12 @@ def evaluate_rows(
         f"[medtune] evaluating {len(rows)} rows in {len(shards)} Ray tasks{' (one GPU each)' if gpus else ''}",
         flush=True,
     )
-    parts = ray.get([task.remote(payload, adapter, shard, generative) for shard in shards])
+    parts = ray.get(
+        [
+            task.remote(payload, adapter, shard, generative, (number, len(shards)))
+            for number, shard in enumerate(shards, start=1)
+        ]
+    )
     merged: dict[str, dict[str, Any]] = {}
     for label in ("base", "adapter"):
         merged[label] = {
@@ -283,6 +296,8 @@ def run(recipe: Recipe, dataset: DatasetRef, adapter: str | None = None) -> dict
             samples[label] = result["outputs"]
             latency[label] = m.latency_summary(result["seconds"])
         report["models"][label] = entry
+    if samples:
+        report["samples"] = answer_samples(rows, samples)
     curves = training_curves(storage, name, version)
     if curves:
         report["training_curves"] = curves
@@ -316,6 +331,34 @@ def run(recipe: Recipe, dataset: DatasetRef, adapter: str | None = None) -> dict
         storage.upload_dir(out, rel, info={"adapter": f"{name}@{version}"})
     report["uri"] = storage.uri(rel)
     return report
+
+
+SAMPLE_ANSWERS = 5
+"""Eval rows whose base and adapter answers the report shows side by side."""
+SAMPLE_CHARS = 600
+
+
+def answer_samples(rows: list[dict[str, Any]], outputs: dict[str, list[str]]) -> list[dict[str, str]]:
+    """The first eval rows' prompt, reference answer and each model's answer (texts cut at
+    SAMPLE_CHARS): what the metrics were computed from, for a reader to judge. Eval rows are
+    the preprocessed ones, so PHI is already scrubbed from them."""
+
+    def cut(text: str) -> str:
+        return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + " [...]"
+
+    picked = []
+    for index, row in enumerate(rows[:SAMPLE_ANSWERS]):
+        messages = json.loads(row["messages"])
+        prompt = next((m["content"] for m in reversed(messages[:-1]) if m["role"] == "user"), "")
+        entry = {"row_id": row["row_id"], "prompt": cut(prompt), "reference": cut(messages[-1]["content"])}
+        for label, answers in outputs.items():
+            entry[label] = cut(answers[index])
+        picked.append(entry)
+    return picked
+
+
+def _quoted(text: str) -> list[str]:
+    return ["> " + line if line else ">" for line in text.splitlines() or [""]]
 
 
 def _headline(entry: dict[str, Any]) -> dict[str, float]:
@@ -399,6 +442,19 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "![before vs after](before_after.png)", ""]
     if report.get("training_curves"):
         lines += ["Training run's loss by step:", "", "![loss curves](loss_curves.png)", ""]
+    if report.get("samples"):
+        lines += [
+            "## Sample answers",
+            "",
+            f"The first {len(report['samples'])} eval rows, greedy unless the recipe samples.",
+            "",
+        ]
+        for sample in report["samples"]:
+            lines += [f"### `{sample['row_id']}`", "", "Prompt:", "", *_quoted(sample["prompt"]), ""]
+            lines += ["Reference:", "", *_quoted(sample["reference"]), ""]
+            for label in ("base", "adapter"):
+                if label in sample:
+                    lines += [f"{label.capitalize()} model:", "", *_quoted(sample[label]), ""]
     return "\n".join(lines)
 
 
