@@ -40,7 +40,7 @@ SEEDS = {
     "entities/llama3.1-8b-lora.yaml": (synthetic.entity_rows, ("entities", "exact.f1", "entity F1 (exact)")),
     "audience/llama3.1-8b-patient-lora.yaml": (
         synthetic.audience_rows,
-        (None, "eval_loss", "eval loss (patient voice)"),
+        ("audience", "adherence_rate", "patient answers at reading grade <= 8"),
     ),
 }
 

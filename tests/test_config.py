@@ -160,6 +160,14 @@ def test_a_task_metric_needs_its_data_format(metric: str, needed: str):
     assert "(this recipe has qa)" in problem
 
 
+def test_the_audience_metric_needs_to_know_each_rows_audience():
+    (problem,) = problems_of(recipe_with(eval={"metrics": ["perplexity", "audience"]}))
+    assert problem.startswith("eval.metrics: audience needs data.audience")
+    with_audience = recipe_with(eval={"metrics": ["audience"]})
+    with_audience["data"]["audience"] = {"default": "patient", "prompts": {"patient": "Use plain words."}}
+    assert parse_recipe(with_audience).eval.metrics == ["audience"]
+
+
 def test_several_cross_field_problems_are_reported_together():
     problems = problems_of(
         recipe_with(model={"quantization": "8bit"}, train={"deepspeed": "zero3"}, eval={"metrics": ["entities"]})

@@ -7,12 +7,14 @@ import math
 import pytest
 
 from ray_jobs.evaluate.metrics import (
+    audience_scores,
     entity_scores,
     json_validity_rate,
     latency_summary,
     normalize_answer,
     parse_entities,
     perplexity,
+    reading_grade,
     reasoning_format,
     reasoning_scores,
     safety_scores,
@@ -503,3 +505,43 @@ def test_latency_summary_interpolates_percentiles_between_ranks():
 def test_latency_summary_of_one_and_of_no_samples():
     assert latency_summary([2.0]) == {"count": 1, "mean": 2.0, "p50": 2.0, "p95": 2.0, "max": 2.0}
     assert latency_summary([]) == {"count": 0, "mean": None, "p50": None, "p95": None, "max": None}
+
+
+# --------------------------------------------------------------------------- audience (reading grade)
+PLAIN = "High blood pressure means your blood pushes hard on your blood vessels. Ask your doctor what to do."
+CLINICAL = (
+    "Hypertension, or persistently elevated arterial blood pressure, is a chronic cardiovascular condition "
+    "characterized by increased systemic vascular resistance and managed pharmacologically."
+)
+
+
+def test_reading_grade_is_low_for_plain_words_and_high_for_clinical_terms():
+    assert reading_grade(PLAIN) < 8 < 10 < reading_grade(CLINICAL)
+    # Flesch-Kincaid by hand: 8 words, 1 sentence, 8 syllables -> 0.39 * 8 + 11.8 * 1 - 15.59
+    assert reading_grade("The cat sat on the mat at home.") == pytest.approx(0.39 * 8 + 11.8 - 15.59)
+
+
+def test_reading_grade_of_text_without_words_is_none():
+    assert reading_grade("") is None and reading_grade("  42 % ") is None
+
+
+def test_audience_scores_count_answers_within_each_audiences_grade_bound():
+    scores = audience_scores(
+        [PLAIN, CLINICAL, "", CLINICAL, PLAIN, "Call 911 now."],
+        ["patient", "patient", "patient", "doctor", "doctor", "Emergency"],
+    )
+    patient, doctor, emergency = (scores["per_audience"][a] for a in ("patient", "doctor", "emergency"))
+    # An empty answer is never within a bound; it has no grade to average either.
+    assert (
+        patient["rows"] == 3 and patient["adherence_rate"] == pytest.approx(1 / 3) and patient["target"] == [None, 8.0]
+    )
+    assert doctor["adherence_rate"] == pytest.approx(1 / 2) and doctor["target"] == [10.0, None]
+    # No bound for emergency (the seed gives it no prompt of its own): reported, not scored.
+    assert emergency["adherence_rate"] is None and emergency["mean_grade"] is not None
+    assert scores["adherence_rate"] == pytest.approx(2 / 5) and scores["rows"] == 6
+
+
+def test_audience_scores_without_any_bounded_audience_is_not_measured():
+    assert audience_scores(["Hello there."], [None])["adherence_rate"] is None
+    with pytest.raises(ValueError, match="2 outputs but 1 audiences"):
+        audience_scores(["a", "b"], ["patient"])

@@ -347,7 +347,7 @@ class GenerationConfig(Section):
 
 
 class EvalConfig(Section):
-    metrics: list[Literal["perplexity", "format", "entities", "sdtm", "qa_safety"]] = Field(
+    metrics: list[Literal["perplexity", "format", "entities", "sdtm", "qa_safety", "audience"]] = Field(
         default_factory=lambda: ["perplexity"]
     )
     """Task metrics, computed before (base) and after (adapter)."""
@@ -474,6 +474,8 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
         problems.append(f"eval.metrics: sdtm needs data.format: instruction (this recipe has {recipe.data.format})")
     if "qa_safety" in recipe.eval.metrics and recipe.data.format not in ("qa", "instruction", "chat"):
         problems.append(f"eval.metrics: qa_safety needs a qa, instruction or chat format (got {recipe.data.format})")
+    if "audience" in recipe.eval.metrics and recipe.data.audience is None:
+        problems.append("eval.metrics: audience needs data.audience (which audience each row is written for)")
     return problems
 
 

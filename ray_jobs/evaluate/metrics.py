@@ -505,6 +505,79 @@ def safety_scores(
     }
 
 
+# --------------------------------------------------------------------------- audience
+READING_GRADE_TARGETS: dict[str, tuple[float | None, float | None]] = {
+    "patient": (None, 8.0),
+    "doctor": (10.0, None),
+}
+"""Flesch-Kincaid grade an answer must stay within to count as written for its audience:
+patient-facing text at or below 8th grade (the plain-language guidance of the NIH and AMA for
+patient materials), text for clinicians at or above 10th. Other audiences (general,
+emergency) have no bound: their grades are reported, not scored."""
+
+WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
+SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)|\n\s*\n")
+
+
+def _syllables(word: str, hyphenator: Any) -> int:
+    # pyphen's (LibreOffice's) hyphenation points split a word between syllables; a
+    # dictionary never splits off one letter, so short words count as one syllable.
+    return len(hyphenator.positions(word.lower())) + 1
+
+
+def reading_grade(text: str) -> float | None:
+    """Flesch-Kincaid grade level of `text` (0.39 x words per sentence + 11.8 x syllables per
+    word - 15.59), syllables by pyphen's en_US hyphenation; None for text without words."""
+    import pyphen
+
+    words = WORD.findall(text)
+    if not words:
+        return None
+    sentences = max(1, len([s for s in SENTENCE_END.split(text.strip()) if WORD.search(s)]))
+    hyphenator = pyphen.Pyphen(lang="en_US")
+    syllables = sum(_syllables(word, hyphenator) for word in words)
+    return 0.39 * len(words) / sentences + 11.8 * syllables / len(words) - 15.59
+
+
+def audience_scores(
+    outputs: Sequence[str],
+    audiences: Sequence[str | None],
+    targets: dict[str, tuple[float | None, float | None]] = READING_GRADE_TARGETS,
+) -> dict[str, Any]:
+    """How well answers keep to their audience's register, by reading grade.
+
+    Per audience (the row's `meta.audience`, from data.audience): rows, mean grade, and the
+    adherence rate: the share of answers whose grade lies within `targets[audience]` (an empty
+    answer never does). `adherence_rate` over all rows whose audience has a target; None where
+    no row has one.
+
+    Raises:
+        ValueError: `outputs` and `audiences` have different lengths.
+    """
+    if len(outputs) != len(audiences):
+        raise ValueError(f"audience_scores: {len(outputs)} outputs but {len(audiences)} audiences")
+    grades: dict[str, list[float | None]] = {}
+    for output, audience in zip(outputs, audiences):
+        grades.setdefault(str(audience or "unknown").lower(), []).append(reading_grade(output))
+    per_audience: dict[str, Any] = {}
+    hits = scored = 0
+    for audience, values in sorted(grades.items()):
+        known = [g for g in values if g is not None]
+        entry: dict[str, Any] = {
+            "rows": len(values),
+            "mean_grade": sum(known) / len(known) if known else None,
+            "target": list(targets[audience]) if audience in targets else None,
+            "adherence_rate": None,
+        }
+        if audience in targets:
+            low, high = targets[audience]
+            within = sum(g is not None and (low is None or g >= low) and (high is None or g <= high) for g in values)
+            entry["adherence_rate"] = _rate(within, len(values))
+            hits, scored = hits + within, scored + len(values)
+        per_audience[audience] = entry
+    return {"adherence_rate": _rate(hits, scored), "rows": len(outputs), "per_audience": per_audience}
+
+
 # --------------------------------------------------------------------------- loss and latency
 def perplexity(mean_loss: float) -> float:
     """exp(mean token cross-entropy); inf where that overflows a float, nan for a nan loss."""

@@ -12,7 +12,8 @@ base model and the adapter itself:
 - entities: P/R/F1 exact / relaxed / overlap, per label, JSON validity, plus the
   entity-extraction seed's `true_pred_entities.json` and `performance.json`;
 - reasoning: format compliance, reasoning length, final-answer exact match;
-- sdtm: accuracy per step; qa_safety: refusal / escalation rates.
+- sdtm: accuracy per step; qa_safety: refusal / escalation rates; audience: reading grade
+  per audience and the share of answers within the audience's grade bound.
 Answers come from vLLM on a GPU with vLLM installed (eval.engine: auto), else from
 transformers `generate`; generation is greedy by default, so metrics are reproducible. A model output that is not
 valid JSON counts as a miss, never a crash.
@@ -254,6 +255,8 @@ def task_metrics(recipe: Recipe, rows: list[dict[str, Any]], outputs: list[str],
         )
     if "qa_safety" in wanted:
         result["qa_safety"] = m.safety_scores(outputs, [str(meta.get("category", "")) for meta in metas])
+    if "audience" in wanted:
+        result["audience"] = m.audience_scores(outputs, [meta.get("audience") for meta in metas])
     return result
 
 
@@ -372,6 +375,8 @@ def _headline(entry: dict[str, Any]) -> dict[str, float]:
         values["sdtm_accuracy"] = entry["sdtm"]["accuracy"] or 0.0
     if "qa_safety" in entry:
         values["refusal_rate"] = entry["qa_safety"]["refusal_rate"] or 0.0
+    if "audience" in entry:
+        values["audience_adherence"] = entry["audience"]["adherence_rate"] or 0.0
     return values
 
 
