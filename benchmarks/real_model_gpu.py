@@ -41,7 +41,11 @@ METHODS = {
 }
 
 
-def recipe_for(method: str, steps: int, engine: str = "hf", max_new_tokens: int = 80):
+SMOKE = ["train.gpus_per_worker=0", "eval.max_samples=4", "train.cpu_threads=1"]
+"""--smoke: the same path on CPU in a few steps, to check the script before a device run."""
+
+
+def recipe_for(method: str, steps: int, engine: str = "hf", max_new_tokens: int = 80, smoke: bool = False):
     from ray_jobs.core.recipe import load_recipe
 
     heldout = ROOT / "heldout.json"
@@ -64,6 +68,7 @@ def recipe_for(method: str, steps: int, engine: str = "hf", max_new_tokens: int 
             f"eval.engine={engine}",
             f"eval.generation.max_new_tokens={max_new_tokens}",
             f"storage.root={ROOT / 'storage'}",
+            *(SMOKE if smoke else []),
         ],
     )
 
@@ -80,7 +85,7 @@ def train_phase(args: argparse.Namespace) -> dict:
     (ROOT / "heldout.json").write_text(json.dumps(entity_rows(128, seed=4242)))
     results = []
     for method in args.methods:
-        recipe = recipe_for(method, args.steps)
+        recipe = recipe_for(method, args.steps, smoke=args.smoke)
         started = time.perf_counter()
         pipeline.train(recipe)
         trained = time.perf_counter() - started
@@ -104,7 +109,8 @@ def train_phase(args: argparse.Namespace) -> dict:
         }
         results.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "results": results}, indent=1))
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        Path(args.out).write_text(json.dumps({"device": device, "results": results}, indent=1))
     print("\n| method | steps | entity F1 | JSON valid | eval loss | tokens/s | peak GiB |")
     print("|---|---:|---|---|---|---:|---:|")
     for r in results:
@@ -126,7 +132,7 @@ def agreement_phase(args: argparse.Namespace) -> dict:
 
     answers = {}
     for engine in ("hf", "vllm"):
-        recipe = recipe_for("lora", args.steps, engine=engine, max_new_tokens=32)
+        recipe = recipe_for("lora", args.steps, engine=engine, max_new_tokens=32, smoke=args.smoke)
         dataset = pipeline.preprocess(recipe)  # the train phase's dataset, found by its fingerprint
         storage = Storage.from_uri(recipe.storage.root)
         adapter = resolve_adapter(storage, recipe.name)
@@ -135,7 +141,8 @@ def agreement_phase(args: argparse.Namespace) -> dict:
         answers[engine] = evaluate_shard(recipe.model_dump(mode="json"), adapter, rows, True)
         answers[engine]["seconds_total"] = round(time.perf_counter() - started, 1)
     squash = lambda text: "".join(text.split())
-    summary = {"device": torch.cuda.get_device_name(0), "adapter": "@".join(adapter), "prompts": len(rows)}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    summary = {"device": device, "adapter": "@".join(adapter), "prompts": len(rows)}
     for label in ("base", "adapter"):
         hf, vllm = answers["hf"][label]["outputs"], answers["vllm"][label]["outputs"]
         same = [squash(a) == squash(b) for a, b in zip(hf, vllm)]
@@ -155,6 +162,7 @@ def main() -> int:
     parser.add_argument("phase", choices=["train", "agreement"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--smoke", action="store_true", help="CPU, a few steps: checks the script, measures nothing")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     import ray

@@ -80,10 +80,12 @@ def run_one(relative: str, args: argparse.Namespace, root: Path) -> dict:
         f"storage.root={root / 'storage'}",
         f"eval.max_samples={args.eval_rows}",
         "eval.batch_size=8",
-        "eval.generation.max_new_tokens=96",
+        f"eval.generation.max_new_tokens={args.max_new_tokens}",
     ]
     if args.gpu:
-        overrides += ["train.gpus_per_worker=1"]
+        # One GPU: DDP instead of the SDTM recipe's ZeRO-2 (whose fused Adam JIT-compiles for a
+        # minute); everything else, QLoRA included, as the recipe ships.
+        overrides += ["train.gpus_per_worker=1", "train.deepspeed=none"]
     else:
         overrides += [
             "model.quantization=none",
@@ -120,6 +122,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--eval-rows", type=int, default=24)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--only", nargs="*", help="recipe paths (relative to configs/) to run")
     parser.add_argument("--out", required=True)
