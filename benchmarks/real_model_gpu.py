@@ -4,6 +4,7 @@
     python benchmarks/real_model_gpu.py train --steps 300 --out $OUT/real_model_gpu.json
     # the same machine, after staging vLLM too:
     python benchmarks/real_model_gpu.py agreement --out $OUT/real_model_vllm_agreement.json
+    # one machine, vLLM and the GPU wheels staged: --steps 300 trains the LoRA adapter first
 
 `train`: the quickstart's entity task (configs/quickstart/smollm2-135m-lora.yaml) on
 SmolLM2-135M-Instruct through the real stages (Ray Data -> Ray Train on one GPU -> evaluation),
@@ -13,7 +14,7 @@ once per method: full fine-tuning (bf16), LoRA (bf16 base) and QLoRA (nf4 base),
 torch.cuda.max_memory_allocated). The held-out set is 128 new notes (other combinations of
 the same vocabulary), not the quickstart's 24.
 
-`agreement`: the LoRA adapter of `train`, answered by medtune's evaluation engines: PEFT on
+`agreement`: the LoRA adapter of `train` (trained first if this machine has none), answered by medtune's evaluation engines: PEFT on
 transformers (`eval.engine: hf`) and vLLM with the adapter as a LoRA request
 (`eval.engine: vllm`), greedy, the first 32 new tokens of each held-out prompt. Counts the
 prompts whose answers are equal (as text with whitespace removed: vLLM detokenises
@@ -135,7 +136,10 @@ def agreement_phase(args: argparse.Namespace) -> dict:
     answers = {}
     for engine in ("hf", "vllm"):
         recipe = recipe_for("lora", args.steps, engine=engine, max_new_tokens=32, smoke=args.smoke)
-        dataset = pipeline.preprocess(recipe)  # the train phase's dataset, found by its fingerprint
+        # The train phase's adapter and dataset, found by their names and fingerprints; a fresh
+        # machine trains the LoRA adapter first (a finished run is never trained again).
+        pipeline.train(recipe)
+        dataset = pipeline.preprocess(recipe)
         storage = Storage.from_uri(recipe.storage.root)
         adapter = resolve_adapter(storage, recipe.name)
         rows = _eval_rows(storage, dataset.eval_path, 128)
