@@ -12,6 +12,12 @@ Design decisions:
   instance role (IRSA on EKS). A recipe file never carries secrets.
 - A tree is complete only once its marker (`_COMPLETE`, a small JSON file) exists. It is
   written after every other file, so a crash mid-upload leaves a tree readers ignore.
+- Trees are uploaded file by file through output streams that are closed explicitly, and each
+  stored size is checked, not with `pyarrow.fs.copy_files`: copy_files drops the error of an
+  S3 upload that fails (arrow logs "Error ignored when destroying file" and carries on, with or
+  without threads), so a server error mid-upload left a tree marked complete without the file
+  (tests/test_storage_faults.py). `copy_tree` is the one upload path, for Ray Train's
+  checkpoints too.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import posixpath
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,48 @@ def s3_filesystem() -> pafs.S3FileSystem:
     if region:
         options["region"] = region
     return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5))
+
+
+COPY_CHUNK = 16 * 1024 * 1024
+UPLOAD_THREADS = 8
+UPLOAD_ATTEMPTS = 3
+"""Tries per file; each try is itself retried by the AWS SDK (AwsStandardS3RetryStrategy)."""
+
+
+def _copy_file(source: str, filesystem: pafs.FileSystem, destination: str) -> None:
+    size = os.path.getsize(source)
+    for attempt in range(UPLOAD_ATTEMPTS):
+        try:
+            # Closing the stream (the with block) finishes the upload and raises its error.
+            with open(source, "rb") as reader, filesystem.open_output_stream(destination) as writer:
+                while chunk := reader.read(COPY_CHUNK):
+                    writer.write(chunk)
+            stored = filesystem.get_file_info(destination).size
+            if stored != size:
+                raise OSError(f"{stored} bytes stored of {size}")
+            return
+        except OSError as exc:
+            if attempt == UPLOAD_ATTEMPTS - 1:
+                raise OSError(f"uploading {source} to {destination} failed: {exc}") from exc
+            time.sleep(2**attempt)
+
+
+def copy_tree(local_dir: str | Path, filesystem: pafs.FileSystem, destination: str) -> None:
+    """Upload every file under `local_dir` to `destination` on `filesystem`, several at a
+    time; raises OSError naming the first file that could not be stored whole."""
+    local_dir = Path(local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    for folder in sorted({posixpath.dirname(p.relative_to(local_dir).as_posix()) for p in files}):
+        filesystem.create_dir(posixpath.join(destination, folder) if folder else destination, recursive=True)
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+        uploads = [
+            pool.submit(
+                _copy_file, str(p), filesystem, posixpath.join(destination, p.relative_to(local_dir).as_posix())
+            )
+            for p in files
+        ]
+        for upload in uploads:
+            upload.result()
 
 
 def is_remote(uri: str) -> bool:
@@ -163,20 +212,10 @@ class Storage:
         self.delete_file(posixpath.join(rel, COMPLETE_MARKER))
         target = self.path(rel)
         self.filesystem.create_dir(target, recursive=True)
-        for attempt in range(3):  # S3 hiccups should not lose a finished training run
-            try:
-                pafs.copy_files(
-                    str(local_dir),
-                    target,
-                    source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=self.filesystem,
-                    use_threads=True,
-                )
-                break
-            except OSError:
-                if attempt == 2:
-                    raise
-                time.sleep(2**attempt)
+        try:
+            copy_tree(local_dir, self.filesystem, target)  # S3 hiccups are retried per file
+        except OSError as exc:
+            raise OSError(f"{self.uri(rel)} is incomplete: {exc}") from exc
         if complete:
             self.mark_complete(rel, info)
         return self.uri(rel)
@@ -192,13 +231,16 @@ class Storage:
         if not self.remote:
             shutil.copytree(self.path(rel), local_dir, dirs_exist_ok=True)
             return local_dir
-        pafs.copy_files(
-            self.path(rel),
-            str(local_dir),
-            source_filesystem=self.filesystem,
-            destination_filesystem=pafs.LocalFileSystem(),
-            use_threads=True,
-        )
+        try:  # reads do raise their errors (only copy_files' uploads drop them)
+            pafs.copy_files(
+                self.path(rel),
+                str(local_dir),
+                source_filesystem=self.filesystem,
+                destination_filesystem=pafs.LocalFileSystem(),
+                use_threads=True,
+            )
+        except OSError as exc:
+            raise OSError(f"downloading {self.uri(rel)} failed: {exc}") from exc
         return local_dir
 
     def local_view(self, rel: str, cache_dir: str | Path) -> Path:
@@ -211,9 +253,22 @@ class Storage:
         marker = self.read_text(posixpath.join(rel, COMPLETE_MARKER)) if self.is_complete(rel) else None
         if marker is not None and stamp.exists() and stamp.read_text() == marker:
             return cache
+        # Download beside the cache and move it in whole: the tree's marker comes down first
+        # (it sorts first), so a download that failed midway into the cache itself left a cache
+        # whose stamp matched, and the next call served its half-written files.
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.parent / f".{cache.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            self.download_dir(rel, partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         if cache.exists():
-            shutil.rmtree(cache)
-        self.download_dir(rel, cache)
+            shutil.rmtree(cache, ignore_errors=True)
+        try:
+            partial.rename(cache)
+        except OSError:  # another process on this node moved its whole copy in first
+            shutil.rmtree(partial, ignore_errors=True)
         return cache
 
     def delete_file(self, rel: str) -> None:

@@ -128,6 +128,24 @@ def fault_hooks(plan: WorkerPlan) -> list[AfterStep]:
     return [CrashOnceAtStep(step, Path(plan.fault_marker))]
 
 
+def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
+    """Ray Train's checkpoint upload, through medtune's verified `copy_tree`.
+
+    Ray's own upload is `pyarrow.fs.copy_files`, which drops the error of an S3 upload that
+    fails: a server error mid-checkpoint left a checkpoint Ray registered as saved, without the
+    file, and a resume from it failed (tests/test_storage_faults.py). This raises instead, so
+    the step fails and Ray Train's retry resumes from the last whole checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from ray_jobs.core.storage import copy_tree
+
+    storage = ray.train.get_context().get_storage()
+    destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+    copy_tree(checkpoint.path, storage.storage_filesystem, destination)
+    return Checkpoint(destination, storage.storage_filesystem)
+
+
 class Trainer:
     """A worker's model, optimizer and position in the data, and the phases that move them."""
 
@@ -392,7 +410,11 @@ class Trainer:
                 self.worker.rank,
             )
             written = any(Path(tmp).iterdir())
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if written else None)
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(tmp) if written else None,
+                checkpoint_upload_fn=upload_checkpoint if written else None,
+            )
         if self.log is not None:
             self.log.sync()
 
