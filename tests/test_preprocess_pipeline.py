@@ -708,7 +708,7 @@ def test_a_dataset_read_from_and_written_to_s3(s3_bucket: str, tmp_path: Path):
 # --------------------------------------------------------------------------- progress lines
 PROGRESS_LINE = re.compile(
     r"^\[medtune\] preprocess: (?P<step>[\w +,-]+?)"
-    r"(?: starting|: \d+ task\(s\) running, none done yet| (?P<done>[\d,]+)/~(?P<total>[\d,]+) rows "
+    r"(?: starting \((?:\d+m\d\ds|\d+s)\)|: \d+ task\(s\) running for (?:\d+m\d\ds|\d+s), none done yet| (?P<done>[\d,]+)/~(?P<total>[\d,]+) rows "
     r"\(\d+%\), [\d,]+ rows/s(?:, ETA (?P<eta>\d+m\d\ds|\d+s))?)(?:; then (?P<later>.+))?$"
 )
 

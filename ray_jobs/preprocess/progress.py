@@ -74,6 +74,7 @@ class PreprocessProgress(ExecutionCallback):
     def __init__(self) -> None:
         self.interval_s = float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL_S))
         self.last_line_at = time.monotonic()
+        self.last_line = ""
         self.started_at: dict[int, float] = {}  # operator -> when its first input arrived
         self.first_rows: dict[int, tuple[float, int]] = {}  # operator -> (when, rows) of its first output
 
@@ -89,7 +90,8 @@ class PreprocessProgress(ExecutionCallback):
             return
         self.last_line_at = now
         line = self.describe(operators, now)
-        if line:
+        if line and line != self.last_line:  # a line the terminal already shows says nothing new
+            self.last_line = line
             print(f"[medtune] preprocess: {line}", flush=True)
 
     def describe(self, operators: list[Any], now: float) -> str | None:
@@ -108,9 +110,14 @@ class PreprocessProgress(ExecutionCallback):
             pace = done / elapsed if elapsed > 0 else 0.0
         step = step_name(running.name)
         if done == 0:
+            # The time waited keeps each line new: a slow first batch (a cold worker loading
+            # the tokenizer and the PHI engine) otherwise printed the same line every interval.
             running_tasks = running.metrics.num_tasks_running
+            waited = duration(now - self.started_at[id(running)])
             text = (
-                f"{step} starting" if not running_tasks else f"{step}: {running_tasks} task(s) running, none done yet"
+                f"{step} starting ({waited})"
+                if not running_tasks
+                else f"{step}: {running_tasks} task(s) running for {waited}, none done yet"
             )
         elif total:
             text = f"{step} {done:,}/~{max(total, done):,} rows ({min(done / total, 1.0):.0%}), {pace:,.0f} rows/s"
