@@ -23,6 +23,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -525,16 +526,22 @@ def _syllables(word: str, hyphenator: Any) -> int:
     return len(hyphenator.positions(word.lower())) + 1
 
 
+@functools.lru_cache(maxsize=1)
+def _hyphenator() -> Any:
+    # Built once per process: loading the dictionary costs more than scoring an answer.
+    import pyphen
+
+    return pyphen.Pyphen(lang="en_US")
+
+
 def reading_grade(text: str) -> float | None:
     """Flesch-Kincaid grade level of `text` (0.39 x words per sentence + 11.8 x syllables per
     word - 15.59), syllables by pyphen's en_US hyphenation; None for text without words."""
-    import pyphen
-
     words = WORD.findall(text)
     if not words:
         return None
     sentences = max(1, len([s for s in SENTENCE_END.split(text.strip()) if WORD.search(s)]))
-    hyphenator = pyphen.Pyphen(lang="en_US")
+    hyphenator = _hyphenator()
     syllables = sum(_syllables(word, hyphenator) for word in words)
     return 0.39 * len(words) / sentences + 11.8 * syllables / len(words) - 15.59
 
