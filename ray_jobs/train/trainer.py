@@ -132,9 +132,10 @@ def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
     """Ray Train's checkpoint upload, through medtune's verified `copy_tree`.
 
     Ray's own upload is `pyarrow.fs.copy_files`, which drops the error of an S3 upload that
-    fails: a server error mid-checkpoint left a checkpoint Ray registered as saved, without the
-    file, and a resume from it failed (tests/test_storage_faults.py). This raises instead, so
-    the step fails and Ray Train's retry resumes from the last whole checkpoint."""
+    fails (shown in tests/test_storage_faults.py), so a server error mid-checkpoint could leave
+    a checkpoint Ray registers as saved without its weights. This raises instead, so the step
+    fails and Ray Train restarts the worker from the last whole checkpoint
+    (tests/test_train_storage_faults.py)."""
     import ray.train
     from ray.train import Checkpoint
 
